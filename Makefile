@@ -1,0 +1,56 @@
+# The commands a learner and a contributor need. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KERNEL := mi-course
+FIRST_NOTEBOOK := notebooks/00_setup_and_tools.ipynb
+# pip's find-links / extra-index warnings on some machines are noise; keep real errors.
+QUIET_PIP := grep -v -e '^WARNING: Location' -e '^$$' || true
+
+.PHONY: help install lab lab-no-browser test unit notebooks build lint clean
+
+help:
+	@echo "make lab             install (first time), register the kernel, open JupyterLab"
+	@echo "make lab-no-browser  the same, printing the URL instead of opening a browser"
+	@echo "make test            install, then unit tests, check tests, sync check, nbval"
+	@echo "make build           regenerate notebooks/ from solutions/"
+	@echo "make lint            ruff"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the pins change.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+kernel: $(STAMP)
+	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "MI course (.venv)" >/dev/null
+
+lab: kernel
+	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) $(ARGS)
+
+lab-no-browser: kernel
+	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) --no-browser $(ARGS)
+
+# Unit tests, exercise-check tests and the notebook sync check, then every solution notebook
+# under nbval (lax: assertion cells carry the science). Offline and headless throughout.
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 $(BIN)/python -m pytest tests -q
+	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 $(BIN)/python -m pytest -q --nbval-lax \
+		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout=900 -p no:cacheprovider solutions
+
+build: $(STAMP)
+	$(BIN)/course build
+
+lint: $(STAMP)
+	$(BIN)/ruff check course_utils tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,253 @@
+"""The ``course`` command: list, check, build, doctor, execute, new.
+
+Every user-facing error is one line on stderr and a non-zero exit, never a library traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from course_utils.chapters import (
+    CHAPTERS,
+    Chapter,
+    UnknownChapterError,
+    exercise_path,
+    get_chapter,
+    repo_root,
+    solution_path,
+)
+
+KERNEL_NAME = "mi-course"
+
+
+class UserError(Exception):
+    """An error a learner can fix; printed as one line."""
+
+
+def _chapter_and_path(target: str, folder: str = "notebooks") -> tuple[Chapter, Path]:
+    """Accept a chapter ("1", "01", a slug) or a path to a notebook whose name starts with NN_."""
+    as_path = Path(target)
+    if target.endswith(".ipynb") or as_path.is_file():
+        if not as_path.exists():
+            raise UserError(f"{as_path} does not exist. Check the path (notebooks live in notebooks/).")
+        prefix = as_path.name.split("_", 1)[0]
+        if not prefix.isdigit():
+            raise UserError(
+                f"cannot tell the chapter of {as_path.name!r}: notebook names start with the chapter "
+                "number, e.g. 01_toy_models_of_superposition.ipynb."
+            )
+        return get_chapter(prefix), as_path
+    chapter = get_chapter(target)
+    path = (exercise_path if folder == "notebooks" else solution_path)(chapter, repo_root())
+    if not path.exists():
+        raise UserError(
+            f"{path} is missing. Restore it with `git checkout -- {folder}/{chapter.filename}` "
+            "or regenerate the exercise notebooks with `course build`."
+        )
+    return chapter, path
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from course_utils.grading import load_progress
+
+    progress = load_progress()
+    try:
+        root = repo_root()
+    except FileNotFoundError:
+        root = None
+    print(f"{'#':3} {'chapter':42} {'time':8} progress")
+    for c in CHAPTERS:
+        if root is not None and not solution_path(c, root).exists():
+            state = "coming soon"
+        elif c.number in progress:
+            results = progress[c.number]["results"]
+            passed = sum(r["status"] == "passed" for r in results)
+            state = f"{passed}/{len(results)} exercises passed ({progress[c.number]['checked_at']})"
+        else:
+            state = "not checked yet — `course check " + c.number + "`"
+        print(f"{c.number:3} {c.title:42} {c.learner_time:8} {state}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from course_utils.build import BuildError
+    from course_utils.grading import check_notebook, exit_code, render_table, save_progress
+
+    chapter, path = _chapter_and_path(args.target)
+    print(f"Checking {path} (chapter {chapter.number}: {chapter.title}) ...", flush=True)
+    start = time.perf_counter()
+    try:
+        results = check_notebook(path, chapter, cell_timeout=args.timeout)
+    except BuildError as error:
+        raise UserError(str(error)) from None
+    print(render_table(results))
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if not args.no_save:
+        save_progress(chapter, results)
+    code = exit_code(results)
+    if code and all(r.status == "not attempted" for r in results):
+        print("Nothing attempted yet: fill in the first exercise and run `course check` again.")
+    return code
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from course_utils.build import build_all
+
+    stale = build_all(check_only=args.check)
+    if args.check:
+        for path in stale:
+            print(f"stale: {path} — run `course build` (or `make build`) and commit the result")
+        return 1 if stale else 0
+    for path in stale:
+        print(f"wrote {path}")
+    print("exercise notebooks are up to date" if not stale else f"{len(stale)} notebook(s) rebuilt")
+    return 0
+
+
+def cmd_execute(args: argparse.Namespace) -> int:
+    """Run solution notebooks in place (outputs kept), then rebuild the exercise notebooks."""
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from course_utils.build import NOTEBOOK_METADATA, build_all, read_notebook
+
+    os.environ.setdefault("COURSE_HEADLESS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    targets = [_chapter_and_path(t, "solutions") for t in args.chapters]
+    for chapter, path in targets:
+        notebook = read_notebook(path)
+        start = time.perf_counter()
+        NotebookClient(
+            notebook, timeout=args.timeout, kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+        ).execute()
+        seconds = time.perf_counter() - start
+        notebook.metadata = nbformat.from_dict(NOTEBOOK_METADATA)
+        for cell in notebook.cells:
+            cell.metadata.pop("execution", None)
+        nbformat.write(notebook, path)
+        verdict = "within" if seconds <= chapter.cpu_budget_s else "OVER"
+        print(f"{path}: ran in {seconds:.0f} s ({verdict} the {chapter.cpu_budget_s} s budget)")
+    build_all()
+    return 0
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from course_utils.build import NOTEBOOK_METADATA
+    from course_utils.colab import badge, setup_cell_source
+
+    import nbformat
+
+    chapter = get_chapter(args.chapter)
+    path = solution_path(chapter, repo_root())
+    if path.exists():
+        raise UserError(f"{path} exists already; edit it instead.")
+    nb = nbformat.v4.new_notebook(metadata=NOTEBOOK_METADATA)
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(
+            f"{badge('solutions/' + chapter.filename)}\n\n# {chapter.number} — {chapter.title}\n\n"
+            f"*Learner time: {chapter.learner_time}.*"
+        ),
+        nbformat.v4.new_code_cell(setup_cell_source()),
+        nbformat.v4.new_code_cell(
+            "from course_utils import setup_notebook\n"
+            f"from course_utils.checks import ch{chapter.number} as check\n\nsetup_notebook(seed=0)"
+        ),
+    ]
+    nbformat.write(nb, path)
+    print(f"created {path}; write course_utils/checks/ch{chapter.number}.py next")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    import torch
+
+    from course_utils.env import (
+        env_report,
+        network_available,
+        offline_forced,
+        package_version,
+    )
+
+    print(env_report())
+    print(f"python      {sys.executable} ({platform.python_version()})")
+    for name in ("torch", "transformer_lens", "sae_lens", "plotly", "ipywidgets", "jupyterlab", "nbval"):
+        print(f"{name:11} {package_version(name)}")
+    cuda = torch.cuda.is_available()
+    print(f"device      {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
+          f"({os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads)")
+    if offline_forced():
+        print("network     offline by request (HF_HUB_OFFLINE=1 or COURSE_OFFLINE=1): default path only")
+    else:
+        online = network_available()
+        print("network     " + ("online: the optional GPT-2 / pretrained-SAE paths can download"
+                              if online else "offline: the course's default path needs no network"))
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        specs = KernelSpecManager().find_kernel_specs()
+        registered = KERNEL_NAME in specs
+    except Exception:  # jupyter not installed (e.g. a bare pip install)
+        registered = False
+    print(f"kernel      {KERNEL_NAME!r} " + ("registered" if registered else
+          "not registered — `make lab` registers it (or `python -m ipykernel install --user "
+          f"--name {KERNEL_NAME}`)"))
+    try:
+        from course_utils.build import build_all
+
+        stale = build_all(check_only=True)
+        print("notebooks   " + ("up to date" if not stale else f"{len(stale)} stale — run `course build`"))
+    except FileNotFoundError:
+        print("notebooks   no course checkout here (fine in Colab)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="course", description="The mechanistic-interpretability course.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="chapters, learner time and your progress").set_defaults(fn=cmd_list)
+    check = sub.add_parser("check", help="run your exercise notebook and report every exercise")
+    check.add_argument("target", help="chapter number (e.g. 01) or a path to a notebook")
+    check.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
+    check.add_argument("--no-save", action="store_true", help="do not record progress")
+    check.set_defaults(fn=cmd_check)
+    build = sub.add_parser("build", help="regenerate notebooks/ from solutions/")
+    build.add_argument("--check", action="store_true", help="only report stale notebooks")
+    build.set_defaults(fn=cmd_build)
+    run = sub.add_parser("execute", help="(authors) run solution notebooks in place, then build")
+    run.add_argument("chapters", nargs="+")
+    run.add_argument("--timeout", type=int, default=900)
+    run.set_defaults(fn=cmd_execute)
+    new = sub.add_parser("new", help="(authors) start a solution notebook for a chapter")
+    new.add_argument("chapter")
+    new.set_defaults(fn=cmd_new)
+    sub.add_parser("doctor", help="versions, device, network, kernel").set_defaults(fn=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (UserError, UnknownChapterError, FileNotFoundError) as error:
+        print(f"course: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        from course_utils.build import BuildError
+
+        if isinstance(error, BuildError):
+            print(f"course: error: {error}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Seeds, device, offline status and the one-line environment report used by every notebook."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import random
+import socket
+import sys
+import threading
+
+import numpy as np
+import torch
+
+#: Packages named in the environment report, in the order a learner cares about them.
+REPORTED_PACKAGES = ("torch", "transformer_lens", "sae_lens", "plotly", "ipywidgets")
+
+
+def set_seed(seed: int = 0) -> None:
+    """Seed Python, NumPy and torch so a CPU run is repeatable bit for bit."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"set_seed needs a non-negative int, got {seed!r}.")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(prefer_gpu: bool = True) -> torch.device:
+    """CUDA if present (faster, never required), else CPU. Set COURSE_DEVICE to override."""
+    forced = os.environ.get("COURSE_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if prefer_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def headless() -> bool:
+    """True when no notebook front end will draw widgets (nbval, ``course check``, scripts)."""
+    if os.environ.get("COURSE_HEADLESS") == "1":
+        return True
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return True
+    shell = get_ipython()
+    return shell is None or type(shell).__name__ != "ZMQInteractiveShell"
+
+
+def offline_forced() -> bool:
+    """True when the environment asks libraries not to touch the network."""
+    return any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "COURSE_OFFLINE"))
+
+
+def network_available(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:
+    """One bounded connection attempt (no retries): can we reach ``host``?
+
+    Returns False at once when HF_HUB_OFFLINE=1 or COURSE_OFFLINE=1 is set. The attempt runs in a
+    daemon thread so that a hanging DNS lookup cannot stall a notebook for longer than ``timeout``.
+    """
+    if offline_forced():
+        return False
+    result: list[bool] = [False]
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result[0] = True
+        except OSError:
+            result[0] = False
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    return result[0]
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def env_report() -> str:
+    """One line: Python, the key package versions, the device and whether we run offline."""
+    from course_utils import __version__
+
+    device = get_device()
+    device_text = f"{device.type} ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        device_text = f"cuda ({torch.cuda.get_device_name(0)})"
+    versions = " · ".join(f"{p} {package_version(p)}" for p in REPORTED_PACKAGES)
+    mode = "offline (HF_HUB_OFFLINE=1)" if offline_forced() else "network allowed"
+    py = ".".join(map(str, sys.version_info[:3]))
+    return f"course_utils {__version__} · Python {py} · {versions} · {device_text} · {mode}"
+
+
+def configure_plotly() -> str:
+    """Store figures as plotly JSON (small notebooks, no plotly.js embedded); Colab needs HTML."""
+    import plotly.io as pio
+
+    pio.renderers.default = "colab" if in_colab() else "plotly_mimetype"
+    return pio.renderers.default
+
+
+def setup_notebook(seed: int = 0) -> None:
+    """Seed everything, configure plotly, and print the one-line environment report."""
+    set_seed(seed)
+    configure_plotly()
+    print(env_report())

@@ -1,0 +1,145 @@
+"""``course check``: execute a learner's notebook headless and tabulate every exercise.
+
+Each check call in a notebook leaves a small JSON record in its cell output (see
+``checks.core.RESULT_MIME``). We run the notebook with nbclient, continuing past errors, then
+read those records back. An exercise whose check never produced a record reports the error of
+the cell that should have run it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nbformat
+
+from course_utils.build import read_notebook
+from course_utils.chapters import Chapter, repo_root
+from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, RESULT_MIME, exercises_of
+
+PROGRESS_FILE = ".course-progress.json"
+
+
+@dataclass
+class ExerciseResult:
+    number: str
+    name: str
+    status: str
+    message: str
+
+
+def execute(notebook: nbformat.NotebookNode, workdir: Path, cell_timeout: int) -> nbformat.NotebookNode:
+    """Run every cell (errors do not stop the run) in a fresh kernel; headless and offline."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    os.environ.setdefault("COURSE_HEADLESS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    client = NotebookClient(
+        notebook,
+        timeout=cell_timeout,
+        kernel_name="python3",
+        allow_errors=True,
+        resources={"metadata": {"path": str(workdir)}},
+    )
+    try:
+        client.execute()
+    except (CellTimeoutError, DeadKernelError) as error:
+        notebook.metadata["course_check_aborted"] = f"{type(error).__name__}: {str(error)[:300]}"
+    return notebook
+
+
+def _records(cell: nbformat.NotebookNode) -> list[dict]:
+    return [o["data"][RESULT_MIME] for o in cell.get("outputs", []) if RESULT_MIME in o.get("data", {})]
+
+
+def _error(cell: nbformat.NotebookNode) -> str | None:
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "error":
+            return f"{output['ename']}: {output['evalue']}"[:300]
+    return None
+
+
+def tabulate(notebook: nbformat.NotebookNode, chapter: Chapter) -> list[ExerciseResult]:
+    module = importlib.import_module(chapter.checks_module)
+    results = []
+    records = {r["name"]: r for cell in notebook.cells if cell.cell_type == "code" for r in _records(cell)}
+    for ex in exercises_of(module):
+        if ex.name in records:
+            r = records[ex.name]
+            results.append(ExerciseResult(ex.number, ex.name, r["status"], r["message"]))
+            continue
+        call = re.compile(rf"\bcheck\.{re.escape(ex.name)}\(")
+        cell = next((c for c in notebook.cells if c.cell_type == "code" and call.search(c.source)), None)
+        if cell is None:
+            message = f"no cell calls `check.{ex.name}(...)` — was the check cell deleted?"
+            results.append(ExerciseResult(ex.number, ex.name, FAILED, message))
+        elif _error(cell):
+            message = f"the check could not run: {_error(cell)}"
+            status = NOT_ATTEMPTED if "NotImplementedError" in message else FAILED
+            results.append(ExerciseResult(ex.number, ex.name, status, message))
+        else:
+            aborted = notebook.metadata.get("course_check_aborted", "the cell did not run")
+            results.append(ExerciseResult(ex.number, ex.name, FAILED, f"not reached: {aborted}"))
+    return results
+
+
+def render_table(results: list[ExerciseResult]) -> str:
+    icon = {PASSED: "✓", FAILED: "✗", NOT_ATTEMPTED: "…"}
+    width = max([len(r.name) for r in results] + [8])
+    lines = [f"  {'#':5} {'exercise':{width}}  status"]
+    for r in results:
+        line = f"{icon[r.status]} {r.number:5} {r.name:{width}}  {r.status}"
+        if r.status != PASSED and r.message:
+            line += f"\n        {r.message}"
+        lines.append(line)
+    passed = sum(r.status == PASSED for r in results)
+    failed = sum(r.status == FAILED for r in results)
+    lines.append(f"{passed} passed, {failed} failed, {len(results) - passed - failed} not attempted")
+    return "\n".join(lines)
+
+
+def exit_code(results: list[ExerciseResult]) -> int:
+    """0 only when something was attempted and every attempted exercise passed."""
+    attempted = [r for r in results if r.status != NOT_ATTEMPTED]
+    return 0 if attempted and all(r.status == PASSED for r in attempted) else 1
+
+
+def check_notebook(path: Path, chapter: Chapter, cell_timeout: int = 600) -> list[ExerciseResult]:
+    notebook = read_notebook(path)
+    executed = execute(notebook, path.resolve().parent, cell_timeout)
+    return tabulate(executed, chapter)
+
+
+def progress_path() -> Path | None:
+    try:
+        return repo_root() / PROGRESS_FILE
+    except FileNotFoundError:
+        return None
+
+
+def save_progress(chapter: Chapter, results: list[ExerciseResult]) -> None:
+    path = progress_path()
+    if path is None:
+        return
+    data = load_progress()
+    data[chapter.number] = {
+        "checked_at": time.strftime("%Y-%m-%d %H:%M"),
+        "results": [asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def load_progress() -> dict:
+    path = progress_path()
+    if path is None or not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
