@@ -10,12 +10,13 @@ FIRST_NOTEBOOK := notebooks/00_setup_and_tools.ipynb
 # pip's find-links / extra-index warnings on some machines are noise; keep real errors.
 QUIET_PIP := grep -v -e '^WARNING: Location' -e '^$$' || true
 
-.PHONY: help install lab lab-no-browser test unit notebooks build lint clean
+.PHONY: help install kernel lab lab-no-browser test check build lint clean
 
 help:
 	@echo "make lab             install (first time), register the kernel, open JupyterLab"
 	@echo "make lab-no-browser  the same, printing the URL instead of opening a browser"
 	@echo "make test            install, then unit tests, check tests, sync check, nbval"
+	@echo "make check CH=01     grade your exercise notebook for chapter 01"
 	@echo "make build           regenerate notebooks/ from solutions/"
 	@echo "make lint            ruff"
 
@@ -54,3 +55,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Grade your own notebook: make check CH=01
+check: $(STAMP)
+	$(BIN)/course check $(CH)
