@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KERNEL := mi-course
 FIRST_NOTEBOOK := notebooks/00_setup_and_tools.ipynb
+# Jupyter refuses to run as root unless told to (containers, CI, some cloud machines).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # pip's find-links / extra-index warnings on some machines are noise; keep real errors.
 QUIET_PIP := grep -v -e '^WARNING: Location' -e '^$$' || true
 
@@ -35,10 +37,10 @@ kernel: $(STAMP)
 	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "MI course (.venv)" >/dev/null
 
 lab: kernel
-	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) $(ARGS)
+	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) $(ROOT_FLAG) $(ARGS)
 
 lab-no-browser: kernel
-	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) --no-browser $(ARGS)
+	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) --no-browser $(ROOT_FLAG) $(ARGS)
 
 # Unit tests, exercise-check tests and the notebook sync check, then every solution notebook
 # under nbval (lax: assertion cells carry the science). Offline and headless throughout.

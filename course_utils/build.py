@@ -19,7 +19,13 @@ from pathlib import Path
 import nbformat
 
 from course_utils import colab
-from course_utils.chapters import Chapter, available_chapters, exercise_path, repo_root, solution_path
+from course_utils.chapters import (
+    Chapter,
+    available_chapters,
+    exercise_path,
+    repo_root,
+    solution_path,
+)
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = "raise NotImplementedError()"
@@ -42,7 +48,9 @@ def strip_solutions(source: str, where: str = "cell") -> str:
         stripped = line.strip()
         if stripped == BEGIN:
             if inside:
-                raise BuildError(f"{where}, line {number}: nested {BEGIN!r}; close the first region.")
+                raise BuildError(
+                    f"{where}, line {number}: nested {BEGIN!r}; close the first region."
+                )
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
             out.append(indent + STUB)
@@ -110,7 +118,9 @@ def read_notebook(path: Path) -> nbformat.NotebookNode:
             f"`git checkout -- {path.name}` or regenerate it with `course build`."
         ) from None
     except Exception as error:  # nbformat's own validation errors
-        raise BuildError(f"{path} is not a Jupyter notebook ({type(error).__name__}: {error}).") from None
+        raise BuildError(
+            f"{path} is not a Jupyter notebook ({type(error).__name__}: {error})."
+        ) from None
 
 
 def expected_exercise_text(chapter: Chapter, root: Path) -> str:

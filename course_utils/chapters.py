@@ -31,7 +31,9 @@ class Chapter:
 CHAPTERS: tuple[Chapter, ...] = (
     Chapter("00", "setup_and_tools", "Setup and tools", "45 min", 60),
     Chapter("01", "toy_models_of_superposition", "Toy models of superposition", "3-4 h", 300),
-    Chapter("02", "sparse_dictionary_learning", "Sparse dictionary learning on toy data", "3-4 h", 360),
+    Chapter(
+        "02", "sparse_dictionary_learning", "Sparse dictionary learning on toy data", "3-4 h", 360
+    ),
     Chapter("03", "saes_on_a_language_model", "SAEs on a language model", "4-5 h", 480),
     Chapter("04", "end_to_end_saes", "End-to-end SAEs", "3-4 h", 480),
     Chapter("05", "transcoders_and_circuits", "Transcoders and feature circuits", "4 h", 480),

@@ -32,7 +32,9 @@ def _chapter_and_path(target: str, folder: str = "notebooks") -> tuple[Chapter, 
     as_path = Path(target)
     if target.endswith(".ipynb") or as_path.is_file():
         if not as_path.exists():
-            raise UserError(f"{as_path} does not exist. Check the path (notebooks live in notebooks/).")
+            raise UserError(
+                f"{as_path} does not exist. Check the path (notebooks live in notebooks/)."
+            )
         prefix = as_path.name.split("_", 1)[0]
         if not prefix.isdigit():
             raise UserError(
@@ -123,7 +125,9 @@ def cmd_execute(args: argparse.Namespace) -> int:
         notebook = read_notebook(path)
         start = time.perf_counter()
         NotebookClient(
-            notebook, timeout=args.timeout, kernel_name="python3",
+            notebook,
+            timeout=args.timeout,
+            kernel_name="python3",
             resources={"metadata": {"path": str(path.parent)}},
         ).execute()
         seconds = time.perf_counter() - start
@@ -138,10 +142,10 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
+    import nbformat
+
     from course_utils.build import NOTEBOOK_METADATA
     from course_utils.colab import badge, setup_cell_source
-
-    import nbformat
 
     chapter = get_chapter(args.chapter)
     path = solution_path(chapter, repo_root())
@@ -179,17 +183,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     print(env_report())
     print(f"python      {sys.executable} ({platform.python_version()})")
-    for name in ("torch", "transformer_lens", "sae_lens", "plotly", "ipywidgets", "jupyterlab", "nbval"):
+    for name in (
+        "torch",
+        "transformer_lens",
+        "sae_lens",
+        "plotly",
+        "ipywidgets",
+        "jupyterlab",
+        "nbval",
+    ):
         print(f"{name:11} {package_version(name)}")
     cuda = torch.cuda.is_available()
-    print(f"device      {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
-          f"({os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads)")
+    print(
+        f"device      {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
+        f"({os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads)"
+    )
     if offline_forced():
-        print("network     offline by request (HF_HUB_OFFLINE=1 or COURSE_OFFLINE=1): default path only")
+        print(
+            "network     offline by request (HF_HUB_OFFLINE=1 or COURSE_OFFLINE=1): default path only"
+        )
     else:
         online = network_available()
-        print("network     " + ("online: the optional GPT-2 / pretrained-SAE paths can download"
-                              if online else "offline: the course's default path needs no network"))
+        print(
+            "network     "
+            + (
+                "online: the optional GPT-2 / pretrained-SAE paths can download"
+                if online
+                else "offline: the course's default path needs no network"
+            )
+        )
     try:
         from jupyter_client.kernelspec import KernelSpecManager
 
@@ -197,23 +219,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         registered = KERNEL_NAME in specs
     except Exception:  # jupyter not installed (e.g. a bare pip install)
         registered = False
-    print(f"kernel      {KERNEL_NAME!r} " + ("registered" if registered else
-          "not registered — `make lab` registers it (or `python -m ipykernel install --user "
-          f"--name {KERNEL_NAME}`)"))
+    print(
+        f"kernel      {KERNEL_NAME!r} "
+        + (
+            "registered"
+            if registered
+            else "not registered — `make lab` registers it (or `python -m ipykernel install --user "
+            f"--name {KERNEL_NAME}`)"
+        )
+    )
     try:
         from course_utils.build import build_all
 
         stale = build_all(check_only=True)
-        print("notebooks   " + ("up to date" if not stale else f"{len(stale)} stale — run `course build`"))
+        print(
+            "notebooks   "
+            + ("up to date" if not stale else f"{len(stale)} stale — run `course build`")
+        )
     except FileNotFoundError:
         print("notebooks   no course checkout here (fine in Colab)")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="course", description="The mechanistic-interpretability course.")
+    p = argparse.ArgumentParser(
+        prog="course", description="The mechanistic-interpretability course."
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="chapters, learner time and your progress").set_defaults(fn=cmd_list)
+    sub.add_parser("list", help="chapters, learner time and your progress").set_defaults(
+        fn=cmd_list
+    )
     check = sub.add_parser("check", help="run your exercise notebook and report every exercise")
     check.add_argument("target", help="chapter number (e.g. 01) or a path to a notebook")
     check.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")

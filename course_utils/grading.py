@@ -33,7 +33,9 @@ class ExerciseResult:
     message: str
 
 
-def execute(notebook: nbformat.NotebookNode, workdir: Path, cell_timeout: int) -> nbformat.NotebookNode:
+def execute(
+    notebook: nbformat.NotebookNode, workdir: Path, cell_timeout: int
+) -> nbformat.NotebookNode:
     """Run every cell (errors do not stop the run) in a fresh kernel; headless and offline."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
@@ -55,7 +57,9 @@ def execute(notebook: nbformat.NotebookNode, workdir: Path, cell_timeout: int) -
 
 
 def _records(cell: nbformat.NotebookNode) -> list[dict]:
-    return [o["data"][RESULT_MIME] for o in cell.get("outputs", []) if RESULT_MIME in o.get("data", {})]
+    return [
+        o["data"][RESULT_MIME] for o in cell.get("outputs", []) if RESULT_MIME in o.get("data", {})
+    ]
 
 
 def _error(cell: nbformat.NotebookNode) -> str | None:
@@ -68,14 +72,18 @@ def _error(cell: nbformat.NotebookNode) -> str | None:
 def tabulate(notebook: nbformat.NotebookNode, chapter: Chapter) -> list[ExerciseResult]:
     module = importlib.import_module(chapter.checks_module)
     results = []
-    records = {r["name"]: r for cell in notebook.cells if cell.cell_type == "code" for r in _records(cell)}
+    records = {
+        r["name"]: r for cell in notebook.cells if cell.cell_type == "code" for r in _records(cell)
+    }
     for ex in exercises_of(module):
         if ex.name in records:
             r = records[ex.name]
             results.append(ExerciseResult(ex.number, ex.name, r["status"], r["message"]))
             continue
         call = re.compile(rf"\bcheck\.{re.escape(ex.name)}\(")
-        cell = next((c for c in notebook.cells if c.cell_type == "code" and call.search(c.source)), None)
+        cell = next(
+            (c for c in notebook.cells if c.cell_type == "code" and call.search(c.source)), None
+        )
         if cell is None:
             message = f"no cell calls `check.{ex.name}(...)` — was the check cell deleted?"
             results.append(ExerciseResult(ex.number, ex.name, FAILED, message))
@@ -100,7 +108,9 @@ def render_table(results: list[ExerciseResult]) -> str:
         lines.append(line)
     passed = sum(r.status == PASSED for r in results)
     failed = sum(r.status == FAILED for r in results)
-    lines.append(f"{passed} passed, {failed} failed, {len(results) - passed - failed} not attempted")
+    lines.append(
+        f"{passed} passed, {failed} failed, {len(results) - passed - failed} not attempted"
+    )
     return "\n".join(lines)
 
 

@@ -26,6 +26,8 @@ def tiny_random_model(seed: int = 0, n_layers: int = 2, d_vocab: int = 50) -> Ho
     return model
 
 
-def random_tokens(model: HookedTransformer, batch: int = 4, seq: int = 12, seed: int = 0) -> torch.Tensor:
+def random_tokens(
+    model: HookedTransformer, batch: int = 4, seq: int = 12, seed: int = 0
+) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.cfg.d_vocab, (batch, seq), generator=generator)

@@ -30,14 +30,18 @@ COSINE_MISTAKES = [
     ),
     Mistake(
         "normalised along the wrong dimension",
-        lambda v: (v / v.norm(dim=0, keepdim=True).clamp_min(1e-8))
-        @ (v / v.norm(dim=0, keepdim=True).clamp_min(1e-8)).T,
+        lambda v: (
+            (v / v.norm(dim=0, keepdim=True).clamp_min(1e-8))
+            @ (v / v.norm(dim=0, keepdim=True).clamp_min(1e-8)).T
+        ),
         "you normalised each column (dim=0); normalise each row (dim=-1) — each row is one vector.",
     ),
     Mistake(
         "L1 norm instead of L2",
-        lambda v: (v / v.abs().sum(-1, keepdim=True).clamp_min(1e-8))
-        @ (v / v.abs().sum(-1, keepdim=True).clamp_min(1e-8)).T,
+        lambda v: (
+            (v / v.abs().sum(-1, keepdim=True).clamp_min(1e-8))
+            @ (v / v.abs().sum(-1, keepdim=True).clamp_min(1e-8)).T
+        ),
         "you divided by the L1 norm (sum of |x|); cosine similarity uses the L2 norm.",
     ),
     Mistake(
@@ -118,7 +122,9 @@ def _run_norm_hook(hook_fn):
 @exercise("0.2", "record_norm_hook")
 def record_norm_hook(learner) -> str:
     if not callable(learner):
-        raise CheckFailed("pass the hook function itself, e.g. `check.record_norm_hook(record_norm_hook)`.")
+        raise CheckFailed(
+            "pass the hook function itself, e.g. `check.record_norm_hook(record_norm_hook)`."
+        )
     cases = [
         Case("resid_post, layer 0", (0, NORM_HOOK_NAMES[:1])),
         Case("three hooks incl. 4-D attn.hook_z", (1, NORM_HOOK_NAMES)),
@@ -139,7 +145,9 @@ def _mean_ablation_change(model, tokens, hook_name):
     with torch.no_grad():
         clean = model(tokens, return_type="loss")
         mean_hook = lambda act, hook: act.mean(dim=(0, 1), keepdim=True).expand_as(act)  # noqa: E731
-        ablated = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_name, mean_hook)])
+        ablated = model.run_with_hooks(
+            tokens, return_type="loss", fwd_hooks=[(hook_name, mean_hook)]
+        )
     return (ablated - clean).item()
 
 

@@ -76,7 +76,12 @@ def _emit(exercise: Exercise, status: str, message: str) -> None:
     icon = {PASSED: "✓", FAILED: "✗", NOT_ATTEMPTED: "…"}[status]
     colour = {PASSED: "#1a7f37", FAILED: "#cf222e", NOT_ATTEMPTED: "#9a6700"}[status]
     text = f"{icon} Exercise {exercise.number} {exercise.name} — {message}"
-    payload = {"number": exercise.number, "name": exercise.name, "status": status, "message": message}
+    payload = {
+        "number": exercise.number,
+        "name": exercise.name,
+        "status": status,
+        "message": message,
+    }
     try:
         from IPython import get_ipython
         from IPython.display import display
@@ -136,7 +141,9 @@ def exercise(number: str, name: str) -> Callable:
 def describe_crash(error: BaseException) -> str:
     """Name the exception and the learner's own line that raised it (not torch internals)."""
     frames = traceback.extract_tb(error.__traceback__)
-    own = [f for f in frames if "course_utils" not in f.filename and "site-packages" not in f.filename]
+    own = [
+        f for f in frames if "course_utils" not in f.filename and "site-packages" not in f.filename
+    ]
     where = ""
     if own:
         frame = own[-1]
@@ -147,7 +154,7 @@ def describe_crash(error: BaseException) -> str:
 
 def exercises_of(module: Any) -> list[Exercise]:
     """The exercises a chapter's checks module defines, in exercise-number order."""
-    found = [getattr(obj, "exercise") for obj in vars(module).values() if hasattr(obj, "exercise")]
+    found = [obj.exercise for obj in vars(module).values() if hasattr(obj, "exercise")]
     unique = {e.number: e for e in found if isinstance(e, Exercise)}
 
     def key(e: Exercise) -> tuple[int, ...]:
@@ -163,7 +170,9 @@ def _fmt_shape(x: Any) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def mismatch(expected: Any, actual: Any, atol: float, rtol: float, path: str = "output") -> str | None:
+def mismatch(
+    expected: Any, actual: Any, atol: float, rtol: float, path: str = "output"
+) -> str | None:
     """None when ``actual`` matches ``expected``; else a sentence saying how they differ."""
     if isinstance(expected, torch.Tensor):
         if actual is None:
@@ -189,7 +198,7 @@ def mismatch(expected: Any, actual: Any, atol: float, rtol: float, path: str = "
     if isinstance(expected, (tuple, list)):
         if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
             return f"{path} should be a {type(expected).__name__} of {len(expected)} items, got {actual!r:.80}"
-        for i, (e, a) in enumerate(zip(expected, actual)):
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             problem = mismatch(e, a, atol, rtol, f"{path}[{i}]")
             if problem:
                 return problem
@@ -227,7 +236,9 @@ def cmp(name: str, mine: Any, reference: Any, atol: float = 1e-6, rtol: float = 
         exact = bool(torch.equal(mine, reference))
         close = bool(torch.allclose(mine.double(), reference.double(), atol=atol, rtol=rtol))
         maxdiff = (mine.double() - reference.double()).abs().max().item() if mine.numel() else 0.0
-        print(f"{name:24s} | exact: {exact!s:5} | approximate: {close!s:5} | maxdiff: {maxdiff:.3g}")
+        print(
+            f"{name:24s} | exact: {exact!s:5} | approximate: {close!s:5} | maxdiff: {maxdiff:.3g}"
+        )
         return close
     problem = mismatch(reference, mine, atol, rtol, name)
     print(f"{name:24s} | " + ("match" if problem is None else problem))
@@ -284,7 +295,9 @@ def compare_function(
     output, its hint is added to the message.
     """
     if not callable(learner):
-        raise CheckFailed(f"expected a function, got {type(learner).__name__}: pass the function itself, not its result.")
+        raise CheckFailed(
+            f"expected a function, got {type(learner).__name__}: pass the function itself, not its result."
+        )
     compare = compare or (lambda e, a: mismatch(e, a, atol, rtol))
     for case in cases:
         check_signature(learner, reference, case)
@@ -292,7 +305,7 @@ def compare_function(
         before = [t.clone() for t in _tensors_in((args, kwargs))]
         actual = learner(*args, **kwargs)
         after = _tensors_in((args, kwargs))
-        if any(b.shape != a.shape or not torch.equal(b, a) for b, a in zip(before, after)):
+        if any(b.shape != a.shape or not torch.equal(b, a) for b, a in zip(before, after, strict=False)):
             raise CheckFailed(
                 f"case '{case.name}': your function changed one of its input tensors in place. "
                 "Work on a copy (or use out-of-place ops such as `x = x * 2`, not `x *= 2`)."

@@ -1,0 +1,54 @@
+"""Environment helpers and hook-name validation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from course_utils import env
+from course_utils.hooks import UnknownHookError, ablation_loss_change, check_hook_name
+from course_utils.models import random_tokens, tiny_random_model
+
+
+def test_network_is_not_touched_when_offline_is_forced(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert env.network_available() is False
+    assert time.perf_counter() - start < 0.1
+
+
+def test_set_seed_is_repeatable_and_rejects_bad_seeds():
+    import torch
+
+    env.set_seed(3)
+    a = torch.randn(4)
+    env.set_seed(3)
+    assert torch.equal(a, torch.randn(4))
+    with pytest.raises(ValueError, match="non-negative int"):
+        env.set_seed(-1)
+
+
+def test_headless_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("COURSE_HEADLESS", "1")
+    assert env.headless()
+
+
+def test_env_report_is_one_line_with_versions():
+    report = env.env_report()
+    assert "\n" not in report and "torch 2.13.0" in report and "transformer_lens" in report
+
+
+def test_unknown_hook_name_suggests_and_lists_valid_names():
+    model = tiny_random_model()
+    with pytest.raises(UnknownHookError) as info:
+        check_hook_name(model, "blocks.0.hook_resid_psot")
+    message = str(info.value)
+    assert "'blocks.0.hook_resid_post'" in message and "Valid hook names" in message
+    assert check_hook_name(model, "blocks.1.hook_mlp_out") == "blocks.1.hook_mlp_out"
+
+
+def test_reference_ablation_rejects_unknown_hook():
+    model = tiny_random_model()
+    with pytest.raises(UnknownHookError):
+        ablation_loss_change(model, random_tokens(model), "blocks.7.hook_mlp_out")
