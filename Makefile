@@ -45,6 +45,7 @@ lab-no-browser: kernel
 # Unit tests, exercise-check tests and the notebook sync check, then every solution notebook
 # under nbval (lax: assertion cells carry the science). Offline and headless throughout.
 test: $(STAMP)
+	$(BIN)/ruff check course_utils tests scripts
 	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 $(BIN)/python -m pytest tests -q
 	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 $(BIN)/python -m pytest -q --nbval-lax \
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout=900 -p no:cacheprovider solutions

@@ -305,7 +305,9 @@ def compare_function(
         before = [t.clone() for t in _tensors_in((args, kwargs))]
         actual = learner(*args, **kwargs)
         after = _tensors_in((args, kwargs))
-        if any(b.shape != a.shape or not torch.equal(b, a) for b, a in zip(before, after, strict=False)):
+        if any(
+            b.shape != a.shape or not torch.equal(b, a) for b, a in zip(before, after, strict=False)
+        ):
             raise CheckFailed(
                 f"case '{case.name}': your function changed one of its input tensors in place. "
                 "Work on a copy (or use out-of-place ops such as `x = x * 2`, not `x *= 2`)."
