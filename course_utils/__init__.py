@@ -11,7 +11,12 @@ Where things live (one module per idea):
 - ``cli``        the ``course`` command
 """
 
-from course_utils.env import env_report, set_seed, setup_notebook
+import os
+
+from course_utils.env import block_network, env_report, set_seed, setup_notebook
+
+if os.environ.get("COURSE_BLOCK_NETWORK") == "1":
+    block_network()  # `make test` sets this: a notebook that reaches for the internet fails loudly
 
 __version__ = "0.1.0"
 __all__ = ["env_report", "set_seed", "setup_notebook", "__version__"]

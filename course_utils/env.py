@@ -53,7 +53,8 @@ def headless() -> bool:
 
 def offline_forced() -> bool:
     """True when the environment asks libraries not to touch the network."""
-    return any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "COURSE_OFFLINE"))
+    names = ("HF_HUB_OFFLINE", "COURSE_OFFLINE", "COURSE_BLOCK_NETWORK")
+    return any(os.environ.get(v) == "1" for v in names)
 
 
 def network_available(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:
@@ -113,3 +114,47 @@ def setup_notebook(seed: int = 0) -> None:
     set_seed(seed)
     configure_plotly()
     print(env_report())
+
+
+class NetworkBlockedError(OSError):
+    pass
+
+
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0", ""}
+
+
+def _is_local(host: object) -> bool:
+    text = str(host)
+    return text in _LOCAL_HOSTS or text.startswith("127.") or text.startswith("/")
+
+
+def block_network() -> None:
+    """Refuse every non-loopback connection and DNS lookup in this process (tests, nbval).
+
+    Jupyter kernels talk to their front end over loopback, so notebooks still run; anything that
+    tries to reach the internet fails at once with an error that says why.
+    """
+    if getattr(socket, "_course_blocked", False):
+        return
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def refuse(target: object) -> NetworkBlockedError:
+        return NetworkBlockedError(
+            f"network access to {target!r} is blocked (COURSE_BLOCK_NETWORK=1): the course's "
+            "default path must run offline. Unset COURSE_BLOCK_NETWORK to use the online extras."
+        )
+
+    def connect(self: socket.socket, address: object) -> None:
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(host):
+            raise refuse(address)
+        return real_connect(self, address)
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> list:
+        if host is not None and not _is_local(host):
+            raise refuse(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+    socket._course_blocked = True  # type: ignore[attr-defined]

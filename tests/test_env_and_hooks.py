@@ -52,3 +52,23 @@ def test_reference_ablation_rejects_unknown_hook():
     model = tiny_random_model()
     with pytest.raises(UnknownHookError):
         ablation_loss_change(model, random_tokens(model), "blocks.7.hook_mlp_out")
+
+
+def test_blocked_network_refuses_internet_but_allows_loopback():
+    import subprocess
+    import sys
+
+    code = (
+        "import socket, course_utils\n"
+        "try:\n"
+        "    socket.create_connection(('example.org', 443), timeout=1)\n"
+        "    print('REACHED')\n"
+        "except OSError as e:\n"
+        "    print('BLOCKED' if 'COURSE_BLOCK_NETWORK' in str(e) else 'OTHER', e)\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n"
+        "c = socket.create_connection(s.getsockname(), timeout=1); print('LOOPBACK OK')\n"
+        "print(course_utils.env.network_available())\n"
+    )
+    env = {**__import__("os").environ, "COURSE_BLOCK_NETWORK": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+    assert "BLOCKED" in out and "LOOPBACK OK" in out and out.strip().endswith("False")
