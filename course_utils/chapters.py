@@ -47,6 +47,9 @@ class UnknownChapterError(ValueError):
 def get_chapter(key: str | int) -> Chapter:
     """Find a chapter by number ("1", "01", 1) or slug; a clear error lists the valid ones."""
     text = str(key).strip()
+    prefix = text.split("_", 1)[0]
+    if prefix.isdigit() and text != prefix and any(int(prefix) == int(c.number) for c in CHAPTERS):
+        text = prefix  # "00_setup_and_tool" (a typo after the number) still means chapter 00
     for chapter in CHAPTERS:
         if text.isdigit() and int(text) == int(chapter.number) or text == chapter.slug:
             return chapter

@@ -30,6 +30,8 @@ class UserError(Exception):
 def _chapter_and_path(target: str, folder: str = "notebooks") -> tuple[Chapter, Path]:
     """Accept a chapter ("1", "01", a slug) or a path to a notebook whose name starts with NN_."""
     as_path = Path(target)
+    if as_path.is_file() and as_path.suffix != ".ipynb":
+        raise UserError(f"{as_path} is not a notebook: pass a chapter number or an .ipynb file.")
     if target.endswith(".ipynb") or as_path.is_file():
         if not as_path.exists():
             raise UserError(
@@ -43,7 +45,10 @@ def _chapter_and_path(target: str, folder: str = "notebooks") -> tuple[Chapter, 
             )
         return get_chapter(prefix), as_path
     chapter = get_chapter(target)
-    path = (exercise_path if folder == "notebooks" else solution_path)(chapter, repo_root())
+    root = repo_root()
+    if not solution_path(chapter, root).exists():
+        raise UserError(f"chapter {chapter.number} is not released yet (see `course list`).")
+    path = (exercise_path if folder == "notebooks" else solution_path)(chapter, root)
     if not path.exists():
         raise UserError(
             f"{path} is missing. Restore it with `git checkout -- {folder}/{chapter.filename}` "
@@ -88,7 +93,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(render_table(results))
     print(f"({time.perf_counter() - start:.0f} s)")
     if not args.no_save:
-        save_progress(chapter, results)
+        saved = save_progress(chapter, results)
+        if saved:
+            print(f"progress saved to {saved} (see `course list`)")
     code = exit_code(results)
     if code and all(r.status == "not attempted" for r in results):
         print("Nothing attempted yet: fill in the first exercise and run `course check` again.")

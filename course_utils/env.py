@@ -96,7 +96,9 @@ def env_report() -> str:
     if device.type == "cuda":
         device_text = f"cuda ({torch.cuda.get_device_name(0)})"
     versions = " · ".join(f"{p} {package_version(p)}" for p in REPORTED_PACKAGES)
-    mode = "offline (HF_HUB_OFFLINE=1)" if offline_forced() else "network allowed"
+    mode = (
+        "offline mode on" if offline_forced() else "offline mode off (online extras may download)"
+    )
     py = ".".join(map(str, sys.version_info[:3]))
     return f"course_utils {__version__} · Python {py} · {versions} · {device_text} · {mode}"
 
@@ -111,6 +113,12 @@ def configure_plotly() -> str:
 
 def setup_notebook(seed: int = 0) -> None:
     """Seed everything, configure plotly, and print the one-line environment report."""
+    import warnings
+
+    # TransformerLens 3.x announces its successor API on every HookedTransformer. The course uses
+    # HookedTransformer on purpose (SAELens splices into it), so the notice is noise for learners.
+    warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*TransformerBridge.*")
     set_seed(seed)
     configure_plotly()
     print(env_report())

@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +51,9 @@ def execute(
         resources={"metadata": {"path": str(workdir)}},
     )
     try:
-        client.execute()
+        # The kernel's own start-up chatter (e.g. "running over TCP without encryption") is noise
+        # in a learner's terminal; what the notebook raised is in the cell outputs anyway.
+        client.execute(stderr=subprocess.DEVNULL)
     except (CellTimeoutError, DeadKernelError) as error:
         notebook.metadata["course_check_aborted"] = f"{type(error).__name__}: {str(error)[:300]}"
     return notebook
@@ -133,16 +136,17 @@ def progress_path() -> Path | None:
         return None
 
 
-def save_progress(chapter: Chapter, results: list[ExerciseResult]) -> None:
+def save_progress(chapter: Chapter, results: list[ExerciseResult]) -> Path | None:
     path = progress_path()
     if path is None:
-        return
+        return None
     data = load_progress()
     data[chapter.number] = {
         "checked_at": time.strftime("%Y-%m-%d %H:%M"),
         "results": [asdict(r) for r in results],
     }
     path.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    return path
 
 
 def load_progress() -> dict:

@@ -74,6 +74,10 @@ def ablation_per_token_sum(model, tokens, hook_name):
     return (ablated - clean).item()
 
 
+def ablation_returns_a_tensor(model, tokens, hook_name):
+    return torch.tensor(hooks.ablation_loss_change(model, tokens, hook_name))
+
+
 @pytest.mark.parametrize(
     "check, wrong",
     [
@@ -83,6 +87,7 @@ def ablation_per_token_sum(model, tokens, hook_name):
         (ch00.record_norm_hook, norm_hook_mean_not_norm),
         (ch00.ablation_loss_change, ablation_without_no_grad_but_random_ablation),
         (ch00.ablation_loss_change, ablation_per_token_sum),
+        (ch00.ablation_loss_change, ablation_returns_a_tensor),
     ],
 )
 def test_other_wrong_answers_are_rejected(check, wrong):

@@ -35,7 +35,8 @@ def test_list_shows_every_chapter():
         ("42", "unknown chapter '42'"),
         ("toy_modles_of_superposition", "Did you mean 'toy_models_of_superposition'"),
         ("missing/00_setup_and_tools.ipynb", "does not exist"),
-        ("README.md", "cannot tell the chapter"),
+        ("README.md", "is not a notebook"),
+        ("x.ipynb", "does not exist"),
     ],
 )
 def test_bad_targets_give_one_line_errors(target, words):
@@ -104,3 +105,22 @@ def test_doctor_reports_versions_and_offline_status(monkeypatch):
     assert result.returncode == 0, result.stderr
     assert "transformer_lens" in result.stdout and "offline by request" in result.stdout
     assert "kernel" in result.stdout
+
+
+def test_unreleased_chapter_and_non_notebook_file(tmp_path):
+    import course_utils.chapters as chapters
+
+    unreleased = [c for c in chapters.CHAPTERS if not chapters.solution_path(c, ROOT).exists()]
+    if unreleased:
+        result = course("check", unreleased[-1].number)
+        assert result.returncode == 2 and "not released yet" in result.stderr
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello")
+    result = course("check", str(text_file))
+    assert result.returncode == 2 and "is not a notebook" in result.stderr
+
+
+def test_chapter_number_with_a_typo_after_it_still_resolves():
+    from course_utils.chapters import get_chapter
+
+    assert get_chapter("00_setup_and_tool").number == "00"

@@ -70,5 +70,7 @@ def test_blocked_network_refuses_internet_but_allows_loopback():
         "print(course_utils.env.network_available())\n"
     )
     env = {**__import__("os").environ, "COURSE_BLOCK_NETWORK": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env
+    ).stdout
     assert "BLOCKED" in out and "LOOPBACK OK" in out and out.strip().endswith("False")

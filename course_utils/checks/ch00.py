@@ -14,6 +14,7 @@ from course_utils.checks.core import (
     compare_function,
     exercise,
     lifted_mistakes,
+    mismatch,
 )
 from course_utils.hooks import ablation_loss_change as ref_ablation_loss_change
 from course_utils.hooks import record_norm_hook as ref_record_norm_hook
@@ -73,7 +74,25 @@ def cosine_similarity_matrix(learner) -> str:
 
 # ---------------------------------------------------------------- 0.2 a hook that records norms
 
+
+def _return_the_norm(activation, hook, store):
+    store[hook.name] = activation.norm(dim=-1)
+    return store[hook.name]
+
+
 NORM_HOOK_MISTAKES = [
+    Mistake(
+        "norm over a fixed axis 2",
+        lambda activation, hook, store: store.__setitem__(hook.name, activation.norm(dim=2)),
+        "take the norm over the LAST dimension (`dim=-1`): `attn.hook_z` has 4 axes "
+        "(batch pos head d_head), so axis 2 is `head` there.",
+    ),
+    Mistake(
+        "returns the norm",
+        _return_the_norm,
+        "your hook returned a tensor, which replaces the activation downstream (and here has the "
+        "wrong shape). A recording hook must return None.",
+    ),
     Mistake(
         "norm over the batch dimension",
         lambda activation, hook, store: store.__setitem__(hook.name, activation.norm(dim=0)),
@@ -158,7 +177,34 @@ def _ablated_loss_only(model, tokens, hook_name):
         ).item()
 
 
+def _hook_forgets_return(model, tokens, hook_name):
+    def zero_hook(activation, hook):
+        torch.zeros_like(activation)  # computed, but never returned
+
+    with torch.no_grad():
+        clean = model(tokens, return_type="loss")
+        ablated = model.run_with_hooks(
+            tokens, return_type="loss", fwd_hooks=[(hook_name, zero_hook)]
+        )
+    return (ablated - clean).item()
+
+
+def _float_then_compare(expected, actual):
+    if not isinstance(actual, float):
+        return (
+            f"output is a {type(actual).__name__}; return a Python float "
+            "(call `.item()` on a one-element tensor)"
+        )
+    return mismatch(expected, actual, atol=1e-4, rtol=1e-4)
+
+
 ABLATION_MISTAKES = [
+    Mistake(
+        "hook forgets to return the zeros",
+        _hook_forgets_return,
+        "the loss did not change at all. Does your hook `return` the zeros? A hook that returns "
+        "None leaves the activation as it was.",
+    ),
     Mistake(
         "clean minus ablated",
         lambda model, tokens, hook_name: -ref_ablation_loss_change(model, tokens, hook_name),
@@ -190,5 +236,9 @@ def _ablation_cases() -> list[Case]:
 @exercise("0.3", "ablation_loss_change")
 def ablation_loss_change(learner) -> str:
     return compare_function(
-        learner, ref_ablation_loss_change, _ablation_cases(), ABLATION_MISTAKES, atol=1e-4
+        learner,
+        ref_ablation_loss_change,
+        _ablation_cases(),
+        ABLATION_MISTAKES,
+        compare=_float_then_compare,
     )

@@ -119,7 +119,7 @@ def exercise(number: str, name: str) -> Callable:
             except NotImplementedError:
                 message = (
                     "not attempted yet: replace `raise NotImplementedError()` in "
-                    f"`{name}` with your implementation, then run this cell again."
+                    f"`{name}` with your implementation, then run the check again."
                 )
                 _emit(ex, NOT_ATTEMPTED, message)
                 raise NotAttempted(f"Exercise {number} {name}: {message}") from None
@@ -227,22 +227,21 @@ def mismatch(
     return None
 
 
-def cmp(name: str, mine: Any, reference: Any, atol: float = 1e-6, rtol: float = 1e-5) -> bool:
+def cmp(name: str, mine: Any, reference: Any, atol: float = 1e-6, rtol: float = 1e-5) -> None:
     """Karpathy-style one-liner: print whether two results are exact, close, or how far apart."""
     if isinstance(mine, torch.Tensor) and isinstance(reference, torch.Tensor):
         if mine.shape != reference.shape:
             print(f"{name:24s} | shapes differ: {tuple(mine.shape)} vs {tuple(reference.shape)}")
-            return False
+            return
         exact = bool(torch.equal(mine, reference))
         close = bool(torch.allclose(mine.double(), reference.double(), atol=atol, rtol=rtol))
         maxdiff = (mine.double() - reference.double()).abs().max().item() if mine.numel() else 0.0
         print(
             f"{name:24s} | exact: {exact!s:5} | approximate: {close!s:5} | maxdiff: {maxdiff:.3g}"
         )
-        return close
+        return
     problem = mismatch(reference, mine, atol, rtol, name)
     print(f"{name:24s} | " + ("match" if problem is None else problem))
-    return problem is None
 
 
 def _param_names(fn: Callable) -> str:
@@ -303,7 +302,17 @@ def compare_function(
         check_signature(learner, reference, case)
         args, kwargs = _copy_args(case)
         before = [t.clone() for t in _tensors_in((args, kwargs))]
-        actual = learner(*args, **kwargs)
+        try:
+            actual = learner(*args, **kwargs)
+        except NotImplementedError:
+            raise
+        except Exception as error:
+            hint = diagnose_crash(error, case, mistakes)
+            if hint is None:
+                raise
+            raise CheckFailed(
+                f"case '{case.name}': {describe_crash(error)}. Hint: {hint}"
+            ) from None
         after = _tensors_in((args, kwargs))
         if any(
             b.shape != a.shape or not torch.equal(b, a) for b, a in zip(before, after, strict=False)
@@ -324,6 +333,18 @@ def compare_function(
         raise CheckFailed(message)
     names = ", ".join(c.name for c in cases)
     return f"matches the reference on {len(cases)} cases ({names})"
+
+
+def diagnose_crash(error: Exception, case: Case, mistakes: Sequence[Mistake]) -> str | None:
+    """The hint of a known mistake that crashes the same way as the learner's code did."""
+    for mistake in mistakes:
+        args, kwargs = _copy_args(case)
+        try:
+            mistake.impl(*args, **kwargs)
+        except Exception as wrong:
+            if type(wrong) is type(error) and str(wrong) == str(error):
+                return mistake.hint
+    return None
 
 
 def diagnose(
