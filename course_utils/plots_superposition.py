@@ -6,6 +6,7 @@ shapes it needs and raises a ValueError that names them, instead of drawing a wr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import plotly.graph_objects as go
@@ -144,7 +145,7 @@ def plot_feature_norms(
     fig.update_yaxes(
         autorange="reversed", title_text="feature (most important at top)", row=1, col=1
     )
-    fig.update_layout(title=title, showlegend=False, height=330, width=max(600, 140 * n_inst))
+    fig.update_layout(title=title, showlegend=False, height=360, width=max(650, 170 * n_inst))
     return fig
 
 
@@ -153,32 +154,29 @@ def plot_features_in_2d(
     titles: Sequence[str] | None = None,
     title: str = "",
     importance: PerFeature | None = None,
+    cols: int = 5,
 ) -> go.Figure:
-    """Each feature's column W_i as an arrow in the 2-D hidden space, one panel per instance.
-    Colour = feature index (importance falls along the colour scale when it decays)."""
+    """Each feature's column W_i as an arrow in the 2-D hidden space, one square panel per
+    instance, ``cols`` panels per row. Colour = feature index (0 = most important)."""
     W = _check_W(W, "plot_features_in_2d", d_hidden=2)
     n_inst, _, n_feat = W.shape
     titles = _check_titles(titles, n_inst, "plot_features_in_2d")
     if importance is not None and tuple(importance.shape) != (n_feat,):
         raise ValueError(f"importance must be [feats] = [{n_feat}], got {tuple(importance.shape)}.")
     lim = max(1.2, W.abs().max().item() * 1.1)
-    colours = [
-        "#1f77b4",
-        "#ff7f0e",
-        "#2ca02c",
-        "#d62728",
-        "#9467bd",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-    ]
-    fig = make_subplots(rows=1, cols=n_inst, subplot_titles=titles, horizontal_spacing=0.02)
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    cols = min(cols, n_inst)
+    rows = math.ceil(n_inst / cols)
+    fig = make_subplots(
+        rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.03, vertical_spacing=0.1
+    )
     for i in range(n_inst):
+        row, col = i // cols + 1, i % cols + 1
         for f in range(n_feat):
             x, y = W[i, 0, f].item(), W[i, 1, f].item()
-            label = f"feature {f}" + (
-                f" (I = {importance[f]:.2f})" if importance is not None else ""
-            )
+            label = f"feature {f}"
+            if importance is not None:
+                label += f" (I = {importance[f]:.2f})"
             fig.add_trace(
                 go.Scatter(
                     x=[0, x],
@@ -191,23 +189,28 @@ def plot_features_in_2d(
                     marker=dict(size=[0, 9]),
                     hovertemplate=f"{label}: (%{{x:.2f}}, %{{y:.2f}})<extra></extra>",
                 ),
-                row=1,
-                col=i + 1,
+                row=row,
+                col=col,
             )
-        fig.update_xaxes(range=[-lim, lim], showticklabels=False, zeroline=True, row=1, col=i + 1)
+        anchor = "x" if i == 0 else f"x{i + 1}"
+        fig.update_xaxes(
+            range=[-lim, lim], showticklabels=False, constrain="domain", row=row, col=col
+        )
         fig.update_yaxes(
             range=[-lim, lim],
             showticklabels=False,
-            scaleanchor=f"x{i + 1}" if i else "x",
-            row=1,
-            col=i + 1,
+            scaleanchor=anchor,
+            constrain="domain",
+            row=row,
+            col=col,
         )
-    size = 170 if n_inst > 3 else 260
+    panel = 190 if cols > 2 else 280
     fig.update_layout(
         title=title,
-        height=size + 110,
-        width=max(500, size * n_inst + 160),
+        height=panel * rows + 120,
+        width=panel * cols + 220,
         legend=dict(font=dict(size=10)),
+        margin=dict(l=20, r=20),
     )
     return fig
 
@@ -325,6 +328,8 @@ def plot_dimensionality(
             line=dict(dash="dot", color="grey", width=1),
             annotation_text=name,
             annotation_font_size=9,
+            # 2/5 and 3/8 are close: put one label below its line
+            annotation_position="bottom right" if value == 0.375 else "top right",
             row=1,
             col=2,
         )
