@@ -49,7 +49,8 @@ test: $(STAMP)
 	$(BIN)/ruff check course_utils tests scripts
 	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 $(BIN)/python -m pytest tests -q
 	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 COURSE_BLOCK_NETWORK=1 $(BIN)/python -m pytest -q --nbval-lax \
-		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout=900 -p no:cacheprovider solutions
+		--nbval-sanitize-with nbval_sanitize.cfg --nbval-current-env \
+		--nbval-cell-timeout=900 --nbval-kernel-startup-timeout=120 -p no:cacheprovider solutions
 
 build: $(STAMP)
 	$(BIN)/course build

@@ -118,25 +118,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_execute(args: argparse.Namespace) -> int:
     """Run solution notebooks in place (outputs kept), then rebuild the exercise notebooks."""
-    import os
-
     import nbformat
-    from nbclient import NotebookClient
 
     from course_utils.build import NOTEBOOK_METADATA, build_all, read_notebook
+    from course_utils.grading import current_env_client
 
-    os.environ.setdefault("COURSE_HEADLESS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     targets = [_chapter_and_path(t, "solutions") for t in args.chapters]
     for chapter, path in targets:
         notebook = read_notebook(path)
         start = time.perf_counter()
-        NotebookClient(
-            notebook,
-            timeout=args.timeout,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(path.parent)}},
-        ).execute()
+        current_env_client(notebook, path.parent, args.timeout, allow_errors=False).execute()
         seconds = time.perf_counter() - start
         notebook.metadata = nbformat.from_dict(NOTEBOOK_METADATA)
         for cell in notebook.cells:

@@ -34,22 +34,44 @@ class ExerciseResult:
     message: str
 
 
+def current_env_client(
+    notebook: nbformat.NotebookNode, workdir: Path, cell_timeout: int, allow_errors: bool
+):
+    """An nbclient runner whose kernel is THIS Python (the course's .venv), headless and offline.
+
+    Asking for the "python3" kernel by name could start whatever interpreter a user-wide
+    kernelspec points at; like nbval's --nbval-current-env, we build the spec from sys.executable.
+    """
+    import ipykernel.kernelspec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    class CurrentEnvSpecs(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name):
+            spec = ipykernel.kernelspec.get_kernel_dict()
+            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES, **spec)
+
+    os.environ.setdefault("COURSE_HEADLESS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    manager = KernelManager(kernel_name="course-current-env", kernel_spec_manager=CurrentEnvSpecs())
+    return NotebookClient(
+        notebook,
+        km=manager,
+        timeout=cell_timeout,
+        allow_errors=allow_errors,
+        startup_timeout=120,
+        resources={"metadata": {"path": str(workdir)}},
+    )
+
+
 def execute(
     notebook: nbformat.NotebookNode, workdir: Path, cell_timeout: int
 ) -> nbformat.NotebookNode:
     """Run every cell (errors do not stop the run) in a fresh kernel; headless and offline."""
-    from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-    os.environ.setdefault("COURSE_HEADLESS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    client = NotebookClient(
-        notebook,
-        timeout=cell_timeout,
-        kernel_name="python3",
-        allow_errors=True,
-        resources={"metadata": {"path": str(workdir)}},
-    )
+    client = current_env_client(notebook, workdir, cell_timeout, allow_errors=True)
     try:
         # The kernel's own start-up chatter (e.g. "running over TCP without encryption") is noise
         # in a learner's terminal; what the notebook raised is in the cell outputs anyway.
