@@ -186,7 +186,10 @@ class SAE(nn.Module):
 
     unit_norm_decoder = True
 
-    def __init__(self, d_in: int, d_sae: int, n_instances: int = 1, seed: int | None = 0):
+    def __init__(
+        self, d_in: int, d_sae: int, n_instances: int = 1, seed: int | None = 0,
+        tied_init: bool = True,
+    ):
         super().__init__()
         for name, v in (("d_in", d_in), ("d_sae", d_sae), ("n_instances", n_instances)):
             if not isinstance(v, int) or v < 1:
@@ -195,8 +198,13 @@ class SAE(nn.Module):
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec = torch.randn(n_instances, d_sae, d_in, generator=g)
         W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True) * self.init_decoder_norm
-        # Encoder initialised as the decoder's transpose (Gao et al. 2024; Anthropic 2024).
-        self.W_enc = nn.Parameter(W_dec.transpose(-1, -2).clone())
+        # Encoder initialised as the decoder's transpose (Gao et al. 2024; Anthropic 2024), or,
+        # with tied_init=False, independently like nn.Linear: U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        if tied_init:
+            W_enc = W_dec.transpose(-1, -2).clone()
+        else:
+            W_enc = (torch.rand(n_instances, d_in, d_sae, generator=g) * 2 - 1) / math.sqrt(d_in)
+        self.W_enc = nn.Parameter(W_enc)
         self.W_dec = nn.Parameter(W_dec)
         self.b_enc = nn.Parameter(torch.zeros(n_instances, d_sae))
         self.b_dec = nn.Parameter(torch.zeros(n_instances, d_in))
@@ -295,8 +303,8 @@ class SAE(nn.Module):
 class ReLUSAE(SAE):
     """ReLU SAE with an L1 penalty ``l1_coeff * sum_i |f_i|`` (one coefficient per instance)."""
 
-    def __init__(self, d_in, d_sae, n_instances=1, l1_coeff=1e-3, seed=0):
-        super().__init__(d_in, d_sae, n_instances, seed)
+    def __init__(self, d_in, d_sae, n_instances=1, l1_coeff=1e-3, seed=0, tied_init=True):
+        super().__init__(d_in, d_sae, n_instances, seed, tied_init)
         self.register_buffer("l1_coeff", _per_instance(l1_coeff, n_instances, "l1_coeff"))
 
     def penalty(self, acts, pre=None):
@@ -312,8 +320,8 @@ class DecoderNormL1SAE(SAE):
     unit_norm_decoder = False
     init_decoder_norm = 0.1
 
-    def __init__(self, d_in, d_sae, n_instances=1, l1_coeff=1e-3, seed=0):
-        super().__init__(d_in, d_sae, n_instances, seed)
+    def __init__(self, d_in, d_sae, n_instances=1, l1_coeff=1e-3, seed=0, tied_init=True):
+        super().__init__(d_in, d_sae, n_instances, seed, tied_init)
         self.register_buffer("l1_coeff", _per_instance(l1_coeff, n_instances, "l1_coeff"))
 
     def penalty(self, acts, pre=None):
@@ -473,6 +481,7 @@ def train_sae(
     log_every: int = 50,
     progress: bool = True,
     seed: int = 0,
+    resample_fn: Callable | None = None,
 ) -> dict[str, list]:
     """Train every instance of ``sae`` at once with Adam; returns a history of per-instance metrics.
 
@@ -480,7 +489,8 @@ def train_sae(
     [batch, n_instances, d_in]. With ``resample_every``, latents that have not fired for
     ``dead_window`` steps are resampled (:func:`resample_dead_latents`) every ``resample_every``
     steps during the first ``resample_until`` fraction of training. A NaN or infinite loss stops
-    the run with :class:`TrainingDiverged`.
+    the run with :class:`TrainingDiverged`. ``resample_fn`` replaces
+    :func:`resample_dead_latents` (same signature), e.g. by a learner's own version.
     """
     from tqdm.auto import tqdm
 
@@ -514,7 +524,7 @@ def train_sae(
         if resample_every and (step + 1) % resample_every == 0 and step < resample_until * steps:
             dead = sae.dead_mask(dead_window)
             if dead.any():
-                W_enc, b_enc, W_dec = resample_dead_latents(
+                W_enc, b_enc, W_dec = (resample_fn or resample_dead_latents)(
                     sae.W_enc.data, sae.b_enc.data, sae.W_dec.data, dead, x, out["x_hat"].detach()
                 )
                 sae.W_enc.data, sae.b_enc.data, sae.W_dec.data = W_enc, b_enc, W_dec
