@@ -497,7 +497,8 @@ def train_sae(
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     history: dict[str, list] = {"step": [], "loss": [], "reconstruction": [], "l0": [], "dead": []}
-    bar = tqdm(range(steps), disable=not progress, desc=type(sae).__name__, leave=False)
+    # mininterval: few display updates, so notebook front ends (and nbval) are not flooded.
+    bar = tqdm(range(steps), disable=not progress, desc=type(sae).__name__, mininterval=2.0)
     for step in bar:
         x = sae._as_batch(batch_fn(batch_size))
         out = sae.loss(x)
@@ -537,7 +538,7 @@ def train_sae(
                 history["reconstruction"].append(out["reconstruction"].detach().clone())
                 history["l0"].append((out["acts"] > 0).float().sum(-1).mean(0))
                 history["dead"].append(sae.dead_mask(dead_window).float().sum(-1))
-            bar.set_postfix(loss=f"{loss.mean().item():.4g}")
+            bar.set_postfix(loss=f"{loss.mean().item():.4g}", refresh=False)
     return {k: (torch.stack(v) if k != "step" else v) for k, v in history.items()}
 
 
