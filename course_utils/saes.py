@@ -458,15 +458,13 @@ def resample_dead_latents(
 
 def _reset_adam_state(optimizer: torch.optim.Optimizer, sae: SAE, dead: Tensor) -> None:
     """Zero Adam's moments for resampled latents (their old statistics no longer apply)."""
-    where = {"W_enc": (slice(None), dead), "b_enc": dead, "W_dec": dead}
-    for name, param in (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec)):
+    for param in (sae.W_enc, sae.b_enc, sae.W_dec):
         state = optimizer.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
-                if name == "W_enc":
-                    state[key].transpose(-1, -2)[dead] = 0.0
-                else:
-                    state[key][where[name]] = 0.0
+                # W_enc is [inst, d_in, d_sae]: view it as [inst, d_sae, d_in] to index latents.
+                moments = state[key].transpose(-1, -2) if param is sae.W_enc else state[key]
+                moments[dead] = 0.0
 
 
 def train_sae(

@@ -186,3 +186,20 @@ def test_metrics_on_known_values():
     c[0, 1], c[1, 2], c[2, 3] = 0.5, 0.2, 0.4
     x_hat = (0.5 * c @ D).unsqueeze(1)
     assert torch.allclose(M.coefficient_ratio(x_hat, c, D), torch.tensor([0.5]))
+
+
+def test_resampling_in_training_resets_adam_moments():
+    _, data = _data()
+    sae = S.ReLUSAE(d_in=6, d_sae=12, n_instances=1, l1_coeff=0.1)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = data.sample(64)
+    loss = sae.loss(x)["loss"].sum()
+    loss.backward()
+    optimizer.step()
+    dead = torch.zeros(1, 12, dtype=torch.bool)
+    dead[0, [2, 7]] = True
+    S._reset_adam_state(optimizer, sae, dead)
+    for param in (sae.W_enc, sae.b_enc, sae.W_dec):
+        m = optimizer.state[param]["exp_avg"]
+        m = m.transpose(-1, -2) if param is sae.W_enc else m
+        assert (m[dead] == 0).all() and (m[~dead] != 0).any()
