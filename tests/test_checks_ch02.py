@@ -1,0 +1,140 @@
+"""Every chapter-02 check passes the reference, flags the stub, and rejects known wrong answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_utils import sae_metrics as M
+from course_utils import saes as S
+from course_utils.checks import ch02 as check
+from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, outcome, stub
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is ~10x faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _extra_training_step(sae, optimizer, x, l1_coeff):
+    """Normalises the decoder *before* the step (so the stored decoder is not unit-norm)."""
+    with torch.no_grad():
+        sae.W_dec.data = sae.W_dec.data / sae.W_dec.data.norm(dim=-1, keepdim=True)
+    acts, x_hat = sae(x)
+    loss = S.sae_loss(x, acts, x_hat, l1_coeff)
+    optimizer.zero_grad()
+    loss.sum().backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _extra_resample(W_enc, b_enc, W_dec, dead, x, x_hat, encoder_scale=0.2):
+    """Forgets to touch the encoder."""
+    _, b_new, W_dec_new = S.resample_dead_latents(
+        W_enc, b_enc, W_dec, dead, x, x_hat, encoder_scale
+    )
+    return W_enc.clone(), b_new, W_dec_new
+
+
+# (check, reference, mistakes, an extra wrong answer not in the mistakes list)
+CHECKS = [
+    (
+        check.sae_forward,
+        S.sae_forward,
+        check.FORWARD_MISTAKES,
+        lambda x, W_enc, b_enc, W_dec, b_dec: S.sae_forward(x, W_enc, b_enc * 0, W_dec, b_dec),
+    ),
+    (
+        check.remove_parallel_grad,
+        S.remove_parallel_grad,
+        check.PARALLEL_MISTAKES,
+        lambda W_dec, grad: grad * 0.5,
+    ),
+    (
+        check.sae_loss,
+        S.sae_loss,
+        check.LOSS_MISTAKES,
+        lambda x, acts, x_hat, l1: S.sae_loss(x, acts, x_hat, l1) / x.shape[-1],
+    ),
+    (check.training_step, S.relu_training_step, check.TRAINING_STEP_MISTAKES, _extra_training_step),
+    (check.l0, M.l0, check.L0_MISTAKES, lambda acts: (acts > 0.5).float().sum(-1).mean(0)),
+    (
+        check.fvu,
+        M.fvu,
+        check.FVU_MISTAKES,
+        lambda x, x_hat: (x - x_hat).pow(2).sum((0, 2)) / x.var(0).sum(-1),
+    ),
+    (check.dead_latents, M.dead_latents, check.DEAD_MISTAKES, lambda acts: acts.sum(0) < 0.1),
+    (
+        check.mmcs,
+        M.mmcs,
+        check.MMCS_MISTAKES,
+        lambda learned, true: M.mmcs(learned, true).clamp(max=0.9),
+    ),
+    (
+        check.resample_dead_latents,
+        S.resample_dead_latents,
+        check.RESAMPLE_MISTAKES,
+        _extra_resample,
+    ),
+    (check.topk_activation, S.topk_activation, check.TOPK_MISTAKES, lambda pre, k: torch.relu(pre)),
+    (
+        check.jumprelu_backward,
+        S.jumprelu_backward,
+        check.JUMPRELU_MISTAKES,
+        lambda z, th, eps, g: (g * (z > th), (g * (z > th)).sum(0)),
+    ),
+    (
+        check.decoder_norm_weighted_l1,
+        S.decoder_norm_weighted_l1,
+        check.WEIGHTED_L1_MISTAKES,
+        lambda acts, W_dec: (acts * W_dec.norm(dim=-1)).sum(-1).mean(0) * 2,
+    ),
+]
+IDS = [c[0].exercise.name for c in CHECKS]
+
+
+@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
+def test_reference_passes(check_fn, reference, mistakes, extra):
+    assert outcome(check_fn, reference) == (PASSED, "")
+
+
+@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
+def test_stub_not_attempted(check_fn, reference, mistakes, extra):
+    status, message = outcome(check_fn, stub)
+    assert status == NOT_ATTEMPTED, message
+
+
+@pytest.mark.parametrize(
+    "check_fn, mistake",
+    [(c[0], m) for c in CHECKS for m in c[2]],
+    ids=[f"{c[0].exercise.name}: {m.name}" for c in CHECKS for m in c[2]],
+)
+def test_every_mistake_rejected_with_its_hint(check_fn, mistake):
+    status, message = outcome(check_fn, mistake.impl)
+    assert status == FAILED
+    assert mistake.hint in message, message
+
+
+@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
+def test_extra_wrong_answer_rejected(check_fn, reference, mistakes, extra):
+    status, _ = outcome(check_fn, extra)
+    assert status == FAILED
+
+
+def test_every_exercise_has_a_test():
+    from course_utils.checks.core import exercises_of
+
+    assert {e.name for e in exercises_of(check)} == set(IDS)
+
+
+def test_crashing_answer_names_the_line():
+    def crashes(x, W_enc, b_enc, W_dec, b_dec):
+        return x @ W_enc  # wrong shapes for matmul
+
+    status, message = outcome(check.sae_forward, crashes)
+    assert status == FAILED and "RuntimeError" in message
