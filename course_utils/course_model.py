@@ -55,9 +55,9 @@ class BuildConfig:
 
     seed: int = 0
     vocab_size: int = 4096
-    steps: int = 700
+    steps: int = 2000
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_steps: int = 100
     min_lr_fraction: float = 0.1
     weight_decay: float = 0.1
