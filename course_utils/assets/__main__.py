@@ -1,0 +1,65 @@
+"""``python -m course_utils.assets build|evaluate|info``: rebuild or inspect the course model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m course_utils.assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="retrain tokenizer and model from the corpus")
+    build.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
+    build.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+    build.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    evaluate = sub.add_parser("evaluate", help="re-measure the shipped (or --dir) model")
+    evaluate.add_argument("--dir", type=Path, default=None)
+    evaluate.add_argument("--write", action="store_true", help="store the result in metadata.json")
+    info = sub.add_parser("info", help="print the numbers recorded in metadata.json")
+    info.add_argument("--dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from course_utils import course_model as cm
+
+    if args.command == "build":
+        config = cm.BuildConfig()
+        if args.steps is not None:
+            config.steps = args.steps
+        if args.threads is not None:
+            config.threads = args.threads
+        out = args.out if args.out is not None else cm.asset_dir()
+        print(f"building {cm.MODEL_NAME} into {out}", flush=True)
+        cm.build(config, out, log=lambda line: print(line, flush=True))
+        return 0
+    if args.command == "evaluate":
+        import torch
+
+        from course_utils.activations import corpus_stream
+
+        start = time.perf_counter()
+        model = cm.load_course_model(args.dir)
+        print(f"load time {time.perf_counter() - start:.2f} s", flush=True)
+        torch.set_num_threads(2)
+        backend = model.tokenizer.backend_tokenizer
+        result = cm.evaluate(
+            model, corpus_stream(backend, "train"), corpus_stream(backend, "validation")
+        )
+        metadata = cm.read_metadata(args.dir)
+        metadata["evaluation"] = result
+        if args.write:
+            path = (args.dir or cm.asset_dir()) / cm.METADATA_FILE
+            path.write_text(json.dumps(metadata, indent=2) + "\n")
+        print(cm.format_report(metadata))
+        return 0
+    metadata = cm.read_metadata(args.dir)
+    print(cm.format_report(metadata))
+    print(json.dumps({k: metadata[k] for k in ("first_losses", "files_sha256") if k in metadata}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
