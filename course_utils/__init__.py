@@ -5,6 +5,12 @@ Where things live (one module per idea):
 - ``chapters``   the chapter table (titles, times, budgets) and where each notebook lives
 - ``checks/``    the exercise checks: ``core`` is the framework, ``chNN`` one module per chapter
 - ``hooks``      hook-name validation shared by every chapter that splices into a model
+- ``models``     load_model("course-2l" | "gelu-1l" | "gpt2-small"), load_sae, a tiny random model
+- ``corpus``, ``course_model``, ``activations``  the offline course model: stdlib corpus, tokenizer,
+                 training/evaluation, and the activation store chapters 03-05 train on
+- ``assets/``    the shipped model (and dictionaries); ``python -m course_utils.assets build``
+- ``toy_models``, ``plots_superposition``  chapter 01's toy models and figures
+- ``saes``, ``sae_metrics``, ``sparse_data``  chapter 02's SAEs, metrics and ground-truth data
 - ``widgets``    sliders that degrade to a static figure when no front end is attached
 - ``build``      solution notebook -> exercise notebook
 - ``grading``    ``course check``: run a learner's notebook and tabulate its exercises
