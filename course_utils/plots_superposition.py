@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import plotly.colors
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
@@ -83,7 +84,9 @@ def plot_WtW_and_bias(
         fig.add_trace(
             go.Heatmap(
                 z=WtW[i].numpy(),
-                colorbar=dict(title="value", len=0.8),
+                colorbar=dict(
+                    title="W<sup>T</sup>W and b<br>(one shared<br>colour scale)", len=0.8
+                ),
                 **common,
                 hovertemplate="feature %{y} · feature %{x}: %{z:.2f}<extra>W^T W</extra>",
             ),
@@ -99,11 +102,14 @@ def plot_WtW_and_bias(
             row=2,
             col=i + 1,
         )
+    step = 5 if n_feat > 10 else 1
     fig.update_yaxes(autorange="reversed", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=True, dtick=step, tickfont=dict(size=9), row=1, col=1)
+    fig.update_xaxes(showticklabels=False, row=1)
+    fig.update_xaxes(dtick=step, tickfont=dict(size=9), title_text="feature", row=2)
     fig.update_yaxes(title_text="feature", row=1, col=1)
     fig.update_yaxes(title_text="b", row=2, col=1)
-    fig.update_layout(title=title, height=300, width=max(600, 150 * n_inst), margin=dict(t=80))
+    fig.update_layout(title=title, height=360, width=max(600, 150 * n_inst), margin=dict(t=80))
     return fig
 
 
@@ -111,7 +117,8 @@ def plot_feature_norms(
     W: Float[Tensor, "inst hid feats"], titles: Sequence[str] | None = None, title: str = ""
 ) -> go.Figure:
     """Bar length = ||W_i||; colour = how much other features share its direction,
-    ``sum_{j != i} (W_hat_i . W_j)^2`` (dark = own dimension, yellow = in superposition)."""
+    ``sum_{j != i} (W_hat_i . W_j)^2`` (dark = own dimension, yellow = in superposition). The
+    colour is clipped at 1 (a pentagon feature has about 1.5)."""
     W = _check_W(W, "plot_feature_norms")
     n_inst, _, n_feat = W.shape
     titles = _check_titles(titles, n_inst, "plot_feature_norms")
@@ -131,7 +138,9 @@ def plot_feature_norms(
                     colorscale="Viridis",
                     cmin=0,
                     cmax=1,
-                    colorbar=dict(title="superposition") if i == 0 else None,
+                    colorbar=dict(title="shared with<br>other features<br>(clipped at 1)")
+                    if i == 0
+                    else None,
                     showscale=i == 0,
                 ),
                 hovertemplate="feature %{y}: ||W_i|| = %{x:.2f}<extra></extra>",
@@ -193,13 +202,27 @@ def plot_features_in_2d(
                 col=col,
             )
         anchor = "x" if i == 0 else f"x{i + 1}"
-        fig.update_xaxes(
-            range=[-lim, lim], showticklabels=False, constrain="domain", row=row, col=col
+        circle = torch.linspace(0, 2 * math.pi, 121)
+        fig.add_trace(
+            go.Scatter(
+                x=circle.cos().numpy(),
+                y=circle.sin().numpy(),
+                mode="lines",
+                line=dict(color="grey", width=1, dash="dot"),
+                name="unit circle (length 1)",
+                legendgroup="circle",
+                showlegend=i == 0,
+                hoverinfo="skip",
+            ),
+            row=row,
+            col=col,
         )
+        ticks = dict(tickvals=[-1, 0, 1], tickfont=dict(size=9), zeroline=True)
+        fig.update_xaxes(range=[-lim, lim], constrain="domain", row=row, col=col, **ticks)
         fig.update_yaxes(
             range=[-lim, lim],
-            showticklabels=False,
             scaleanchor=anchor,
+            **ticks,
             constrain="domain",
             row=row,
             col=col,
@@ -234,25 +257,38 @@ def plot_phase_diagram(
     scale = []
     for k in range(n):
         scale += [(k / n, colours[k]), ((k + 1) / n, colours[k])]
+    # Plot on index axes (the grids are log-spaced, so equal steps are equal log steps): every
+    # cell is drawn full size and the ticks sit exactly on the grid values.
+    xs, ys = list(range(len(density))), list(range(len(relative_importance)))
     fig = go.Figure(
         go.Heatmap(
             z=phase.numpy(),
-            x=density.numpy(),
-            y=relative_importance.numpy(),
+            x=xs,
+            y=ys,
+            customdata=[
+                [
+                    f"density {d:.3g}, importance {r:.3g}: {labels[int(v)]}"
+                    for d, v in zip(density.tolist(), row, strict=True)
+                ]
+                for r, row in zip(relative_importance.tolist(), phase.tolist(), strict=True)
+            ],
             zmin=-0.5,
             zmax=n - 0.5,
             colorscale=scale,
             colorbar=dict(tickvals=list(range(n)), ticktext=list(labels), title="extra feature"),
-            customdata=[[labels[int(v)] for v in row] for row in phase.tolist()],
-            hovertemplate="density %{x:.3f}, importance %{y:.2f}: %{customdata}<extra></extra>",
+            hovertemplate="%{customdata}<extra></extra>",
         )
     )
     fig.update_xaxes(
-        type="log",
-        autorange="reversed",
-        title_text="feature density 1 - S (log; sparser to the right)",
+        tickvals=xs,
+        ticktext=[f"{d:.2g}" for d in density.tolist()],
+        title_text="feature density 1 - S (log-spaced; sparser to the right)",
     )
-    fig.update_yaxes(title_text="importance of the extra feature (feature 0 has 1)", type="log")
+    fig.update_yaxes(
+        tickvals=ys,
+        ticktext=[f"{r:.2g}" for r in relative_importance.tolist()],
+        title_text="importance of the extra feature (log-spaced; feature 0 has 1)",
+    )
     fig.update_layout(title=title, width=700, height=450)
     return fig
 
@@ -334,7 +370,13 @@ def plot_dimensionality(
             col=2,
         )
     for col in (1, 2):
-        fig.update_xaxes(type="log", title_text="1 / (1 - S)  (log)", row=1, col=col)
+        fig.update_xaxes(
+            type="log",
+            tickvals=[1, 2, 3, 5, 10, 20, 50, 100],
+            title_text="1 / (1 - S)  (log)",
+            row=1,
+            col=col,
+        )
     fig.update_yaxes(range=[0, 1.1], title_text="dimensions per feature", row=1, col=1)
     fig.update_yaxes(range=[0, 1.1], title_text="D_i", row=1, col=2)
     fig.update_layout(title=title, showlegend=False, width=950, height=420)
@@ -353,20 +395,15 @@ def plot_neuron_weights(
     n_inst, d_hidden, n_feat = W.shape
     titles = _check_titles(titles, n_inst, "plot_neuron_weights")
     features = range(n_feat) if top_k is None else range(min(top_k, n_feat))
-    palette = [
-        "#1f77b4",
-        "#ff7f0e",
-        "#2ca02c",
-        "#d62728",
-        "#9467bd",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#bcbd22",
-        "#17becf",
-    ]
+    # one distinct colour per drawn feature (10 qualitative colours, 24 beyond that)
+    palette = (
+        plotly.colors.qualitative.Plotly
+        if len(features) <= 10
+        else plotly.colors.qualitative.Dark24
+    )
+    # own y range per panel: one large weight in one instance must not squash the others
     fig = make_subplots(
-        rows=1, cols=n_inst, subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.015
+        rows=1, cols=n_inst, subplot_titles=titles, shared_yaxes=False, horizontal_spacing=0.035
     )
     for i in range(n_inst):
         for f in features:
@@ -385,8 +422,15 @@ def plot_neuron_weights(
             )
         fig.update_xaxes(title_text="neuron", dtick=1, row=1, col=i + 1)
     fig.update_yaxes(title_text="weight from each feature", row=1, col=1)
+    # a horizontal legend below the panels lists every feature (a vertical one was cut off)
+    rows_of_legend = math.ceil(len(features) / 10)
     fig.update_layout(
-        title=title, barmode="relative", height=380, width=max(600, 170 * n_inst + 150)
+        title=title,
+        barmode="relative",
+        height=400 + 22 * rows_of_legend,
+        width=max(600, 170 * n_inst + 80),
+        legend=dict(orientation="h", y=-0.22, x=0, font=dict(size=10)),
+        margin=dict(b=60 + 22 * rows_of_legend),
     )
     return fig
 

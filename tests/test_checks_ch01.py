@@ -102,6 +102,22 @@ def test_generate_batch_rejects_values_in_minus_one_one():
     assert status == FAILED and "[0, 1]" in message
 
 
+def test_generate_batch_crash_without_trailing_axis_shows_hint():
+    """The learner's own code (not the Mistake's) crashes with torch's raw size-mismatch error;
+    the check must still name the fix."""
+
+    def learner(n_batch, feature_probability, n_instances, n_features):
+        p = torch.as_tensor(feature_probability, dtype=torch.float32).expand(n_instances)
+        shape = (n_batch, n_instances, n_features)
+        values = torch.rand(shape)
+        return torch.where(torch.rand(shape) < p, values, 0.0)
+
+    status, message = outcome(check.generate_batch, learner)
+    assert status == FAILED
+    assert "must match the size of tensor" in message  # the learner sees torch's own error...
+    assert "p[:, None]" in message and "trailing axis" in message  # ...and the fix
+
+
 def test_generate_batch_rejects_wrong_shape_and_sparsity():
     status, message = outcome(
         check.generate_batch, lambda n, p, i, f: ref.generate_batch(n, p, f, i)

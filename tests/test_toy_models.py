@@ -162,7 +162,9 @@ def test_plots_build_and_reject_bad_shapes():
     W = torch.randn(3, 2, 5)
     b = torch.randn(3, 5)
     assert len(plots.plot_WtW_and_bias(W, b).data) == 6
-    assert len(plots.plot_features_in_2d(W).data) == 15
+    fig_2d = plots.plot_features_in_2d(W)
+    assert len(fig_2d.data) == 15 + 3  # 5 arrows and a unit circle per instance
+    assert sum(t.name == "unit circle (length 1)" for t in fig_2d.data) == 3
     plots.plot_feature_norms(W)
     plots.plot_neuron_weights(W)
     with pytest.raises(ValueError, match=r"arrows in 2 dimensions, but W has d_hidden = 3"):
@@ -171,6 +173,24 @@ def test_plots_build_and_reject_bad_shapes():
         plots.plot_WtW_and_bias(W, torch.randn(5, 3))
     with pytest.raises(ValueError, match="3 titles for 2 instances"):
         plots.plot_feature_norms(torch.randn(2, 2, 5), titles=["a", "b", "c"])
+
+
+def test_neuron_plot_names_every_feature_and_scales_panels_separately():
+    W = torch.randn(2, 5, 20)
+    W[1] *= 10  # one instance with much larger weights must not squash the other panel
+    fig = plots.plot_neuron_weights(W)
+    legend = [t.name for t in fig.data if t.showlegend]
+    assert legend == [f"feature {f}" for f in range(20)]
+    assert len({t.marker.color for t in fig.data[:20]}) == 20  # 20 distinct colours
+    assert fig.layout.yaxis2.matches is None and fig.layout.yaxis2.anchor == "x2"
+
+
+def test_phase_diagram_ticks_sit_on_the_grid_values():
+    density, importance = 10 ** torch.linspace(0, -2, 4), 10 ** torch.linspace(-1, 1, 3)
+    fig = plots.plot_phase_diagram(torch.zeros(3, 4, dtype=torch.long), importance, density)
+    assert list(fig.layout.xaxis.tickvals) == [0, 1, 2, 3]
+    assert list(fig.layout.xaxis.ticktext) == ["1", "0.22", "0.046", "0.01"]
+    assert list(fig.layout.yaxis.ticktext) == ["0.1", "1", "10"]
 
 
 def test_dimensionality_plot_needs_more_features_than_dims():

@@ -161,6 +161,14 @@ GENERATE_BATCH_MISTAKES = [
         "features.",
     ),
     Mistake(
+        "per-instance probability without a trailing axis (crashes)",
+        lambda n, p, i, f: _masked(torch.rand(n, i, f), torch.rand(n, i, f) < _as_p(p, i)),
+        "`p` has one value per instance, shape [n_instances]. Compared with a [n_batch, "
+        "n_instances, n_features] tensor, it is lined up with the LAST axis (features), hence the "
+        "size mismatch. Give it a trailing axis: `p[:, None]` has shape [n_instances, 1] and "
+        "broadcasts over batch and features.",
+    ),
+    Mistake(
         "Gaussian values",
         lambda n, p, i, f: _masked(
             torch.randn(n, i, f), torch.rand(n, i, f) < _as_p(p, i)[:, None]
