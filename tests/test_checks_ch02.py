@@ -138,3 +138,48 @@ def test_crashing_answer_names_the_line():
 
     status, message = outcome(check.sae_forward, crashes)
     assert status == FAILED and "RuntimeError" in message
+
+
+def _resample_without_cycling(W_enc, b_enc, W_dec, dead, x, x_hat, encoder_scale=0.2):
+    """A learner's version that takes `order[:n]`: fine until dead latents outnumber examples."""
+    W_enc, b_enc, W_dec = W_enc.clone(), b_enc.clone(), W_dec.clone()
+    residual = x - x_hat
+    losses = residual.pow(2).sum(-1)
+    for i in range(W_dec.shape[0]):
+        idx = dead[i].nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        chosen = losses[:, i].argsort(descending=True)[: len(idx)]
+        directions = residual[chosen, i]
+        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive = ~dead[i]
+        scale = W_enc[i][:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        W_dec[i, idx] = directions
+        W_enc[i][:, idx] = directions.T * encoder_scale * scale
+        b_enc[i, idx] = 0.0
+    return W_enc, b_enc, W_dec
+
+
+def test_resampling_without_cycling_is_rejected_with_a_hint():
+    status, message = outcome(check.resample_dead_latents, _resample_without_cycling)
+    assert status == FAILED, message
+    assert "more dead latents than examples" in message
+    assert "order[torch.arange(n) % len(order)]" in message
+
+
+def test_case_names_have_no_commas():
+    """The pass message lists case names separated by commas; a comma inside a name misleads."""
+    case_lists = [
+        check._forward_cases(),
+        check._parallel_cases(),
+        check._loss_cases(),
+        check._acts_cases(),
+        check._fvu_cases(),
+        check._mmcs_cases(),
+        check._resample_cases(),
+        check._topk_cases(),
+        check._jump_cases(),
+        check._weighted_cases(),
+    ]
+    names = [case.name for cases in case_lists for case in cases]
+    assert not [n for n in names if "," in n]

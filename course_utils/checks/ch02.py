@@ -98,9 +98,9 @@ def _forward_cases() -> list[Case]:
     one = _params(1, inst=1, batch=1)
     zeros = (torch.zeros_like(x), W_enc, b_enc, W_dec, b_dec)
     return [
-        Case("seeded random, 2 instances", (x, W_enc, b_enc, W_dec, b_dec)),
-        Case("zero input (only biases act)", zeros),
-        Case("a batch of one, one instance", one),
+        Case("seeded random with 2 instances", (x, W_enc, b_enc, W_dec, b_dec)),
+        Case("zero input so only biases act", zeros),
+        Case("a batch of one with one instance", one),
     ]
 
 
@@ -135,6 +135,23 @@ PARALLEL_MISTAKES = [
         "dot products over dim=-1.",
     ),
     Mistake(
+        "normalised over the wrong axis",
+        lambda W_dec, grad: (
+            grad
+            - (grad * W_dec / W_dec.norm(dim=1, keepdim=True)).sum(-1, keepdim=True)
+            * W_dec
+            / W_dec.norm(dim=1, keepdim=True)
+        ),
+        "check the axis of your `.norm(...)`: a decoder row is `W_dec[i, j, :]`, so its length "
+        "is taken over the last axis (dim=-1), the same axis as the dot product.",
+    ),
+    Mistake(
+        "dot product over the wrong axis but normalised correctly",
+        lambda W_dec, grad: grad - (grad * _unit(W_dec)).sum(1, keepdim=True) * _unit(W_dec),
+        "check the axis of your `.sum(...)`: the dot product of a gradient row with its decoder "
+        "row runs over d_in, the last axis.",
+    ),
+    Mistake(
         "assumed unit-norm rows",
         lambda W_dec, grad: grad - (grad * W_dec).sum(-1, keepdim=True) * W_dec,
         "the rows of W_dec are only unit-norm up to rounding (and not at all here): divide by "
@@ -153,7 +170,7 @@ def _parallel_cases() -> list[Case]:
     W = torch.randn(2, 7, 5, generator=g) * 1.7
     grad = torch.randn(2, 7, 5, generator=g)
     return [
-        Case("seeded random, rows not unit-norm", (W, grad)),
+        Case("seeded random rows not unit-norm", (W, grad)),
         Case("gradient already parallel", (W[:1], 3 * W[:1])),
         Case(
             "gradient already perpendicular",
@@ -223,7 +240,7 @@ def _loss_cases() -> list[Case]:
     acts, x_hat = S.sae_forward(x, W_enc, b_enc, W_dec, b_dec)
     l1 = torch.tensor([0.0, 0.1, 2.0])
     return [
-        Case("seeded random, 3 L1 coefficients", (x, acts, x_hat, l1)),
+        Case("seeded random with 3 L1 coefficients", (x, acts, x_hat, l1)),
         Case("perfect reconstruction", (x, acts, x.clone(), l1)),
         Case("a batch of one", (x[:1], acts[:1], x_hat[:1], l1)),
     ]
@@ -359,7 +376,7 @@ def _acts_cases() -> list[Case]:
         Case("seeded random ReLU latents", (acts,)),
         Case("all zero", (torch.zeros(5, 2, 6),)),
         Case("a single active latent", (single,)),
-        Case("a latent that fires once, weakly", (weak,)),
+        Case("a latent that fires once (weakly)", (weak,)),
         Case("a batch of one", (acts[:1],)),
     ]
 
@@ -392,6 +409,15 @@ FVU_MISTAKES = [
         "sum the errors and the variances over the batch *before* dividing.",
     ),
     Mistake(
+        "FVU per dimension then averaged",
+        lambda x, x_hat: (
+            (x - x_hat).pow(2).sum(0) / (x - x.mean(0, keepdim=True)).pow(2).sum(0)
+        ).mean(-1),
+        "you computed an FVU for each of the d_in dimensions and averaged them. FVU is one ratio: "
+        "sum the squared errors over the batch *and* d_in, do the same for the variance, then "
+        "divide once.",
+    ),
+    Mistake(
         "variance explained",
         lambda x, x_hat: 1 - M.fvu(x, x_hat),
         "that is the fraction of variance *explained*; FVU = 1 - that.",
@@ -411,7 +437,7 @@ def _fvu_cases() -> list[Case]:
     x = torch.randn(12, 3, 4, generator=g) + 2.0
     x_hat = x + 0.3 * torch.randn(12, 3, 4, generator=g)
     return [
-        Case("seeded random, off-centre data", (x, x_hat)),
+        Case("seeded random off-centre data", (x, x_hat)),
         Case("perfect reconstruction", (x, x.clone())),
         Case("predicting the mean", (x, x.mean(0, keepdim=True).expand_as(x).clone())),
     ]
@@ -488,7 +514,7 @@ def _mmcs_cases() -> list[Case]:
     learned = torch.randn(2, 9, 4, generator=g) * 2
     exact = torch.cat([true, torch.randn(2, 4, generator=g)]).unsqueeze(0) * 3
     return [
-        Case("seeded random, d_sae=9, 6 true features", (learned, true)),
+        Case("seeded random with d_sae=9 and 6 true features", (learned, true)),
         Case("dictionary contains the true features", (exact, true)),
         Case("negated features", ((-true).unsqueeze(0), true)),
     ]
@@ -509,6 +535,7 @@ def _resample_variant(
     reset_bias=True,
     scale_encoder=True,
     alive_only=True,
+    cycle=True,
 ):
     def impl(W_enc, b_enc, W_dec, dead, x, x_hat, encoder_scale=0.2):
         W_enc, b_enc, W_dec = W_enc.clone(), b_enc.clone(), W_dec.clone()
@@ -520,7 +547,7 @@ def _resample_variant(
             if len(idx) == 0:
                 continue
             order = losses[:, i].argsort(descending=worst)
-            chosen = order[torch.arange(len(idx)) % len(order)]
+            chosen = order[torch.arange(len(idx)) % len(order)] if cycle else order[: len(idx)]
             dirs = source[chosen, i]
             if normalise:
                 dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -565,6 +592,12 @@ RESAMPLE_MISTAKES = [
         "columns, so the revived latent starts small.",
     ),
     Mistake(
+        "no cycling when dead latents outnumber examples",
+        _resample_variant(cycle=False),
+        "with more dead latents than examples, `order[:n]` has fewer entries than there are dead "
+        "latents. Cycle through the ranked examples: `order[torch.arange(n) % len(order)]`.",
+    ),
+    Mistake(
         "mean norm over all latents",
         _resample_variant(alive_only=False),
         "average the encoder norms over the *alive* latents only (`W_enc[i][:, ~dead[i]]`).",
@@ -581,11 +614,17 @@ def _resample_cases() -> list[Case]:
     dead[0, [1, 4]] = True
     dead[1, [0, 2, 3, 5, 6]] = True  # more dead latents than examples: cycle through them
     all_dead = torch.ones(1, 7, dtype=torch.bool)
+    few = dead.clone()
+    few[0, [0, 5]] = True  # instance 0: 4 dead latents, instance 1: 5, but only 2 examples
     return [
         Case("some dead latents", (W_enc, b_enc, W_dec, dead, x, x_hat)),
         Case("no dead latents", (W_enc, b_enc, W_dec, torch.zeros_like(dead), x, x_hat)),
         Case(
-            "all dead, batch of one",
+            "more dead latents than examples in a batch of two",
+            (W_enc, b_enc, W_dec, few, x[:2], x_hat[:2]),
+        ),
+        Case(
+            "all dead on a batch of one",
             (W_enc[:1], b_enc[:1], W_dec[:1], all_dead, x[:1, :1], x_hat[:1, :1]),
         ),
     ]
@@ -640,9 +679,9 @@ def _topk_cases() -> list[Case]:
     mostly_negative = -torch.rand(3, 1, 5, generator=g)
     mostly_negative[:, :, 2] = 0.7
     return [
-        Case("seeded random, k=3", (pre, 3)),
-        Case("only one positive pre-activation, k=2", (mostly_negative, 2)),
-        Case("k=1, batch of one", (pre[:1], 1)),
+        Case("seeded random with k=3", (pre, 3)),
+        Case("only one positive pre-activation with k=2", (mostly_negative, 2)),
+        Case("k=1 on a batch of one", (pre[:1], 1)),
     ]
 
 
@@ -673,6 +712,15 @@ JUMPRELU_MISTAKES = [
         "term).",
     ),
     Mistake(
+        "no 1/eps factor",
+        lambda z, threshold, bandwidth, grad_output: (
+            (z > threshold).to(z.dtype) * grad_output,
+            (-threshold * S.rectangle((z - threshold) / bandwidth) * grad_output).sum(0),
+        ),
+        "your threshold gradient looks off by a factor eps: the kernel K((z - theta) / eps) has "
+        "width eps, so its height in the pseudo-derivative is 1/eps.",
+    ),
+    Mistake(
         "wrong sign",
         _jump_variant(sign=1.0),
         "raising the threshold switches latents *off*: d f / d theta is negative.",
@@ -697,9 +745,9 @@ def _jump_cases() -> list[Case]:
     grad = torch.randn(40, 2, 6, generator=g)
     near = threshold[:1, :1].expand(1, 1, 1) + torch.tensor([0.0004, -0.0003, 0.0008]).view(3, 1, 1)
     return [
-        Case("seeded random, eps=0.05", (z, threshold, 0.05, grad)),
+        Case("seeded random with eps=0.05", (z, threshold, 0.05, grad)),
         Case(
-            "points within and outside eps/2, eps=0.001",
+            "points within and outside eps/2 with eps=0.001",
             (near, threshold[:1, :1], 0.001, torch.ones(3, 1, 1)),
         ),
         Case("a batch of one", (z[:1], threshold, 0.1, grad[:1])),
@@ -730,6 +778,11 @@ WEIGHTED_L1_MISTAKES = [
         "a decoder row is W_dec[i, j, :]: take the norm over the last axis (d_in).",
     ),
     Mistake(
+        "summed over the batch",
+        lambda acts, W_dec: (acts.abs() * W_dec.norm(dim=-1)).sum(-1).sum(0),
+        "is your penalty proportional to the batch size? Average over the batch (dim 0).",
+    ),
+    Mistake(
         "divided by the dictionary size",
         lambda acts, W_dec: (acts.abs() * W_dec.norm(dim=-1)).mean(-1).mean(0),
         "sum over latents; don't average (that divides the penalty by d_sae).",
@@ -743,7 +796,7 @@ def _weighted_cases() -> list[Case]:
     W_dec = torch.randn(2, 5, 5, generator=g)  # square, so a wrong-axis norm still runs
     W_rect = torch.randn(2, 5, 3, generator=g)
     return [
-        Case("seeded random, square decoder", (acts, W_dec)),
+        Case("seeded random with a square decoder", (acts, W_dec)),
         Case("d_in != d_sae", (acts, W_rect)),
         Case("unit-norm decoder (= plain L1)", (acts, _unit(W_rect))),
     ]
