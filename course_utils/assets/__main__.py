@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="retrain tokenizer and model from the corpus")
     build.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
-    build.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+    build.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     build.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     evaluate = sub.add_parser("evaluate", help="re-measure the shipped (or --dir) model")
     evaluate.add_argument("--dir", type=Path, default=None)
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--dir", type=Path, default=None)
     saes = sub.add_parser("build-saes", help="retrain the shipped reference SAEs (chapter 03)")
     saes.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
-    saes.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+    saes.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     saes.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
