@@ -65,3 +65,21 @@ def test_shipped_reference_saes_fit_the_course_model():
         assert sae.cfg.d_in == model.cfg.d_model and sae.cfg.d_sae == L.REFERENCE["d_sae"]
         evaluation = sae.cfg.metadata.course_evaluation
         assert evaluation["ce_recovered_zero"] >= 0.9 and evaluation["dead_fraction"] < 0.1
+
+
+def test_missing_or_corrupt_shipped_sae_names_file_and_command(tmp_path, monkeypatch):
+    import shutil
+
+    from course_utils import assets
+
+    root = tmp_path / "assets"
+    (root / "saes").mkdir(parents=True)
+    monkeypatch.setattr(assets, "ASSETS_DIR", root)
+    name = L.REFERENCE_NAMES[0]
+    with pytest.raises(FileNotFoundError, match=r"cfg\.json.*build-saes"):
+        load_sae(name)
+    source = assets.Path(__file__).resolve().parents[1] / "course_utils/assets/saes" / name
+    shutil.copytree(source, root / "saes" / name)
+    (root / "saes" / name / "sae_weights.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors.*unreadable.*build-saes"):
+        load_sae(name)
