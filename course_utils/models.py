@@ -44,6 +44,11 @@ ONLINE_MODELS = {"gelu-1l": "gelu-1l", "gpt2-small": "gpt2-small"}
 SAE_ASSETS = "saes"
 SAE_CONFIG_FILE = "cfg.json"
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
+#: Shipped dictionaries and the command that rebuilds each one.
+REBUILT_BY = {
+    "course-2l-res0-seed0": "python -m course_utils.assets build-saes",
+    "course-2l-res0-seed1": "python -m course_utils.assets build-saes",
+}
 
 
 class NetworkRequiredError(RuntimeError):
@@ -129,8 +134,15 @@ def load_sae(name: str, sae_id: str | None = None, device: str = "cpu"):
     if not isinstance(name, (str, Path)):
         raise TypeError(f"load_sae takes a name or a folder, got {type(name).__name__}.")
     shipped = ASSETS_DIR / SAE_ASSETS / str(name)
-    if str(name) in shipped_dictionaries():
-        return load_sae_folder(shipped, device)
+    if str(name) in shipped_dictionaries() or str(name) in REBUILT_BY:
+        try:
+            return load_sae_folder(shipped, device)
+        except (FileNotFoundError, ValueError) as error:
+            command = REBUILT_BY.get(str(name))
+            if command is None:
+                raise
+            raise type(error)(f"{error} The shipped dictionary {name!r} is rebuilt by "
+                              f"`{command}`.") from None
     if Path(name).is_dir():
         return load_sae_folder(Path(name), device)
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory

@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info``: rebuild or inspect the course model."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -14,14 +14,33 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="retrain tokenizer and model from the corpus")
     build.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
-    build.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+    build.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     build.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     evaluate = sub.add_parser("evaluate", help="re-measure the shipped (or --dir) model")
     evaluate.add_argument("--dir", type=Path, default=None)
     evaluate.add_argument("--write", action="store_true", help="store the result in metadata.json")
     info = sub.add_parser("info", help="print the numbers recorded in metadata.json")
     info.add_argument("--dir", type=Path, default=None)
+    saes = sub.add_parser("build-saes", help="retrain the shipped reference SAEs (chapter 03)")
+    saes.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
+    saes.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
+    saes.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+
+    if args.command == "build-saes":
+        from course_utils import lm_saes
+        from course_utils.assets import ASSETS_DIR
+        from course_utils.models import SAE_ASSETS
+
+        out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
+        recipe = {} if args.steps is None else {"steps": args.steps}
+        start = time.perf_counter()
+        print(f"building {', '.join(lm_saes.REFERENCE_NAMES)} into {out}", flush=True)
+        lm_saes.build_reference_saes(
+            out, recipe, log=lambda line: print(line, flush=True), threads=args.threads
+        )
+        print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
+        return 0
 
     from course_utils import course_model as cm
 
