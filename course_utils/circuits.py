@@ -196,7 +196,7 @@ class Circuit:
         self._check_pos(pos)
         if point not in ("pre", "mid"):
             raise ValueError(f"point must be 'pre' or 'mid', got {point!r}.")
-        m, c = self.model, self.cache
+        m = self.model
         tok = int(self.tokens[0, pos])
         terms = [
             {"kind": "embed", "pos": pos, "index": tok, "value": (m.W_E[tok].detach() @ d).item()},
