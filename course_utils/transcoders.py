@@ -500,3 +500,122 @@ def load_transcoder(folder, device: str = "cpu"):
     if not isinstance(out, LensTC):
         raise ValueError(f"{folder} holds a {type(out).__name__}, not a transcoder.")
     return out
+
+
+# ----------------------------------------------------------------------------- shipped transcoders
+
+
+class MultiHookStore(ActivationStore):
+    """Shuffled activations at several hooks of ONE forward pass, kept row-aligned."""
+
+    def __init__(self, model, hook_names: list[str], windows, **kwargs):
+        for name in hook_names:
+            check_hook_name(model, name)
+        self.hook_names = list(hook_names)
+        layers = [int(n.split(".")[1]) for n in hook_names]
+        super().__init__(model, hook_names[layers.index(max(layers))], windows, **kwargs)
+        self.widths: list[int] = []
+
+    @torch.no_grad()
+    def get_activations(self, tokens):
+        stored: dict[str, Tensor] = {}
+
+        def save(activation, hook):
+            stored[hook.name] = activation.detach()
+
+        self.model.run_with_hooks(tokens.to(self.device),
+                                  fwd_hooks=[(n, save) for n in self.hook_names],
+                                  stop_at_layer=self._stop_layer(), return_type=None)
+        acts = [stored[n] for n in self.hook_names]
+        self.widths = [a.shape[-1] for a in acts]
+        return torch.cat(acts, dim=-1)
+
+    def next_split(self) -> list[Tensor]:
+        return list(self.next_batch().split(self.widths, dim=-1))
+
+
+#: Recipe of the shipped transcoders (``python -m course_utils.assets build-transcoders``).
+REFERENCE = {"d_sae": 1024, "l1_coeff": 3.0, "lr": 1e-3, "steps": 800, "batch_size": 1024,
+             "buffer_tokens": 65536, "seed": 0, "eval_windows": 64}
+REFERENCE_NAMES = {"tc0": "course-2l-tc0", "tc1": "course-2l-tc1",
+                   "sae0": "course-2l-mlpout0", "sae1": "course-2l-mlpout1"}
+
+
+def build_reference_transcoders(out_root, recipe: dict | None = None, log=print,
+                                threads: int = 2) -> dict:
+    """Train transcoders for both MLPs and equal-width ReLU SAEs on both ``hook_mlp_out`` (same
+    batches, same L1 coefficient), evaluate the splices and ship all four in SAELens format."""
+    from course_utils.activations import corpus_windows
+    from course_utils.models import load_model
+    from course_utils.saelens_io import export_sae
+
+    recipe = {**REFERENCE, **(recipe or {})}
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = load_model("course-2l")
+    hooks = [*hook_pair(0), *hook_pair(1)]
+    store = MultiHookStore(model, hooks, corpus_windows(model, "train"),
+                           batch_size=recipe["batch_size"], buffer_tokens=recipe["buffer_tokens"],
+                           progress=False, seed=0)
+    d, n = model.cfg.d_model, recipe["d_sae"]
+    tcs = [Transcoder(d, n, d, 1, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"] + i)
+           for i in range(2)]
+    saes = S.ReLUSAE(d, n, 2, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"])
+    cache: dict[str, list[Tensor]] = {}
+
+    def batch(i):  # one store batch feeds all four dictionaries
+        if i == 0:
+            cache["b"] = store.next_split()
+        return cache["b"]
+
+    steps, lr = recipe["steps"], recipe["lr"]
+    opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in (*tcs, saes)]
+    final = [m.l1_coeff.clone() for m in (*tcs, saes)]
+    for step in range(steps):
+        x0, y0, x1, y1 = batch(0)
+        scale = LS.l1_coefficient(step, steps, 1.0)
+        this_lr = LS.lr_schedule(step, steps, lr)
+        losses = []
+        for k, (m, opt) in enumerate(zip((*tcs, saes), opts, strict=True)):
+            m.l1_coeff.copy_(final[k] * scale)
+            for group in opt.param_groups:
+                group["lr"] = this_lr
+            if k < 2:
+                out = m.loss((x0, x1)[k], (y0, y1)[k])
+            else:
+                out = m.loss(torch.stack([y0, y1], dim=1))
+            opt.zero_grad()
+            out["loss"].sum().backward()
+            m.remove_parallel_grad()
+            opt.step()
+            m.normalise_decoder()
+            losses.append(out["loss"].detach())
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"step {step:5d}  loss tc0/tc1/sae0/sae1 "
+                f"{[round(v, 2) for v in torch.cat(losses).tolist()]}")
+    for k, m in enumerate((*tcs, saes)):
+        m.l1_coeff.copy_(final[k])
+    train_time = time.perf_counter() - start
+    log(f"trained on {store.tokens_seen} tokens in {train_time:.0f} s")
+    tokens = corpus_windows(model, "validation")[: recipe["eval_windows"]]
+    results = {}
+    for layer in (0, 1):
+        hook_out = hook_pair(layer)[1]
+        tc_numbers = evaluate_transcoders(model, tokens, {layer: single(tcs[layer])})
+        sae_numbers = LS.evaluate_splice(model, LS.single(saes, layer), tokens, hook_out)
+        common = {"course_recipe": recipe, "course_train_seconds": round(train_time, 1),
+                  "course_tokens": store.tokens_seen}
+        for key, numbers in ((f"tc{layer}", tc_numbers), (f"sae{layer}", sae_numbers)):
+            numbers = {k: round(v, 5) for k, v in numbers.items()}
+            ce = numbers.get("ce_transcoders", numbers.get("ce_sae"))
+            l0 = numbers.get(f"l0_{layer}", numbers.get("l0"))
+            log(f"{REFERENCE_NAMES[key]}: L0 {l0:.1f}  CE {ce:.4f} (clean {numbers['ce_clean']:.4f}"
+                f", +{ce - numbers['ce_clean']:.4f})  {numbers}")
+            results[REFERENCE_NAMES[key]] = numbers
+        extra = {**common, "course_evaluation": results[REFERENCE_NAMES[f"tc{layer}"]]}
+        export_transcoder(tcs[layer], Path(out_root) / REFERENCE_NAMES[f"tc{layer}"], layer=layer,
+                          extra_metadata=extra)
+        extra = {**common, "course_evaluation": results[REFERENCE_NAMES[f"sae{layer}"]]}
+        export_sae(saes, Path(out_root) / REFERENCE_NAMES[f"sae{layer}"], instance=layer,
+                   hook_name=hook_out, extra_metadata=extra)
+    return results
