@@ -8,7 +8,7 @@ import torch
 from course_utils import transcoders as T
 from course_utils.activations import corpus_windows
 from course_utils.hooks import UnknownHookError
-from course_utils.models import load_model
+from course_utils.models import load_model, shipped_dictionaries
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +176,36 @@ def test_load_transcoder_rejects_non_transcoders(tmp_path):
         T.load_transcoder(tmp_path / "sae")
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         T.load_transcoder(tmp_path / "nothing")
+
+
+def test_multi_hook_store_keeps_rows_aligned(model, windows):
+    store = T.MultiHookStore(model, [*T.hook_pair(0), *T.hook_pair(1)], windows, batch_size=32,
+                             buffer_tokens=256, progress=False)
+    x0, y0, x1, y1 = store.next_split()
+    assert x0.shape == y1.shape == (32, 128)
+    ln2 = model.blocks[0].ln2
+    with torch.no_grad():
+        assert torch.allclose(model.blocks[0].mlp(x0 * ln2.w + ln2.b), y0, atol=1e-4)
+
+
+@pytest.mark.skipif(
+    not set(T.REFERENCE_NAMES.values()) <= set(shipped_dictionaries()),
+    reason="reference transcoders not built")
+def test_shipped_transcoders_fit_the_course_model(model):
+    from course_utils.models import load_sae
+
+    for layer in (0, 1):
+        tc = load_sae(T.REFERENCE_NAMES[f"tc{layer}"])
+        T.check_fits(model, tc, layer)
+        assert tc.cfg.metadata.hook_name_out == T.hook_pair(layer)[1]
+        sae = load_sae(T.REFERENCE_NAMES[f"sae{layer}"])
+        assert sae.cfg.metadata.hook_name == T.hook_pair(layer)[1]
+        assert sae.cfg.d_sae == tc.cfg.d_sae == T.REFERENCE["d_sae"]
+
+
+@pytest.mark.slow
+def test_build_transcoders_end_to_end(tmp_path):
+    results = T.build_reference_transcoders(tmp_path, {"steps": 3, "eval_windows": 4},
+                                            log=lambda line: None)
+    assert set(results) == set(T.REFERENCE_NAMES.values())
+    assert {p.name for p in tmp_path.iterdir()} == set(T.REFERENCE_NAMES.values())
