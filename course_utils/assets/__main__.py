@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -25,7 +25,27 @@ def main(argv: list[str] | None = None) -> int:
     saes.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
     saes.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     saes.add_argument("--threads", type=int, default=2)
+    tcs = sub.add_parser("build-transcoders",
+                         help="retrain the shipped transcoders and MLP-out SAEs (chapter 05)")
+    tcs.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
+    tcs.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
+    tcs.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+
+    if args.command == "build-transcoders":
+        from course_utils import transcoders
+        from course_utils.assets import ASSETS_DIR
+        from course_utils.models import SAE_ASSETS
+
+        out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
+        recipe = {} if args.steps is None else {"steps": args.steps}
+        start = time.perf_counter()
+        print(f"building {', '.join(transcoders.REFERENCE_NAMES.values())} into {out}", flush=True)
+        transcoders.build_reference_transcoders(
+            out, recipe, log=lambda line: print(line, flush=True), threads=args.threads
+        )
+        print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
+        return 0
 
     if args.command == "build-saes":
         from course_utils import lm_saes

@@ -1,0 +1,340 @@
+"""Feature circuits through transcoders (chapter 05).
+
+With every MLP replaced by a transcoder, the pre-activation of a transcoder feature is a sum of
+terms, one per upstream component, that can be read off a single forward pass:
+
+- input-invariant connections between features: ``f_dec^(0,i) . f_enc^(1,j)``
+  (:func:`input_invariant_connections`), scaled by the source activation to get the
+  input-dependent attribution ``z_i^(0)(x) * (f_dec . f_enc)`` (:func:`feature_attributions`);
+- de-embeddings ``W_E @ f_enc`` (:func:`de_embedding`), also through one head
+  (:func:`de_embedding_through_head`);
+- through an attention head with the pattern held fixed:
+  ``pattern(t, s) * ((W_OV)^T f) . x_pre(s)`` (:func:`head_attribution`);
+- :class:`Circuit`: the exact decomposition of a feature's pre-activation into embedding, position,
+  attention-head (per source position), transcoder-feature, transcoder-error and bias terms, and a
+  greedy path search (:meth:`Circuit.greedy_paths`) that returns a small graph as plain dicts.
+
+LayerNorm is treated as a constant: its scale (the cached ``hook_scale`` of this very forward pass)
+divides the direction, and its centring is applied to the direction (``f . (r - mean r) =
+(f - mean f) . r``, exact). Because the scale is the cached one, the decomposition is exact for
+this input: attributions + error + bias terms sum to the feature's actual pre-activation. (The
+paper also freezes LayerNorm; "input-invariant" numbers here therefore use the centred encoder and
+ignore the scale, which is input-dependent.) LayerNorm weights and biases of ln1 are applied
+explicitly (ln1's bias gives a bias node); a transcoder reads ``ln2.hook_normalized``, i.e. before
+ln2's weight and bias, so none are needed there.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from course_utils import transcoders as T
+
+
+def centre(v: Tensor, dim: int = -1) -> Tensor:
+    """v minus its mean along ``dim`` (what LayerNorm's centring does to a dot product)."""
+    return v - v.mean(dim, keepdim=True)
+
+
+def _weights(tc):
+    tc = T.as_single(tc)
+    skip = getattr(tc, "W_skip", None)
+    return (tc.W_enc.detach(), tc.b_enc.detach(), tc.W_dec.detach(), tc.b_dec.detach(),
+            None if skip is None else skip.detach())
+
+
+# ----------------------------------------------------------------------------- weight-based
+
+
+def input_invariant_connections(tc0, tc1, centred: bool = True) -> Float[Tensor, "d_sae0 d_sae1"]:
+    """``[i, j] = f_dec^(0,i) . f_enc^(1,j)``: how much feature i of the earlier transcoder writes
+    along the direction that feature j of the later one reads (the same for every input).
+
+    ``centred`` centres the encoder columns (LayerNorm's centring, exact); the LayerNorm scale is
+    input-dependent and is left out (divide by it to get the actual per-token effect).
+    """
+    W_enc1 = _weights(tc1)[0]
+    W_dec0 = _weights(tc0)[2]
+    if W_dec0.shape[-1] != W_enc1.shape[0]:
+        raise ValueError(
+            f"the earlier transcoder writes d_out={W_dec0.shape[-1]} but the later one reads "
+            f"d_in={W_enc1.shape[0]}: both must live in the model's residual stream (d_model)."
+        )
+    enc = centre(W_enc1, dim=0) if centred else W_enc1
+    return W_dec0 @ enc
+
+
+def feature_attributions(
+    z0: Float[Tensor, "*pos d_sae0"], tc0, tc1, feature: int,
+    scale: Float[Tensor, "*pos 1"] | float = 1.0,
+) -> Float[Tensor, "*pos d_sae0"]:
+    """Input-dependent attribution ``z_i^(0)(x) * (f_dec^(0,i) . f_enc^(1,j)) / scale``.
+
+    ``scale`` is ln2's ``hook_scale`` of the later layer at the same positions (LayerNorm frozen).
+    """
+    d_sae1 = _weights(tc1)[0].shape[-1]
+    if not 0 <= feature < d_sae1:
+        raise ValueError(f"feature {feature} out of range for d_sae={d_sae1}.")
+    conn = input_invariant_connections(tc0, tc1)[:, feature]
+    if z0.shape[-1] != conn.shape[0]:
+        raise ValueError(
+            f"z0 has {z0.shape[-1]} latents in its last dimension but the earlier transcoder has "
+            f"d_sae={conn.shape[0]}."
+        )
+    return z0 * conn / scale
+
+
+def de_embedding(model: HookedTransformer, tc, feature: int) -> Float[Tensor, " d_vocab"]:
+    """``W_E @ centre(f_enc)``: how much each token's embedding directly excites the feature
+    (ignoring position embeddings, attention, and LayerNorm's scale)."""
+    f = _enc_direction(tc, feature)
+    return model.W_E.detach() @ f
+
+
+def de_embedding_through_head(
+    model: HookedTransformer, tc, feature: int, layer: int, head: int
+) -> Float[Tensor, " d_vocab"]:
+    """``W_E @ diag(w_ln1) W_V W_O @ centre(f_enc)``: tokens that excite the feature when moved by
+    head (layer, head), per unit of attention (ln1's scale and bias ignored)."""
+    f = _enc_direction(tc, feature)
+    w1, _ = _ln1_affine(model, layer)
+    g = model.W_V[layer, head].detach() @ (model.W_O[layer, head].detach() @ f)
+    return model.W_E.detach() @ (w1 * g)
+
+
+def head_attribution(
+    pattern: Float[Tensor, "dest src"], x_pre: Float[Tensor, "src d_model"],
+    W_V: Float[Tensor, "d_model d_head"], W_O: Float[Tensor, "d_head d_model"],
+    f: Float[Tensor, " d_model"], dest: int,
+) -> Float[Tensor, " src"]:
+    """Contribution of each source position to ``f . head_output(dest)``, pattern held fixed:
+    ``pattern[dest, s] * ((W_V W_O) f) . x_pre[s]`` (the b_V term is separate: it sums to
+    ``(b_V W_O) . f`` because each pattern row sums to 1)."""
+    if pattern.ndim != 2 or x_pre.ndim != 2 or pattern.shape[1] != x_pre.shape[0]:
+        raise ValueError(
+            f"pattern must be [dest, src] and x_pre [src, d_model] with matching src; got "
+            f"{tuple(pattern.shape)} and {tuple(x_pre.shape)}."
+        )
+    if not 0 <= dest < pattern.shape[0]:
+        raise ValueError(f"dest {dest} out of range for {pattern.shape[0]} positions.")
+    return pattern[dest] * (x_pre @ (W_V @ (W_O @ f)))
+
+
+def _enc_direction(tc, feature: int) -> Tensor:
+    W_enc = _weights(tc)[0]
+    if not 0 <= feature < W_enc.shape[-1]:
+        raise ValueError(f"feature {feature} out of range for d_sae={W_enc.shape[-1]}.")
+    return centre(W_enc[:, feature])
+
+
+def _ln1_affine(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor]:
+    ln = model.blocks[layer].ln1
+    d = model.cfg.d_model
+    w = getattr(ln, "w", None)
+    b = getattr(ln, "b", None)
+    return (torch.ones(d) if w is None else w.detach(), torch.zeros(d) if b is None else b.detach())
+
+
+# ----------------------------------------------------------------------------- exact decomposition
+
+
+class Circuit:
+    """One prompt, one forward pass, every MLP given a transcoder: exact attributions.
+
+    >>> circuit = Circuit(model, tokens, {0: tc0, 1: tc1})
+    >>> nodes = circuit.decompose_feature(1, 123, pos=7)    # sums to circuit.pre_activation(...)
+    >>> graph = circuit.greedy_paths(1, 123, pos=7, top_k=4, depth=2)
+    """
+
+    def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "1 pos"] | Tensor,
+                 transcoders: dict):
+        if model.cfg.attn_only or model.cfg.positional_embedding_type != "standard":
+            raise ValueError("Circuit needs attention + MLP blocks and learned position embeddings.")
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"Circuit analyses one prompt: tokens must be [1, pos], got "
+                             f"{tuple(tokens.shape)}.")
+        for layer, tc in transcoders.items():
+            if not 0 <= layer < model.cfg.n_layers:
+                raise ValueError(f"layer {layer} out of range for {model.cfg.n_layers} layers.")
+            T.check_fits(model, tc, layer)
+        self.model, self.tokens = model, tokens
+        self.tcs = {layer: _weights(tc) for layer, tc in transcoders.items()}
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+        self.cache = {k: v[0].detach() for k, v in cache.items()}
+
+    # -- actual values
+    def feature_acts(self, layer: int) -> Float[Tensor, "pos d_sae"]:
+        return torch.relu(self.pre_activations(layer))
+
+    def pre_activations(self, layer: int) -> Float[Tensor, "pos d_sae"]:
+        W_enc, b_enc, *_ = self._tc(layer)
+        return self.cache[f"blocks.{layer}.ln2.hook_normalized"] @ W_enc + b_enc
+
+    def pre_activation(self, layer: int, feature: int, pos: int) -> float:
+        return self.pre_activations(layer)[pos, feature].item()
+
+    def _tc(self, layer):
+        if layer not in self.tcs:
+            raise ValueError(f"no transcoder for layer {layer}; have {sorted(self.tcs)}.")
+        return self.tcs[layer]
+
+    def _check_pos(self, pos: int) -> None:
+        if not 0 <= pos < self.tokens.shape[1]:
+            raise ValueError(f"pos {pos} out of range for a prompt of {self.tokens.shape[1]}.")
+
+    # -- one level of decomposition
+    def residual_terms(self, d: Tensor, layer: int, point: str, pos: int) -> list[dict]:
+        """Terms whose sum is ``d . resid`` with resid = ``blocks.layer.hook_resid_{point}[pos]``
+        (point "pre" or "mid"). Each term: {kind, layer, pos, index, src, value, [expand]}."""
+        self._check_pos(pos)
+        if point not in ("pre", "mid"):
+            raise ValueError(f"point must be 'pre' or 'mid', got {point!r}.")
+        m = self.model
+        tok = int(self.tokens[0, pos])
+        terms = [
+            {"kind": "embed", "pos": pos, "index": tok, "value": (m.W_E[tok].detach() @ d).item()},
+            {"kind": "pos_embed", "pos": pos, "index": pos,
+             "value": (m.W_pos[pos].detach() @ d).item()},
+        ]
+        attn_layers = range(layer + 1) if point == "mid" else range(layer)
+        for lay in range(layer + 1):
+            if lay in attn_layers:
+                terms += self._attention_terms(d, lay, pos)
+            if lay < layer:
+                terms += self._mlp_terms(d, lay, pos)
+        return terms
+
+    def _attention_terms(self, d: Tensor, layer: int, pos: int) -> list[dict]:
+        m, c = self.model, self.cache
+        pattern = c[f"blocks.{layer}.attn.hook_pattern"]  # [head, dest, src]
+        w1, b1 = _ln1_affine(m, layer)
+        x_pre = c[f"blocks.{layer}.ln1.hook_normalized"] * w1 + b1  # [src, d_model]
+        terms = []
+        bias = (m.b_O[layer].detach() @ d).item()
+        for h in range(m.cfg.n_heads):
+            g_unit = m.W_V[layer, h].detach() @ (m.W_O[layer, h].detach() @ d)
+            bias += (m.b_V[layer, h].detach() @ (m.W_O[layer, h].detach() @ d)).item()
+            contrib = head_attribution(pattern[h], x_pre, m.W_V[layer, h].detach(),
+                                       m.W_O[layer, h].detach(), d, pos)
+            for s in range(pos + 1):
+                terms.append({
+                    "kind": "head", "layer": layer, "index": h, "pos": pos, "src": s,
+                    "value": contrib[s].item(),
+                    "expand": ("head", layer, s, pattern[h, pos, s] * g_unit),
+                })
+        terms.append({"kind": "attn_bias", "layer": layer, "pos": pos, "value": bias})
+        return terms
+
+    def _mlp_terms(self, d: Tensor, layer: int, pos: int) -> list[dict]:
+        c = self.cache
+        mlp_out = c[f"blocks.{layer}.hook_mlp_out"][pos]
+        if layer not in self.tcs:
+            return [{"kind": "mlp", "layer": layer, "pos": pos, "value": (mlp_out @ d).item()}]
+        W_enc, b_enc, W_dec, b_dec, W_skip = self.tcs[layer]
+        x = c[f"blocks.{layer}.ln2.hook_normalized"][pos]
+        z = torch.relu(x @ W_enc + b_enc)
+        prediction = z @ W_dec + b_dec + (0 if W_skip is None else W_skip @ x)
+        per_feature = z * (W_dec @ d)
+        terms = [
+            {"kind": "feature", "layer": layer, "index": int(i), "pos": pos,
+             "value": per_feature[i].item(), "activation": z[i].item()}
+            for i in torch.nonzero(z > 0).flatten().tolist()
+        ]
+        terms.append({"kind": "tc_error", "layer": layer, "pos": pos,
+                      "value": ((mlp_out - prediction) @ d).item()})
+        terms.append({"kind": "tc_bias", "layer": layer, "pos": pos, "value": (b_dec @ d).item()})
+        if W_skip is not None:
+            terms.append({"kind": "tc_skip", "layer": layer, "pos": pos,
+                          "value": ((W_skip @ x) @ d).item()})
+        return terms
+
+    def decompose_feature(self, layer: int, feature: int, pos: int) -> list[dict]:
+        """Terms (embedding, positions, heads x sources, earlier features, errors, biases, the
+        feature's own b_enc) summing exactly to its pre-activation at ``pos``."""
+        self._check_pos(pos)
+        W_enc, b_enc, *_ = self._tc(layer)
+        if not 0 <= feature < W_enc.shape[-1]:
+            raise ValueError(f"feature {feature} out of range for d_sae={W_enc.shape[-1]}.")
+        scale = self.cache[f"blocks.{layer}.ln2.hook_scale"][pos]
+        d = centre(W_enc[:, feature]) / scale
+        terms = self.residual_terms(d, layer, "mid", pos)
+        terms.append({"kind": "enc_bias", "layer": layer, "index": feature, "pos": pos,
+                      "value": b_enc[feature].item()})
+        return terms
+
+    def decompose_head_term(self, term: dict) -> list[dict]:
+        """Terms summing to a head term's value: the source residual stream (through ln1, frozen
+        scale) plus ln1's bias."""
+        _, layer, src, g = term["expand"]
+        w1, b1 = _ln1_affine(self.model, layer)
+        scale = self.cache[f"blocks.{layer}.ln1.hook_scale"][src]
+        terms = self.residual_terms(centre(w1 * g) / scale, layer, "pre", src)
+        terms.append({"kind": "ln1_bias", "layer": layer, "pos": src, "value": (g @ b1).item()})
+        return terms
+
+    # -- greedy path search
+    def greedy_paths(self, layer: int, feature: int, pos: int, top_k: int = 5, depth: int = 2,
+                     ) -> dict[str, object]:
+        """A small attribution graph rooted at a feature, as plain dicts.
+
+        At every expanded node the ``top_k`` terms by |value| are kept; the rest are summed into a
+        "pruned" node, so each node's incoming edge weights still sum to its value
+        (pre-activation for a feature, contribution for a head). Features and heads are expanded
+        up to ``depth`` levels. Returns {"nodes": {id: {...}}, "edges": [{src, dst, weight}],
+        "root": id}; an edge's weight is the source's contribution to the destination.
+        """
+        if top_k < 1 or depth < 1:
+            raise ValueError(f"need top_k >= 1 and depth >= 1, got {top_k}, {depth}.")
+        nodes: dict[str, dict] = {}
+        edges: list[dict] = []
+        root = f"tc{layer}[{feature}]@{pos}"
+        nodes[root] = {"kind": "feature", "layer": layer, "index": feature, "pos": pos,
+                       "value": self.pre_activation(layer, feature, pos)}
+        expanded: set[str] = set()
+
+        def node_id(term: dict, parent: str) -> str:
+            k = term["kind"]
+            if k == "feature":
+                return f"tc{term['layer']}[{term['index']}]@{term['pos']}"
+            if k == "embed":
+                return f"embed[{term['index']}]@{term['pos']}"
+            if k == "pos_embed":
+                return f"pos@{term['pos']}"
+            if k == "head":  # path-specific: its value depends on the direction it is read along
+                return f"{parent}/L{term['layer']}H{term['index']}:{term['pos']}<-{term['src']}"
+            return f"{parent}/{k}{term.get('layer', '')}"
+
+        def expand(nid: str, terms: list[dict], level: int) -> None:
+            if nid in expanded:
+                return
+            expanded.add(nid)
+            terms = sorted(terms, key=lambda t: -abs(t["value"]))
+            kept, rest = terms[:top_k], terms[top_k:]
+            for term in kept:
+                cid = node_id(term, nid)
+                info = {k: v for k, v in term.items() if k != "expand"}
+                if term["kind"] == "feature":
+                    info["value"] = self.pre_activation(term["layer"], term["index"], term["pos"])
+                nodes.setdefault(cid, info)
+                edges.append({"src": cid, "dst": nid, "weight": term["value"]})
+                if level < depth:
+                    if term["kind"] == "feature":
+                        expand(cid, self.decompose_feature(term["layer"], term["index"],
+                                                           term["pos"]), level + 1)
+                    elif term["kind"] == "head":
+                        expand(cid, self.decompose_head_term(term), level + 1)
+            if rest:
+                pid = f"{nid}/pruned"
+                nodes[pid] = {"kind": "pruned", "value": sum(t["value"] for t in rest),
+                              "n_terms": len(rest)}
+                edges.append({"src": pid, "dst": nid, "weight": nodes[pid]["value"]})
+
+        expand(root, self.decompose_feature(layer, feature, pos), 1)
+        return {"nodes": nodes, "edges": edges, "root": root}

@@ -1,0 +1,621 @@
+"""Transcoders (chapter 05): sparse, wide replacements for an MLP sublayer.
+
+A transcoder reads what the MLP reads and predicts what the MLP writes (Dunefsky, Chlenski, Nanda
+2024):
+
+    z      = ReLU(x @ W_enc + b_enc)              x: ``blocks.L.ln2.hook_normalized``
+    y_hat  = z @ W_dec + b_dec  (+ x @ W_skip.T)  target: ``blocks.L.hook_mlp_out``
+    loss   = ||y - y_hat||^2 + l1_coeff * ||z||_1
+
+Parameters carry a leading instance dimension (a sweep over L1 coefficients is one batched run) and
+SAELens names, like :mod:`course_utils.saes`:
+
+    W_enc [inst, d_in, d_sae]   b_enc [inst, d_sae]   W_dec [inst, d_sae, d_out]   b_dec [inst, d_out]
+    W_skip [inst, d_out, d_in]  (SkipTranscoder only; initialised to zero, Paulo et al. 2025)
+
+Simplifications relative to the reference code (``transcoder_circuits``), chosen on purpose:
+
+- decoder rows ARE kept at unit norm (gradient component parallel to each row removed before the
+  step, rows renormalised after it), as in the reference and in our SAEs; the L1 penalty is then
+  meaningful without a decoder-norm weighting;
+- NO input-side bias: the reference subtracts a learned bias from x before encoding; we do not
+  (this is what SAELens's ``Transcoder`` computes, ``apply_b_dec_to_input=False``);
+- MSE NOT normalised by the target norm: squared error summed over d_out, averaged over the batch
+  (the course convention of :func:`course_utils.saes.reconstruction_loss`);
+- biases start at zero (not at the data mean); no ghost gradients, no resampling.
+
+About LayerNorm: ``ln2.hook_normalized`` is the centred, scale-normalised residual stream *before*
+LayerNorm's weight and bias. The MLP's actual input is an affine function of it, so a transcoder
+on ``hook_normalized`` loses nothing, and the same transcoder works on the model with or without
+``fold_ln`` (the value at that hook is identical).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+
+from course_utils import lm_saes as LS
+from course_utils import saes as S
+from course_utils.activations import ActivationStore
+from course_utils.hooks import check_hook_name
+
+# ----------------------------------------------------------------------------- hook names
+
+
+def hook_pair(layer: int) -> tuple[str, str]:
+    """(input hook, target hook) of the transcoder for MLP ``layer``."""
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+
+
+def check_hook_pair(model: HookedTransformer, hook_in: str, hook_out: str) -> int:
+    """Validate a (transcoder input, transcoder target) hook pair; return the MLP's layer.
+
+    Both names must exist in ``model`` and be ``blocks.L.ln2.hook_normalized`` and
+    ``blocks.L.hook_mlp_out`` for the same L. Anything else (``hook_resid_mid``, ``hook_mlp_in``,
+    ``mlp.hook_pre``, a different layer ...) raises a ValueError naming the expected pair.
+    """
+    check_hook_name(model, hook_in)
+    check_hook_name(model, hook_out)
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_mlp_out", hook_out)
+    layer = int(match.group(1)) if match else None
+    if layer is None:
+        layer_match = re.match(r"blocks\.(\d+)\.", hook_in)
+        layer = int(layer_match.group(1)) if layer_match else 0
+    expected = hook_pair(layer)
+    if (hook_in, hook_out) != expected:
+        raise ValueError(
+            f"a transcoder replaces one MLP: it reads the MLP's (normalised) input and predicts "
+            f"its output. Got input {hook_in!r} and target {hook_out!r}; expected the pair "
+            f"{expected[0]!r} -> {expected[1]!r} (the layer-{layer} MLP). "
+            "hook_resid_mid / hook_mlp_in are the residual stream before LayerNorm, mlp.hook_pre "
+            "and mlp.hook_post are inside the MLP."
+        )
+    return layer
+
+
+# ----------------------------------------------------------------------------- the modules
+
+
+class Transcoder(nn.Module):
+    """ReLU transcoder with an L1 penalty, ``n_instances`` independent copies at once."""
+
+    has_skip = False
+
+    def __init__(
+        self, d_in: int, d_sae: int, d_out: int | None = None, n_instances: int = 1,
+        l1_coeff: float | Tensor | list = 1e-3, seed: int | None = 0,
+    ):
+        super().__init__()
+        d_out = d_in if d_out is None else d_out
+        for name, v in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out),
+                        ("n_instances", n_instances)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}.")
+        self.d_in, self.d_sae, self.d_out, self.n_instances = d_in, d_sae, d_out, n_instances
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = torch.randn(n_instances, d_sae, d_out, generator=g)
+        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+        # Input and output spaces differ, so no tied init: encoder like nn.Linear.
+        W_enc = (torch.rand(n_instances, d_in, d_sae, generator=g) * 2 - 1) / math.sqrt(d_in)
+        self.W_enc = nn.Parameter(W_enc)
+        self.b_enc = nn.Parameter(torch.zeros(n_instances, d_sae))
+        self.W_dec = nn.Parameter(W_dec)
+        self.b_dec = nn.Parameter(torch.zeros(n_instances, d_out))
+        self.register_buffer("l1_coeff", S._per_instance(l1_coeff, n_instances, "l1_coeff"))
+        self.register_buffer("steps_since_fired", torch.zeros(n_instances, d_sae, dtype=torch.long))
+
+    # -- shapes
+    def _as_batch(self, t: Tensor, width: int, what: str) -> Float[Tensor, "batch inst d"]:
+        shape = tuple(t.shape)
+        if t.ndim == 2 and t.shape[-1] == width:
+            t = t.unsqueeze(1).expand(-1, self.n_instances, -1)
+        if t.ndim != 3 or t.shape[-1] != width or t.shape[1] != self.n_instances:
+            raise ValueError(
+                f"{what} has shape {shape}, but this transcoder expects [batch, {width}] or "
+                f"[batch, n_instances, {width}] = [batch, {self.n_instances}, {width}] "
+                f"(d_in={self.d_in}: the width of ln2.hook_normalized = d_model; "
+                f"d_out={self.d_out}: the width of hook_mlp_out = d_model)."
+            )
+        return t
+
+    # -- forward
+    def pre_acts(self, x: Float[Tensor, "batch inst d_in"]) -> Float[Tensor, "batch inst d_sae"]:
+        return torch.einsum("bid,ids->bis", x, self.W_enc) + self.b_enc
+
+    def encode(self, x: Tensor) -> Float[Tensor, "batch inst d_sae"]:
+        return torch.relu(self.pre_acts(self._as_batch(x, self.d_in, "the input x")))
+
+    def decode(self, acts: Float[Tensor, "batch inst d_sae"]) -> Float[Tensor, "batch inst d_out"]:
+        return torch.einsum("bis,iso->bio", acts, self.W_dec) + self.b_dec
+
+    def skip(self, x: Float[Tensor, "batch inst d_in"]) -> Float[Tensor, "batch inst d_out"] | int:
+        return 0
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(acts [batch, inst, d_sae], y_hat [batch, inst, d_out]); x may omit the instance dim."""
+        x = self._as_batch(x, self.d_in, "the input x")
+        acts = torch.relu(self.pre_acts(x))
+        return acts, self.decode(acts) + self.skip(x)
+
+    def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Per-instance losses (total, reconstruction, sparsity) plus acts and y_hat."""
+        x = self._as_batch(x, self.d_in, "the input x")
+        y = self._as_batch(y, self.d_out, "the target y")
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} rows but y has {len(y)}: they must be paired.")
+        acts, y_hat = self.forward(x)
+        recon = S.reconstruction_loss(y, y_hat)
+        sparsity = self.l1_coeff * acts.abs().sum(-1).mean(0)
+        return {"loss": recon + sparsity, "reconstruction": recon, "sparsity": sparsity,
+                "acts": acts, "y_hat": y_hat}
+
+    # -- decoder constraint
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec.data = LS.normalise_decoder_rows(self.W_dec.data)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        if self.W_dec.grad is not None:
+            self.W_dec.grad = S.remove_parallel_grad(self.W_dec.data, self.W_dec.grad)
+
+    def dead_mask(self, window: int) -> Tensor:
+        return self.steps_since_fired >= window
+
+    # -- export
+    def instance_state_dict(self, instance: int) -> dict[str, Tensor]:
+        """One instance's weights under SAELens names."""
+        if not 0 <= instance < self.n_instances:
+            raise ValueError(f"instance {instance} out of range for n_instances={self.n_instances}.")
+        names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if self.has_skip else ())
+        return {n: getattr(self, n).detach()[instance].clone() for n in names}
+
+
+class SkipTranscoder(Transcoder):
+    """Transcoder with a linear skip connection: ``y_hat = W_dec z + W_skip x + b_dec``.
+
+    ``W_skip`` [inst, d_out, d_in] starts at zero (SAELens's convention and shape).
+    """
+
+    has_skip = True
+
+    def __init__(self, d_in, d_sae, d_out=None, n_instances=1, l1_coeff=1e-3, seed=0):
+        super().__init__(d_in, d_sae, d_out, n_instances, l1_coeff, seed)
+        self.W_skip = nn.Parameter(torch.zeros(n_instances, self.d_out, self.d_in))
+
+    def skip(self, x):
+        return torch.einsum("bid,iod->bio", x, self.W_skip)
+
+
+class single(nn.Module):
+    """One instance of a :class:`Transcoder` on [..., d_in] tensors, like a SAELens Transcoder.
+
+    ``encode(x) -> z``, ``decode(z) -> W_dec z + b_dec``, ``forward(x) -> y_hat`` (skip included).
+    """
+
+    def __init__(self, tc: Transcoder, instance: int = 0):
+        super().__init__()
+        if not 0 <= instance < tc.n_instances:
+            raise ValueError(f"instance {instance} out of range for n_instances={tc.n_instances}.")
+        self.tc, self.instance = tc, instance
+        self.d_in, self.d_sae, self.d_out = tc.d_in, tc.d_sae, tc.d_out
+
+    def _check(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"the transcoder reads [..., d_in={self.d_in}] (ln2.hook_normalized), got "
+                f"{tuple(x.shape)}."
+            )
+
+    def encode(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return torch.relu(x @ self.W_enc + self.b_enc)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.decode(self.encode(x))
+        if self.W_skip is not None:
+            out = out + x @ self.W_skip.T
+        return out
+
+    def __getattr__(self, name):
+        if name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            return getattr(self.tc, name)[self.instance]
+        if name == "W_skip":
+            return self.tc.W_skip[self.instance] if self.tc.has_skip else None
+        return super().__getattr__(name)
+
+
+def as_single(tc, instance: int = 0):
+    """A transcoder usable on [..., d_in]: ours (wrapped) or a SAELens Transcoder (unchanged)."""
+    if isinstance(tc, Transcoder):
+        return single(tc, instance)
+    for attr in ("encode", "decode", "W_enc", "W_dec"):
+        if not hasattr(tc, attr):
+            raise TypeError(f"expected a transcoder, got {type(tc).__name__} (no {attr}).")
+    return tc
+
+
+def widths(tc) -> tuple[int, int, int]:
+    """(d_in, d_sae, d_out) of ours or a SAELens transcoder."""
+    tc = as_single(tc)
+    W_enc, W_dec = tc.W_enc, tc.W_dec
+    return int(W_enc.shape[-2]), int(W_enc.shape[-1]), int(W_dec.shape[-1])
+
+
+def check_fits(model: HookedTransformer, tc, layer: int) -> None:
+    """Clear error when a transcoder's widths do not match MLP ``layer``'s hooks."""
+    from course_utils.saelens_io import hook_width
+
+    hook_in, hook_out = hook_pair(layer)
+    check_hook_name(model, hook_in)
+    d_in, d_sae, d_out = widths(tc)
+    w_in, w_out = hook_width(model, hook_in), hook_width(model, hook_out)
+    if (d_in, d_out) != (w_in, w_out):
+        raise ValueError(
+            f"the transcoder maps [.., {d_in}] -> [.., {d_out}] (d_sae={d_sae}), but MLP {layer} "
+            f"reads {hook_in!r} of width {w_in} and writes {hook_out!r} of width {w_out}. "
+            "It was trained on another model (or is not a transcoder for this MLP)."
+        )
+
+
+# ----------------------------------------------------------------------------- paired activations
+
+
+class PairedActivationStore(ActivationStore):
+    """Shuffled (input, target) pairs for a transcoder, both from ONE forward pass.
+
+    The two activations of each token are stored side by side in one buffer (so shuffling keeps
+    them paired); :meth:`next_pair` splits them.
+
+    >>> store = PairedActivationStore(model, *hook_pair(0), windows, batch_size=1024)
+    >>> x, y = store.next_pair()   # [1024, d_model] each: ln2.hook_normalized, hook_mlp_out
+    """
+
+    def __init__(self, model, hook_in: str, hook_out: str, windows, **kwargs):
+        self.layer = check_hook_pair(model, hook_in, hook_out)
+        self.hook_in, self.hook_out = hook_in, hook_out
+        super().__init__(model, hook_out, windows, **kwargs)
+        self.d_in = self.d_out = None
+
+    @torch.no_grad()
+    def get_activations(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d"]:
+        stored: dict[str, Tensor] = {}
+
+        def save(activation: Tensor, hook) -> None:
+            stored[hook.name] = activation.detach()
+
+        self.model.run_with_hooks(
+            tokens.to(self.device),
+            fwd_hooks=[(self.hook_in, save), (self.hook_out, save)],
+            stop_at_layer=self.layer + 1, return_type=None,
+        )
+        x, y = stored[self.hook_in], stored[self.hook_out]
+        self.d_in, self.d_out = x.shape[-1], y.shape[-1]
+        return torch.cat([x, y], dim=-1)
+
+    def next_pair(self) -> tuple[Float[Tensor, "batch d_in"], Float[Tensor, "batch d_out"]]:
+        both = self.next_batch()
+        return both[:, : self.d_in], both[:, self.d_in :]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_transcoder(
+    tc: Transcoder,
+    pairs: Callable[[], tuple[Tensor, Tensor]],
+    steps: int,
+    lr: float = 1e-3,
+    l1_warmup_frac: float = 0.05,
+    lr_warmup_steps: int = 0,
+    lr_decay_frac: float = 0.2,
+    log_every: int = 25,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, list]:
+    """Train every instance of ``tc`` on ``pairs() -> (x [batch, d_in], y [batch, d_out])``.
+
+    The chapter-03 recipe (:mod:`course_utils.lm_saes`): Adam, L1 warm-up
+    (:func:`~course_utils.lm_saes.l1_coefficient`), lr schedule
+    (:func:`~course_utils.lm_saes.lr_schedule`), unit-norm decoder by projection. The history
+    holds, every ``log_every`` steps, loss, L0, FVU of the target (on the batch) and the number of
+    latents dead for the last 1000 steps; plus ``tokens_per_s``.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    final_l1 = tc.l1_coeff.clone()
+    optimizer = torch.optim.Adam(tc.parameters(), lr=lr)
+    history: dict[str, list] = {"step": [], "loss": [], "l0": [], "fvu": [], "dead": []}
+    start, tokens = time.perf_counter(), 0
+    bar = tqdm(range(steps), disable=not progress, desc="transcoder", mininterval=2.0)
+    for step in bar:
+        x, y = pairs()
+        tokens += len(x)
+        tc.l1_coeff.copy_(final_l1 * LS.l1_coefficient(step, steps, 1.0, l1_warmup_frac))
+        for group in optimizer.param_groups:
+            group["lr"] = LS.lr_schedule(step, steps, lr, lr_warmup_steps, lr_decay_frac)
+        out = tc.loss(x, y)
+        if not torch.isfinite(out["loss"]).all():
+            raise S.TrainingDiverged(f"the loss became non-finite at step {step}; lower lr.")
+        optimizer.zero_grad()
+        out["loss"].sum().backward()
+        tc.remove_parallel_grad()
+        optimizer.step()
+        with torch.no_grad():
+            tc.normalise_decoder()
+            fired = (out["acts"] > 0).any(0)
+            tc.steps_since_fired += 1
+            tc.steps_since_fired[fired] = 0
+        if step % log_every == 0 or step == steps - 1:
+            with torch.no_grad():
+                variance = (y - y.mean(0)).pow(2).sum(-1).mean()
+                fvu = out["reconstruction"] / variance
+                l0 = (out["acts"] > 0).float().sum(-1).mean(0)
+                history["step"].append(step)
+                history["loss"].append(out["loss"].detach().clone())
+                history["l0"].append(l0)
+                history["fvu"].append(fvu)
+                history["dead"].append(tc.dead_mask(1000).float().sum(-1))
+            bar.set_postfix(L0=f"{l0.mean():.1f}", FVU=f"{fvu.mean():.3f}", refresh=False)
+    tc.l1_coeff.copy_(final_l1)
+    result = {k: (torch.stack(v) if k != "step" else v) for k, v in history.items()}
+    result["tokens_per_s"] = tokens / (time.perf_counter() - start)
+    return result
+
+
+# ----------------------------------------------------------------------------- splicing
+
+
+def transcoder_hooks(model: HookedTransformer, transcoders: dict) -> list[tuple[str, Callable]]:
+    """Forward hooks replacing MLP L's output by ``transcoders[L]`` applied to ln2's output.
+
+    ``transcoders`` maps layer -> transcoder (ours, one instance, or a SAELens Transcoder).
+    The MLP still runs; only its output is overwritten.
+    """
+    if not isinstance(transcoders, dict) or not transcoders:
+        raise ValueError("transcoders must be a non-empty dict {layer: transcoder}.")
+    hooks = []
+    for layer, tc in transcoders.items():
+        check_fits(model, tc, layer)
+        tc1 = as_single(tc)
+        hook_in, hook_out = hook_pair(layer)
+        stash: dict[str, Tensor] = {}
+
+        def save(act, hook, stash=stash):
+            stash["x"] = act
+
+        def replace(act, hook, stash=stash, tc1=tc1):
+            return tc1(stash["x"]).to(act.dtype)
+
+        hooks += [(hook_in, save), (hook_out, replace)]
+    return hooks
+
+
+@torch.no_grad()
+def ce_loss_with_transcoders(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], transcoders: dict
+) -> float:
+    """Mean next-token CE loss with each MLP in ``transcoders`` replaced by its transcoder."""
+    return model.run_with_hooks(
+        tokens, return_type="loss", fwd_hooks=transcoder_hooks(model, transcoders)
+    ).item()
+
+
+@torch.no_grad()
+def evaluate_transcoders(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], transcoders: dict
+) -> dict[str, float]:
+    """Clean / spliced / MLPs-zero-ablated CE loss, CE recovered, KL; per-layer L0, FVU, dead."""
+    hooks = transcoder_hooks(model, transcoders)
+    names = [n for layer in transcoders for n in hook_pair(layer)]
+    clean_logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    clean = LS._ce(clean_logits, tokens)
+    new_logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    spliced = LS._ce(new_logits, tokens)
+    zero = model.run_with_hooks(
+        tokens, return_type="loss",
+        fwd_hooks=[(hook_pair(layer)[1], lambda a, hook: torch.zeros_like(a))
+                   for layer in transcoders],
+    ).item()
+    out = {"ce_clean": clean, "ce_transcoders": spliced, "ce_zero_ablation": zero,
+           "ce_recovered_zero": LS.ce_loss_recovered(clean, spliced, zero),
+           "kl": LS.kl_to_original(clean_logits, new_logits)}
+    for layer, tc in transcoders.items():
+        tc1 = as_single(tc)
+        hook_in, hook_out = hook_pair(layer)
+        x = cache[hook_in][:, 1:].reshape(-1, cache[hook_in].shape[-1])
+        y = cache[hook_out][:, 1:].reshape(-1, cache[hook_out].shape[-1])
+        z = tc1.encode(x)
+        y_hat = tc1(x)
+        out[f"l0_{layer}"] = (z > 0).float().sum(-1).mean().item()
+        out[f"fvu_{layer}"] = ((y_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+        out[f"dead_fraction_{layer}"] = (~(z > 0).any(0)).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------- SAELens
+
+
+def to_saelens(
+    tc: Transcoder, instance: int = 0, layer: int = 0, model_name: str = "course-2l",
+    model: HookedTransformer | None = None, extra_metadata: dict | None = None,
+):
+    """One instance as a SAELens ``Transcoder`` / ``SkipTranscoder`` (identical outputs)."""
+    from sae_lens import SkipTranscoder as LensSkip
+    from sae_lens import Transcoder as LensTC
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.transcoder import SkipTranscoderConfig, TranscoderConfig
+
+    if not isinstance(tc, Transcoder):
+        raise TypeError(f"expected a course_utils.transcoders.Transcoder, got {type(tc).__name__}.")
+    if model is not None:
+        check_fits(model, single(tc, instance), layer)
+    hook_in, hook_out = hook_pair(layer)
+    metadata = SAEMetadata(hook_name=hook_in, hook_name_out=hook_out, hook_layer=layer,
+                           hook_layer_out=layer, model_name=model_name, **(extra_metadata or {}))
+    cls, cfg_cls = (LensSkip, SkipTranscoderConfig) if tc.has_skip else (LensTC, TranscoderConfig)
+    cfg = cfg_cls(d_in=tc.d_in, d_sae=tc.d_sae, d_out=tc.d_out, apply_b_dec_to_input=False,
+                  metadata=metadata)
+    out = cls(cfg)
+    out.load_state_dict(
+        {k: v.float() for k, v in tc.instance_state_dict(instance).items()}, strict=True
+    )
+    out.eval()
+    return out
+
+
+def export_transcoder(tc, folder, instance: int = 0, **kwargs) -> Path:
+    """Write one instance as a SAELens folder (cfg.json + sae_weights.safetensors)."""
+    from sae_lens import SAE as LensSAE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lens = tc if isinstance(tc, LensSAE) else to_saelens(tc, instance, **kwargs)
+    lens.save_model(folder)
+    return folder
+
+
+def load_transcoder(folder, device: str = "cpu"):
+    """Read a transcoder folder back with SAELens (``SAE.load_from_disk``)."""
+    from sae_lens import SAE as LensSAE
+    from sae_lens import Transcoder as LensTC
+
+    folder = Path(folder)
+    if not (folder / "cfg.json").is_file():
+        raise FileNotFoundError(f"{folder} has no cfg.json: not a SAELens folder.")
+    out = LensSAE.load_from_disk(folder, device=device)
+    if not isinstance(out, LensTC):
+        raise ValueError(f"{folder} holds a {type(out).__name__}, not a transcoder.")
+    return out
+
+
+# ----------------------------------------------------------------------------- shipped transcoders
+
+
+class MultiHookStore(ActivationStore):
+    """Shuffled activations at several hooks of ONE forward pass, kept row-aligned."""
+
+    def __init__(self, model, hook_names: list[str], windows, **kwargs):
+        for name in hook_names:
+            check_hook_name(model, name)
+        self.hook_names = list(hook_names)
+        layers = [int(n.split(".")[1]) for n in hook_names]
+        super().__init__(model, hook_names[layers.index(max(layers))], windows, **kwargs)
+        self.widths: list[int] = []
+
+    @torch.no_grad()
+    def get_activations(self, tokens):
+        stored: dict[str, Tensor] = {}
+
+        def save(activation, hook):
+            stored[hook.name] = activation.detach()
+
+        self.model.run_with_hooks(tokens.to(self.device),
+                                  fwd_hooks=[(n, save) for n in self.hook_names],
+                                  stop_at_layer=self._stop_layer(), return_type=None)
+        acts = [stored[n] for n in self.hook_names]
+        self.widths = [a.shape[-1] for a in acts]
+        return torch.cat(acts, dim=-1)
+
+    def next_split(self) -> list[Tensor]:
+        return list(self.next_batch().split(self.widths, dim=-1))
+
+
+#: Recipe of the shipped transcoders (``python -m course_utils.assets build-transcoders``).
+REFERENCE = {"d_sae": 1024, "l1_coeff": 3.0, "lr": 1e-3, "steps": 800, "batch_size": 1024,
+             "buffer_tokens": 65536, "seed": 0, "eval_windows": 64}
+REFERENCE_NAMES = {"tc0": "course-2l-tc0", "tc1": "course-2l-tc1",
+                   "sae0": "course-2l-mlpout0", "sae1": "course-2l-mlpout1"}
+
+
+def build_reference_transcoders(out_root, recipe: dict | None = None, log=print,
+                                threads: int = 2) -> dict:
+    """Train transcoders for both MLPs and equal-width ReLU SAEs on both ``hook_mlp_out`` (same
+    batches, same L1 coefficient), evaluate the splices and ship all four in SAELens format."""
+    from course_utils.activations import corpus_windows
+    from course_utils.models import load_model
+    from course_utils.saelens_io import export_sae
+
+    recipe = {**REFERENCE, **(recipe or {})}
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = load_model("course-2l")
+    hooks = [*hook_pair(0), *hook_pair(1)]
+    store = MultiHookStore(model, hooks, corpus_windows(model, "train"),
+                           batch_size=recipe["batch_size"], buffer_tokens=recipe["buffer_tokens"],
+                           progress=False, seed=0)
+    d, n = model.cfg.d_model, recipe["d_sae"]
+    tcs = [Transcoder(d, n, d, 1, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"] + i)
+           for i in range(2)]
+    saes = S.ReLUSAE(d, n, 2, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"])
+    cache: dict[str, list[Tensor]] = {}
+
+    def batch(i):  # one store batch feeds all four dictionaries
+        if i == 0:
+            cache["b"] = store.next_split()
+        return cache["b"]
+
+    steps, lr = recipe["steps"], recipe["lr"]
+    opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in (*tcs, saes)]
+    final = [m.l1_coeff.clone() for m in (*tcs, saes)]
+    for step in range(steps):
+        x0, y0, x1, y1 = batch(0)
+        scale = LS.l1_coefficient(step, steps, 1.0)
+        this_lr = LS.lr_schedule(step, steps, lr)
+        losses = []
+        for k, (m, opt) in enumerate(zip((*tcs, saes), opts, strict=True)):
+            m.l1_coeff.copy_(final[k] * scale)
+            for group in opt.param_groups:
+                group["lr"] = this_lr
+            if k < 2:
+                out = m.loss((x0, x1)[k], (y0, y1)[k])
+            else:
+                out = m.loss(torch.stack([y0, y1], dim=1))
+            opt.zero_grad()
+            out["loss"].sum().backward()
+            m.remove_parallel_grad()
+            opt.step()
+            m.normalise_decoder()
+            losses.append(out["loss"].detach())
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"step {step:5d}  loss tc0/tc1/sae0/sae1 "
+                f"{[round(v, 2) for v in torch.cat(losses).tolist()]}")
+    for k, m in enumerate((*tcs, saes)):
+        m.l1_coeff.copy_(final[k])
+    train_time = time.perf_counter() - start
+    log(f"trained on {store.tokens_seen} tokens in {train_time:.0f} s")
+    tokens = corpus_windows(model, "validation")[: recipe["eval_windows"]]
+    results = {}
+    for layer in (0, 1):
+        hook_out = hook_pair(layer)[1]
+        tc_numbers = evaluate_transcoders(model, tokens, {layer: single(tcs[layer])})
+        sae_numbers = LS.evaluate_splice(model, LS.single(saes, layer), tokens, hook_out)
+        common = {"course_recipe": recipe, "course_train_seconds": round(train_time, 1),
+                  "course_tokens": store.tokens_seen}
+        for key, numbers in ((f"tc{layer}", tc_numbers), (f"sae{layer}", sae_numbers)):
+            numbers = {k: round(v, 5) for k, v in numbers.items()}
+            ce = numbers.get("ce_transcoders", numbers.get("ce_sae"))
+            l0 = numbers.get(f"l0_{layer}", numbers.get("l0"))
+            log(f"{REFERENCE_NAMES[key]}: L0 {l0:.1f}  CE {ce:.4f} (clean {numbers['ce_clean']:.4f}"
+                f", +{ce - numbers['ce_clean']:.4f})  {numbers}")
+            results[REFERENCE_NAMES[key]] = numbers
+        extra = {**common, "course_evaluation": results[REFERENCE_NAMES[f"tc{layer}"]]}
+        export_transcoder(tcs[layer], Path(out_root) / REFERENCE_NAMES[f"tc{layer}"], layer=layer,
+                          extra_metadata=extra)
+        extra = {**common, "course_evaluation": results[REFERENCE_NAMES[f"sae{layer}"]]}
+        export_sae(saes, Path(out_root) / REFERENCE_NAMES[f"sae{layer}"], instance=layer,
+                   hook_name=hook_out, extra_metadata=extra)
+    return results
