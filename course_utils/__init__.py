@@ -11,6 +11,10 @@ Where things live (one module per idea):
 - ``assets/``    the shipped model (and dictionaries); ``python -m course_utils.assets build``
 - ``toy_models``, ``plots_superposition``  chapter 01's toy models and figures
 - ``saes``, ``sae_metrics``, ``sparse_data``  chapter 02's SAEs, metrics and ground-truth data
+- ``lm_saes``, ``saelens_io``  chapter 03: SAEs on the course model (training, splicing, CE loss
+                 recovered, feature analysis) and export to / import from the SAELens format
+- ``transcoders``, ``circuits``  chapter 05 groundwork: transcoders, paired activations, splicing,
+                 SAELens export; exact feature-circuit decompositions and greedy path search
 - ``widgets``    sliders that degrade to a static figure when no front end is attached
 - ``build``      solution notebook -> exercise notebook
 - ``grading``    ``course check``: run a learner's notebook and tabulate its exercises
