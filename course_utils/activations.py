@@ -76,7 +76,6 @@ def iterate_batches(
 def _cached_stream(tokenizer_json: str, split: str) -> Tensor:
     from tokenizers import Tokenizer
 
-
     tokenizer = Tokenizer.from_str(tokenizer_json)
     return corpus_stream(tokenizer, split)
 
@@ -153,7 +152,9 @@ class ActivationStore:
         self.buffer_tokens = buffer_tokens
         self.model_batch_size = model_batch_size
         self.skip_bos = skip_bos
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = progress
         self._window_order = torch.randperm(len(windows), generator=self.generator)
@@ -204,8 +205,10 @@ class ActivationStore:
     def _flatten(self, acts: Tensor) -> Tensor:
         if self.skip_bos:
             acts = acts[:, 1:]
-        return acts.reshape(-1, *acts.shape[2:]).flatten(1) if acts.ndim > 3 else acts.reshape(
-            -1, acts.shape[-1]
+        return (
+            acts.reshape(-1, *acts.shape[2:]).flatten(1)
+            if acts.ndim > 3
+            else acts.reshape(-1, acts.shape[-1])
         )
 
     def _fill(self, keep: Tensor | None) -> None:
@@ -214,7 +217,9 @@ class ActivationStore:
         tokens_per_window = self.windows.shape[1] - (1 if self.skip_bos else 0)
         if self.progress and self._bar is None:
             self._bar = tqdm(
-                total=self.buffer_tokens, desc=f"activations @ {self.hook_name}", unit="tok",
+                total=self.buffer_tokens,
+                desc=f"activations @ {self.hook_name}",
+                unit="tok",
                 leave=False,
             )
         while have < self.buffer_tokens:

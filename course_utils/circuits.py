@@ -42,8 +42,13 @@ def centre(v: Tensor, dim: int = -1) -> Tensor:
 def _weights(tc):
     tc = T.as_single(tc)
     skip = getattr(tc, "W_skip", None)
-    return (tc.W_enc.detach(), tc.b_enc.detach(), tc.W_dec.detach(), tc.b_dec.detach(),
-            None if skip is None else skip.detach())
+    return (
+        tc.W_enc.detach(),
+        tc.b_enc.detach(),
+        tc.W_dec.detach(),
+        tc.b_dec.detach(),
+        None if skip is None else skip.detach(),
+    )
 
 
 # ----------------------------------------------------------------------------- weight-based
@@ -68,7 +73,10 @@ def input_invariant_connections(tc0, tc1, centred: bool = True) -> Float[Tensor,
 
 
 def feature_attributions(
-    z0: Float[Tensor, "*pos d_sae0"], tc0, tc1, feature: int,
+    z0: Float[Tensor, "*pos d_sae0"],
+    tc0,
+    tc1,
+    feature: int,
     scale: Float[Tensor, "*pos 1"] | float = 1.0,
 ) -> Float[Tensor, "*pos d_sae0"]:
     """Input-dependent attribution ``z_i^(0)(x) * (f_dec^(0,i) . f_enc^(1,j)) / scale``.
@@ -106,9 +114,12 @@ def de_embedding_through_head(
 
 
 def head_attribution(
-    pattern: Float[Tensor, "dest src"], x_pre: Float[Tensor, "src d_model"],
-    W_V: Float[Tensor, "d_model d_head"], W_O: Float[Tensor, "d_head d_model"],
-    f: Float[Tensor, " d_model"], dest: int,
+    pattern: Float[Tensor, "dest src"],
+    x_pre: Float[Tensor, "src d_model"],
+    W_V: Float[Tensor, "d_model d_head"],
+    W_O: Float[Tensor, "d_head d_model"],
+    f: Float[Tensor, " d_model"],
+    dest: int,
 ) -> Float[Tensor, " src"]:
     """Contribution of each source position to ``f . head_output(dest)``, pattern held fixed:
     ``pattern[dest, s] * ((W_V W_O) f) . x_pre[s]`` (the b_V term is separate: it sums to
@@ -149,16 +160,20 @@ class Circuit:
     >>> graph = circuit.greedy_paths(1, 123, pos=7, top_k=4, depth=2)
     """
 
-    def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "1 pos"] | Tensor,
-                 transcoders: dict):
+    def __init__(
+        self, model: HookedTransformer, tokens: Int[Tensor, "1 pos"] | Tensor, transcoders: dict
+    ):
         if model.cfg.attn_only or model.cfg.positional_embedding_type != "standard":
-            raise ValueError("Circuit needs attention + MLP blocks and learned position embeddings.")
+            raise ValueError(
+                "Circuit needs attention + MLP blocks and learned position embeddings."
+            )
         tokens = torch.as_tensor(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.shape[0] != 1:
-            raise ValueError(f"Circuit analyses one prompt: tokens must be [1, pos], got "
-                             f"{tuple(tokens.shape)}.")
+            raise ValueError(
+                f"Circuit analyses one prompt: tokens must be [1, pos], got {tuple(tokens.shape)}."
+            )
         for layer, tc in transcoders.items():
             if not 0 <= layer < model.cfg.n_layers:
                 raise ValueError(f"layer {layer} out of range for {model.cfg.n_layers} layers.")
@@ -200,8 +215,12 @@ class Circuit:
         tok = int(self.tokens[0, pos])
         terms = [
             {"kind": "embed", "pos": pos, "index": tok, "value": (m.W_E[tok].detach() @ d).item()},
-            {"kind": "pos_embed", "pos": pos, "index": pos,
-             "value": (m.W_pos[pos].detach() @ d).item()},
+            {
+                "kind": "pos_embed",
+                "pos": pos,
+                "index": pos,
+                "value": (m.W_pos[pos].detach() @ d).item(),
+            },
         ]
         attn_layers = range(layer + 1) if point == "mid" else range(layer)
         for lay in range(layer + 1):
@@ -221,14 +240,21 @@ class Circuit:
         for h in range(m.cfg.n_heads):
             g_unit = m.W_V[layer, h].detach() @ (m.W_O[layer, h].detach() @ d)
             bias += (m.b_V[layer, h].detach() @ (m.W_O[layer, h].detach() @ d)).item()
-            contrib = head_attribution(pattern[h], x_pre, m.W_V[layer, h].detach(),
-                                       m.W_O[layer, h].detach(), d, pos)
+            contrib = head_attribution(
+                pattern[h], x_pre, m.W_V[layer, h].detach(), m.W_O[layer, h].detach(), d, pos
+            )
             for s in range(pos + 1):
-                terms.append({
-                    "kind": "head", "layer": layer, "index": h, "pos": pos, "src": s,
-                    "value": contrib[s].item(),
-                    "expand": ("head", layer, s, pattern[h, pos, s] * g_unit),
-                })
+                terms.append(
+                    {
+                        "kind": "head",
+                        "layer": layer,
+                        "index": h,
+                        "pos": pos,
+                        "src": s,
+                        "value": contrib[s].item(),
+                        "expand": ("head", layer, s, pattern[h, pos, s] * g_unit),
+                    }
+                )
         terms.append({"kind": "attn_bias", "layer": layer, "pos": pos, "value": bias})
         return terms
 
@@ -243,16 +269,29 @@ class Circuit:
         prediction = z @ W_dec + b_dec + (0 if W_skip is None else W_skip @ x)
         per_feature = z * (W_dec @ d)
         terms = [
-            {"kind": "feature", "layer": layer, "index": int(i), "pos": pos,
-             "value": per_feature[i].item(), "activation": z[i].item()}
+            {
+                "kind": "feature",
+                "layer": layer,
+                "index": int(i),
+                "pos": pos,
+                "value": per_feature[i].item(),
+                "activation": z[i].item(),
+            }
             for i in torch.nonzero(z > 0).flatten().tolist()
         ]
-        terms.append({"kind": "tc_error", "layer": layer, "pos": pos,
-                      "value": ((mlp_out - prediction) @ d).item()})
+        terms.append(
+            {
+                "kind": "tc_error",
+                "layer": layer,
+                "pos": pos,
+                "value": ((mlp_out - prediction) @ d).item(),
+            }
+        )
         terms.append({"kind": "tc_bias", "layer": layer, "pos": pos, "value": (b_dec @ d).item()})
         if W_skip is not None:
-            terms.append({"kind": "tc_skip", "layer": layer, "pos": pos,
-                          "value": ((W_skip @ x) @ d).item()})
+            terms.append(
+                {"kind": "tc_skip", "layer": layer, "pos": pos, "value": ((W_skip @ x) @ d).item()}
+            )
         return terms
 
     def decompose_feature(self, layer: int, feature: int, pos: int) -> list[dict]:
@@ -265,8 +304,15 @@ class Circuit:
         scale = self.cache[f"blocks.{layer}.ln2.hook_scale"][pos]
         d = centre(W_enc[:, feature]) / scale
         terms = self.residual_terms(d, layer, "mid", pos)
-        terms.append({"kind": "enc_bias", "layer": layer, "index": feature, "pos": pos,
-                      "value": b_enc[feature].item()})
+        terms.append(
+            {
+                "kind": "enc_bias",
+                "layer": layer,
+                "index": feature,
+                "pos": pos,
+                "value": b_enc[feature].item(),
+            }
+        )
         return terms
 
     def decompose_head_term(self, term: dict) -> list[dict]:
@@ -280,8 +326,14 @@ class Circuit:
         return terms
 
     # -- greedy path search
-    def greedy_paths(self, layer: int, feature: int, pos: int, top_k: int = 5, depth: int = 2,
-                     ) -> dict[str, object]:
+    def greedy_paths(
+        self,
+        layer: int,
+        feature: int,
+        pos: int,
+        top_k: int = 5,
+        depth: int = 2,
+    ) -> dict[str, object]:
         """A small attribution graph rooted at a feature, as plain dicts.
 
         At every expanded node the ``top_k`` terms by |value| are kept; the rest are summed into a
@@ -295,8 +347,13 @@ class Circuit:
         nodes: dict[str, dict] = {}
         edges: list[dict] = []
         root = f"tc{layer}[{feature}]@{pos}"
-        nodes[root] = {"kind": "feature", "layer": layer, "index": feature, "pos": pos,
-                       "value": self.pre_activation(layer, feature, pos)}
+        nodes[root] = {
+            "kind": "feature",
+            "layer": layer,
+            "index": feature,
+            "pos": pos,
+            "value": self.pre_activation(layer, feature, pos),
+        }
         expanded: set[str] = set()
 
         def node_id(term: dict, parent: str) -> str:
@@ -326,14 +383,20 @@ class Circuit:
                 edges.append({"src": cid, "dst": nid, "weight": term["value"]})
                 if level < depth:
                     if term["kind"] == "feature":
-                        expand(cid, self.decompose_feature(term["layer"], term["index"],
-                                                           term["pos"]), level + 1)
+                        expand(
+                            cid,
+                            self.decompose_feature(term["layer"], term["index"], term["pos"]),
+                            level + 1,
+                        )
                     elif term["kind"] == "head":
                         expand(cid, self.decompose_head_term(term), level + 1)
             if rest:
                 pid = f"{nid}/pruned"
-                nodes[pid] = {"kind": "pruned", "value": sum(t["value"] for t in rest),
-                              "n_terms": len(rest)}
+                nodes[pid] = {
+                    "kind": "pruned",
+                    "value": sum(t["value"] for t in rest),
+                    "n_terms": len(rest),
+                }
                 edges.append({"src": pid, "dst": nid, "weight": nodes[pid]["value"]})
 
         expand(root, self.decompose_feature(layer, feature, pos), 1)

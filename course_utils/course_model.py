@@ -241,9 +241,12 @@ def train_model(model: HookedTransformer, stream: Tensor, config: BuildConfig, l
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "W_" in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "W_" in n)]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95),
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.95),
     )
     bos = model.tokenizer.bos_token_id
     batches = training_batches(stream, config, bos)
@@ -318,7 +321,11 @@ def best_bigram(train_stream: Tensor, val_windows: Tensor, d_vocab: int) -> dict
     for add_k in (0.01, 0.03, 0.1, 0.3, 1.0):
         results[add_k] = bigram_loss(bigram_table(train_stream, d_vocab, add_k), val_windows)
     best_k = min(results, key=results.get)
-    return {"add_k": best_k, "loss": results[best_k], "grid": {str(k): v for k, v in results.items()}}
+    return {
+        "add_k": best_k,
+        "loss": results[best_k],
+        "grid": {str(k): v for k, v in results.items()},
+    }
 
 
 @torch.no_grad()
@@ -383,14 +390,25 @@ def probes(
         return hits[(name, who)] / max(1, counts[name])
 
     return {
-        "indent_after_colon": {"positions": counts["indent"], "model_top1": rate("indent", "model"),
-                               "bigram_top1": rate("indent", "bigram")},
-        "close_bracket": {"positions": counts["close"], "model_accuracy": rate("close", "model"),
-                          "bigram_accuracy": rate("close", "bigram")},
-        "import_top5": {"positions": counts["import"], "model_top5": rate("import", "model"),
-                        "bigram_top5": rate("import", "bigram")},
-        "overall": {"model_top1": rate("overall", "model"),
-                    "bigram_top1": rate("overall", "bigram")},
+        "indent_after_colon": {
+            "positions": counts["indent"],
+            "model_top1": rate("indent", "model"),
+            "bigram_top1": rate("indent", "bigram"),
+        },
+        "close_bracket": {
+            "positions": counts["close"],
+            "model_accuracy": rate("close", "model"),
+            "bigram_accuracy": rate("close", "bigram"),
+        },
+        "import_top5": {
+            "positions": counts["import"],
+            "model_top5": rate("import", "model"),
+            "bigram_top5": rate("import", "bigram"),
+        },
+        "overall": {
+            "model_top1": rate("overall", "model"),
+            "bigram_top1": rate("overall", "bigram"),
+        },
     }
 
 
@@ -455,8 +473,10 @@ def build(config: BuildConfig, out_dir: Path, log=print, evaluate_model: bool = 
     log(f"corpus: {stats}")
     train_texts = list(corpus.iter_texts("train"))
     tokenizer = train_tokenizer(train_texts, config.vocab_size)
-    log(f"tokenizer: byte-level BPE, {tokenizer.get_vocab_size()} tokens "
-        f"({time.perf_counter() - start:.0f} s)")
+    log(
+        f"tokenizer: byte-level BPE, {tokenizer.get_vocab_size()} tokens "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
     train_stream = corpus_stream(tokenizer, "train")
     val_stream = corpus_stream(tokenizer, "validation")
     log(f"tokens: train {len(train_stream):,}, validation {len(val_stream):,}")
@@ -464,8 +484,10 @@ def build(config: BuildConfig, out_dir: Path, log=print, evaluate_model: bool = 
     cfg = hooked_config(config.architecture, tokenizer.get_vocab_size(), seed=config.seed)
     model = HookedTransformer(cfg, tokenizer=wrapped)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params:,} parameters; training {config.steps} steps of "
-        f"{config.batch_size} x {cfg.n_ctx} tokens on {config.threads} threads")
+    log(
+        f"model: {n_params:,} parameters; training {config.steps} steps of "
+        f"{config.batch_size} x {cfg.n_ctx} tokens on {config.threads} threads"
+    )
     train_start = time.perf_counter()
     first_losses, curve = train_model(model, train_stream, config, log)
     train_seconds = time.perf_counter() - train_start
@@ -531,7 +553,9 @@ def format_report(metadata: dict) -> str:
             f"model {p['import_top5']['model_top5']:.3f}, bigram {p['import_top5']['bigram_top5']:.3f}",
             "samples (greedy):",
         ]
-        lines += [f"  {prompt!r} -> {text[len(prompt):]!r}" for prompt, text in e["samples"].items()]
+        lines += [
+            f"  {prompt!r} -> {text[len(prompt) :]!r}" for prompt, text in e["samples"].items()
+        ]
     if "build_seconds" in metadata:
         lines.append(f"build time {metadata['build_seconds'] / 60:.1f} min")
     return "\n".join(lines)

@@ -82,7 +82,9 @@ def train_lm_sae(
 ) -> dict[str, list]:
     """Train a :class:`~course_utils.saes.ReLUSAE` on LM activations (all instances at once).
 
-    ``batches()`` returns activations [batch, d_in]. The L1 coefficient of each instance is warmed
+    ``batches()`` returns activations [batch, d_in] — or an ``(x, y)`` pair for a dictionary whose
+    ``loss(x, y)`` predicts a target, such as a transcoder (chapter 05 reuses this loop); FVU is
+    then measured on ``y``. The L1 coefficient of each instance is warmed
     up from 0 to ``sae.l1_coeff`` (its final value); the learning rate follows ``lr_fn``; decoder
     rows are kept at unit norm (gradient projection, then ``normalise``). The history holds, every
     ``log_every`` steps, the loss, L0, FVU (on the batch) and the number of latents dead for
@@ -97,12 +99,14 @@ def train_lm_sae(
     start, tokens = time.perf_counter(), 0
     bar = tqdm(range(steps), disable=not progress, desc="SAE", mininterval=2.0)
     for step in bar:
-        x = batches()
-        tokens += len(x)
+        batch = batches()
+        args = batch if isinstance(batch, tuple) else (batch,)
+        target = args[-1]  # what the dictionary reconstructs: x for an SAE, y for a transcoder
+        tokens += len(args[0])
         sae.l1_coeff.copy_(final_l1 * l1_schedule(step, steps, 1.0, l1_warmup_frac))
         for group in optimizer.param_groups:
             group["lr"] = lr_fn(step, steps, lr, lr_warmup_steps, lr_decay_frac)
-        out = sae.loss(x)
+        out = sae.loss(*args)
         if not torch.isfinite(out["loss"]).all():
             raise S.TrainingDiverged(f"the loss became non-finite at step {step}; lower lr.")
         optimizer.zero_grad()
@@ -116,8 +120,7 @@ def train_lm_sae(
             sae.steps_since_fired[fired] = 0
         if step % log_every == 0 or step == steps - 1:
             with torch.no_grad():
-                xb = sae._as_batch(x)
-                variance = (xb - xb.mean(0)).pow(2).sum(-1).mean(0)
+                variance = (target - target.mean(0)).pow(2).sum(-1).mean(0)
                 fvu = out["reconstruction"] / variance
                 l0 = (out["acts"] > 0).float().sum(-1).mean(0)
                 history["step"].append(step)
@@ -244,7 +247,8 @@ def evaluate_splice(
     ).item()
     mean = mean_activation(model, tokens if mean_tokens is None else mean_tokens, hook_name)
     mean_abl = model.run_with_hooks(
-        tokens, return_type="loss",
+        tokens,
+        return_type="loss",
         fwd_hooks=[(hook_name, lambda a, hook: mean.expand_as(a).clone())],
     ).item()
     kl = kl_to_original(clean_logits, sae_logits)
@@ -253,11 +257,15 @@ def evaluate_splice(
     x_hat = sae.decode(acts)
     fvu = (x_hat - flat).pow(2).sum() / (flat - flat.mean(0)).pow(2).sum()
     return {
-        "ce_clean": clean, "ce_sae": spliced, "ce_zero_ablation": zero,
+        "ce_clean": clean,
+        "ce_sae": spliced,
+        "ce_zero_ablation": zero,
         "ce_mean_ablation": mean_abl,
         "ce_recovered_zero": ce_loss_recovered(clean, spliced, zero),
         "ce_recovered_mean": ce_loss_recovered(clean, spliced, mean_abl),
-        "kl": kl, "l0": (acts > 0).float().sum(-1).mean().item(), "fvu": fvu.item(),
+        "kl": kl,
+        "l0": (acts > 0).float().sum(-1).mean().item(),
+        "fvu": fvu.item(),
         "dead_fraction": (~(acts > 0).any(0)).float().mean().item(),
     }
 
@@ -281,7 +289,10 @@ def kl_to_original(
 
 @torch.no_grad()
 def feature_acts_on(
-    model: HookedTransformer, sae, tokens: Int[Tensor, "batch pos"], hook_name: str,
+    model: HookedTransformer,
+    sae,
+    tokens: Int[Tensor, "batch pos"],
+    hook_name: str,
     batch_size: int = 64,
 ) -> Float[Tensor, "batch pos d_sae"]:
     """Latent activations of ``sae`` on every position of ``tokens`` (BOS set to 0)."""
@@ -429,8 +440,13 @@ def build_reference_saes(out_root, recipe: dict | None = None, log=print, thread
     model = load_model("course-2l")
     hook = recipe["hook_name"]
     store = ActivationStore(
-        model, hook, corpus_windows(model, "train"), batch_size=recipe["batch_size"],
-        buffer_tokens=recipe["buffer_tokens"], progress=False, seed=0,
+        model,
+        hook,
+        corpus_windows(model, "train"),
+        batch_size=recipe["batch_size"],
+        buffer_tokens=recipe["buffer_tokens"],
+        progress=False,
+        seed=0,
     )
     d_in = model.cfg.d_model if "resid" in hook else model.cfg.d_mlp
     saes = []
@@ -443,26 +459,33 @@ def build_reference_saes(out_root, recipe: dict | None = None, log=print, thread
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(stacked, name).data[i] = getattr(sae, name).data[0]
     history = train_lm_sae(
-        stacked, store.next_batch, recipe["steps"], lr=recipe["lr"], progress=False,
+        stacked,
+        store.next_batch,
+        recipe["steps"],
+        lr=recipe["lr"],
+        progress=False,
         log_every=max(1, recipe["steps"] // 10),
     )
     for step, loss, l0 in zip(history["step"], history["loss"], history["l0"], strict=True):
         log(f"step {step:5d}  loss {loss.tolist()}  L0 {[round(v, 1) for v in l0.tolist()]}")
     train_time = time.perf_counter() - start
-    log(f"trained on {store.tokens_seen} tokens in {train_time:.0f} s "
-        f"({history['tokens_per_s']:.0f} SAE tokens/s)")
+    log(
+        f"trained on {store.tokens_seen} tokens in {train_time:.0f} s "
+        f"({history['tokens_per_s']:.0f} SAE tokens/s)"
+    )
     tokens = corpus_windows(model, "validation")[: recipe["eval_windows"]]
     results = {}
     for i, (seed, name) in enumerate(zip(recipe["seeds"], REFERENCE_NAMES, strict=True)):
         numbers = evaluate_splice(model, single(stacked, i), tokens, hook)
         numbers = {k: round(v, 5) for k, v in numbers.items()}
         log(f"{name}: {numbers}")
-        extra = {"course_recipe": {**recipe, "seeds": list(recipe["seeds"]), "seed": seed},
-                 "course_evaluation": numbers,
-                 "course_train_seconds": round(train_time, 1),
-                 "course_tokens": store.tokens_seen}
-        export_sae(stacked, Path(out_root) / name, instance=i, hook_name=hook,
-                   extra_metadata=extra)
+        extra = {
+            "course_recipe": {**recipe, "seeds": list(recipe["seeds"]), "seed": seed},
+            "course_evaluation": numbers,
+            "course_train_seconds": round(train_time, 1),
+            "course_tokens": store.tokens_seen,
+        }
+        export_sae(stacked, Path(out_root) / name, instance=i, hook_name=hook, extra_metadata=extra)
         results[name] = numbers
     return results
 
@@ -504,23 +527,40 @@ def compare_with_saelens_trainer(
     ours = S.ReLUSAE(d_in, d_sae, 1, l1_coeff=l1_coeff, seed=seed)
     it = batches()
     start = time.perf_counter()
-    train_lm_sae(ours, lambda: next(it), n_steps, lr=lr, l1_warmup_frac=l1_warmup_frac,
-                 progress=False, log_every=n_steps)
+    train_lm_sae(
+        ours,
+        lambda: next(it),
+        n_steps,
+        lr=lr,
+        l1_warmup_frac=l1_warmup_frac,
+        progress=False,
+        log_every=n_steps,
+    )
     results["ours"] = {"seconds": time.perf_counter() - start}
     one = single(ours, 0)
 
     torch.manual_seed(seed)
     cfg = StandardTrainingSAEConfig(
-        d_in=d_in, d_sae=d_sae, l1_coefficient=l1_coeff,
-        l1_warm_up_steps=int(l1_warmup_frac * n_steps), apply_b_dec_to_input=True,
+        d_in=d_in,
+        d_sae=d_sae,
+        l1_coefficient=l1_coeff,
+        l1_warm_up_steps=int(l1_warmup_frac * n_steps),
+        apply_b_dec_to_input=True,
     )
     theirs = StandardTrainingSAE(cfg)
     decay = int(0.2 * n_steps)
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=n_steps * batch_size, train_batch_size_samples=batch_size, lr=lr,
-        lr_end=0.0, lr_scheduler_name="constant", lr_decay_steps=decay,
-        logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, device="cpu",
-        dead_feature_window=1000, feature_sampling_window=10**9,
+        total_training_samples=n_steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=0.0,
+        lr_scheduler_name="constant",
+        lr_decay_steps=decay,
+        logger=LoggingConfig(log_to_wandb=False),
+        n_checkpoints=0,
+        device="cpu",
+        dead_feature_window=1000,
+        feature_sampling_window=10**9,
     )
     trainer = SAETrainer(trainer_cfg, theirs, batches())
     start = time.perf_counter()
@@ -537,10 +577,13 @@ def compare_with_saelens_trainer(
             x_hat = sae.decode(acts)
             mse = (x_hat - held_out).pow(2).sum(-1).mean()
             l1 = (acts * W_dec.norm(dim=-1)).sum(-1).mean()
-            results[name].update({
-                "loss": (mse + l1_coeff * l1).item(), "mse": mse.item(),
-                "l0": (acts > 0).float().sum(-1).mean().item(),
-                "fvu": (mse / (held_out - held_out.mean(0)).pow(2).sum(-1).mean()).item(),
-                "tokens_per_s": n_steps * batch_size / results[name]["seconds"],
-            })
+            results[name].update(
+                {
+                    "loss": (mse + l1_coeff * l1).item(),
+                    "mse": mse.item(),
+                    "l0": (acts > 0).float().sum(-1).mean().item(),
+                    "fvu": (mse / (held_out - held_out.mean(0)).pow(2).sum(-1).mean()).item(),
+                    "tokens_per_s": n_steps * batch_size / results[name]["seconds"],
+                }
+            )
     return results

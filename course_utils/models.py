@@ -141,8 +141,9 @@ def load_sae(name: str, sae_id: str | None = None, device: str = "cpu"):
             command = REBUILT_BY.get(str(name))
             if command is None:
                 raise
-            raise type(error)(f"{error} The shipped dictionary {name!r} is rebuilt by "
-                              f"`{command}`.") from None
+            raise type(error)(
+                f"{error} The shipped dictionary {name!r} is rebuilt by `{command}`."
+            ) from None
     if Path(name).is_dir():
         return load_sae_folder(Path(name), device)
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
@@ -188,6 +189,7 @@ def load_sae_folder(folder, device: str = "cpu"):
                 f"and {SAE_WEIGHTS_FILE}. Restore it (`git checkout -- {path}`) or re-create it "
                 "with SAE.save_model(folder)."
             )
+
     def unreadable(path, error: Exception) -> ValueError:
         return ValueError(
             f"the dictionary file {path} is unreadable ({type(error).__name__}: {error}). "

@@ -38,7 +38,9 @@ def hook_width(model: HookedTransformer, hook_name: str) -> int:
     with torch.no_grad():
         model.run_with_hooks(
             torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device),
-            fwd_hooks=[(hook_name, grab)], stop_at_layer=stop, return_type=None,
+            fwd_hooks=[(hook_name, grab)],
+            stop_at_layer=stop,
+            return_type=None,
         )
     return store["width"]
 

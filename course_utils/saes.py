@@ -187,7 +187,11 @@ class SAE(nn.Module):
     unit_norm_decoder = True
 
     def __init__(
-        self, d_in: int, d_sae: int, n_instances: int = 1, seed: int | None = 0,
+        self,
+        d_in: int,
+        d_sae: int,
+        n_instances: int = 1,
+        seed: int | None = 0,
         tied_init: bool = True,
     ):
         super().__init__()

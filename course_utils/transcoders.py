@@ -91,13 +91,22 @@ class Transcoder(nn.Module):
     has_skip = False
 
     def __init__(
-        self, d_in: int, d_sae: int, d_out: int | None = None, n_instances: int = 1,
-        l1_coeff: float | Tensor | list = 1e-3, seed: int | None = 0,
+        self,
+        d_in: int,
+        d_sae: int,
+        d_out: int | None = None,
+        n_instances: int = 1,
+        l1_coeff: float | Tensor | list = 1e-3,
+        seed: int | None = 0,
     ):
         super().__init__()
         d_out = d_in if d_out is None else d_out
-        for name, v in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out),
-                        ("n_instances", n_instances)):
+        for name, v in (
+            ("d_in", d_in),
+            ("d_sae", d_sae),
+            ("d_out", d_out),
+            ("n_instances", n_instances),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}.")
         self.d_in, self.d_sae, self.d_out, self.n_instances = d_in, d_sae, d_out, n_instances
@@ -155,8 +164,13 @@ class Transcoder(nn.Module):
         acts, y_hat = self.forward(x)
         recon = S.reconstruction_loss(y, y_hat)
         sparsity = self.l1_coeff * acts.abs().sum(-1).mean(0)
-        return {"loss": recon + sparsity, "reconstruction": recon, "sparsity": sparsity,
-                "acts": acts, "y_hat": y_hat}
+        return {
+            "loss": recon + sparsity,
+            "reconstruction": recon,
+            "sparsity": sparsity,
+            "acts": acts,
+            "y_hat": y_hat,
+        }
 
     # -- decoder constraint
     @torch.no_grad()
@@ -175,7 +189,9 @@ class Transcoder(nn.Module):
     def instance_state_dict(self, instance: int) -> dict[str, Tensor]:
         """One instance's weights under SAELens names."""
         if not 0 <= instance < self.n_instances:
-            raise ValueError(f"instance {instance} out of range for n_instances={self.n_instances}.")
+            raise ValueError(
+                f"instance {instance} out of range for n_instances={self.n_instances}."
+            )
         names = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if self.has_skip else ())
         return {n: getattr(self, n).detach()[instance].clone() for n in names}
 
@@ -299,7 +315,8 @@ class PairedActivationStore(ActivationStore):
         self.model.run_with_hooks(
             tokens.to(self.device),
             fwd_hooks=[(self.hook_in, save), (self.hook_out, save)],
-            stop_at_layer=self.layer + 1, return_type=None,
+            stop_at_layer=self.layer + 1,
+            return_type=None,
         )
         x, y = stored[self.hook_in], stored[self.hook_out]
         self.d_in, self.d_out = x.shape[-1], y.shape[-1]
@@ -327,53 +344,24 @@ def train_transcoder(
 ) -> dict[str, list]:
     """Train every instance of ``tc`` on ``pairs() -> (x [batch, d_in], y [batch, d_out])``.
 
-    The chapter-03 recipe (:mod:`course_utils.lm_saes`): Adam, L1 warm-up
+    The chapter-03 loop itself (:func:`~course_utils.lm_saes.train_lm_sae`): Adam, L1 warm-up
     (:func:`~course_utils.lm_saes.l1_coefficient`), lr schedule
     (:func:`~course_utils.lm_saes.lr_schedule`), unit-norm decoder by projection. The history
     holds, every ``log_every`` steps, loss, L0, FVU of the target (on the batch) and the number of
     latents dead for the last 1000 steps; plus ``tokens_per_s``.
     """
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    final_l1 = tc.l1_coeff.clone()
-    optimizer = torch.optim.Adam(tc.parameters(), lr=lr)
-    history: dict[str, list] = {"step": [], "loss": [], "l0": [], "fvu": [], "dead": []}
-    start, tokens = time.perf_counter(), 0
-    bar = tqdm(range(steps), disable=not progress, desc="transcoder", mininterval=2.0)
-    for step in bar:
-        x, y = pairs()
-        tokens += len(x)
-        tc.l1_coeff.copy_(final_l1 * LS.l1_coefficient(step, steps, 1.0, l1_warmup_frac))
-        for group in optimizer.param_groups:
-            group["lr"] = LS.lr_schedule(step, steps, lr, lr_warmup_steps, lr_decay_frac)
-        out = tc.loss(x, y)
-        if not torch.isfinite(out["loss"]).all():
-            raise S.TrainingDiverged(f"the loss became non-finite at step {step}; lower lr.")
-        optimizer.zero_grad()
-        out["loss"].sum().backward()
-        tc.remove_parallel_grad()
-        optimizer.step()
-        with torch.no_grad():
-            tc.normalise_decoder()
-            fired = (out["acts"] > 0).any(0)
-            tc.steps_since_fired += 1
-            tc.steps_since_fired[fired] = 0
-        if step % log_every == 0 or step == steps - 1:
-            with torch.no_grad():
-                variance = (y - y.mean(0)).pow(2).sum(-1).mean()
-                fvu = out["reconstruction"] / variance
-                l0 = (out["acts"] > 0).float().sum(-1).mean(0)
-                history["step"].append(step)
-                history["loss"].append(out["loss"].detach().clone())
-                history["l0"].append(l0)
-                history["fvu"].append(fvu)
-                history["dead"].append(tc.dead_mask(1000).float().sum(-1))
-            bar.set_postfix(L0=f"{l0.mean():.1f}", FVU=f"{fvu.mean():.3f}", refresh=False)
-    tc.l1_coeff.copy_(final_l1)
-    result = {k: (torch.stack(v) if k != "step" else v) for k, v in history.items()}
-    result["tokens_per_s"] = tokens / (time.perf_counter() - start)
-    return result
+    return LS.train_lm_sae(
+        tc,
+        pairs,
+        steps,
+        lr=lr,
+        l1_warmup_frac=l1_warmup_frac,
+        lr_warmup_steps=lr_warmup_steps,
+        lr_decay_frac=lr_decay_frac,
+        log_every=log_every,
+        progress=progress,
+        seed=seed,
+    )
 
 
 # ----------------------------------------------------------------------------- splicing
@@ -426,13 +414,19 @@ def evaluate_transcoders(
     new_logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
     spliced = LS._ce(new_logits, tokens)
     zero = model.run_with_hooks(
-        tokens, return_type="loss",
-        fwd_hooks=[(hook_pair(layer)[1], lambda a, hook: torch.zeros_like(a))
-                   for layer in transcoders],
+        tokens,
+        return_type="loss",
+        fwd_hooks=[
+            (hook_pair(layer)[1], lambda a, hook: torch.zeros_like(a)) for layer in transcoders
+        ],
     ).item()
-    out = {"ce_clean": clean, "ce_transcoders": spliced, "ce_zero_ablation": zero,
-           "ce_recovered_zero": LS.ce_loss_recovered(clean, spliced, zero),
-           "kl": LS.kl_to_original(clean_logits, new_logits)}
+    out = {
+        "ce_clean": clean,
+        "ce_transcoders": spliced,
+        "ce_zero_ablation": zero,
+        "ce_recovered_zero": LS.ce_loss_recovered(clean, spliced, zero),
+        "kl": LS.kl_to_original(clean_logits, new_logits),
+    }
     for layer, tc in transcoders.items():
         tc1 = as_single(tc)
         hook_in, hook_out = hook_pair(layer)
@@ -450,8 +444,12 @@ def evaluate_transcoders(
 
 
 def to_saelens(
-    tc: Transcoder, instance: int = 0, layer: int = 0, model_name: str = "course-2l",
-    model: HookedTransformer | None = None, extra_metadata: dict | None = None,
+    tc: Transcoder,
+    instance: int = 0,
+    layer: int = 0,
+    model_name: str = "course-2l",
+    model: HookedTransformer | None = None,
+    extra_metadata: dict | None = None,
 ):
     """One instance as a SAELens ``Transcoder`` / ``SkipTranscoder`` (identical outputs)."""
     from sae_lens import SkipTranscoder as LensSkip
@@ -464,11 +462,18 @@ def to_saelens(
     if model is not None:
         check_fits(model, single(tc, instance), layer)
     hook_in, hook_out = hook_pair(layer)
-    metadata = SAEMetadata(hook_name=hook_in, hook_name_out=hook_out, hook_layer=layer,
-                           hook_layer_out=layer, model_name=model_name, **(extra_metadata or {}))
+    metadata = SAEMetadata(
+        hook_name=hook_in,
+        hook_name_out=hook_out,
+        hook_layer=layer,
+        hook_layer_out=layer,
+        model_name=model_name,
+        **(extra_metadata or {}),
+    )
     cls, cfg_cls = (LensSkip, SkipTranscoderConfig) if tc.has_skip else (LensTC, TranscoderConfig)
-    cfg = cfg_cls(d_in=tc.d_in, d_sae=tc.d_sae, d_out=tc.d_out, apply_b_dec_to_input=False,
-                  metadata=metadata)
+    cfg = cfg_cls(
+        d_in=tc.d_in, d_sae=tc.d_sae, d_out=tc.d_out, apply_b_dec_to_input=False, metadata=metadata
+    )
     out = cls(cfg)
     out.load_state_dict(
         {k: v.float() for k, v in tc.instance_state_dict(instance).items()}, strict=True
@@ -523,9 +528,12 @@ class MultiHookStore(ActivationStore):
         def save(activation, hook):
             stored[hook.name] = activation.detach()
 
-        self.model.run_with_hooks(tokens.to(self.device),
-                                  fwd_hooks=[(n, save) for n in self.hook_names],
-                                  stop_at_layer=self._stop_layer(), return_type=None)
+        self.model.run_with_hooks(
+            tokens.to(self.device),
+            fwd_hooks=[(n, save) for n in self.hook_names],
+            stop_at_layer=self._stop_layer(),
+            return_type=None,
+        )
         acts = [stored[n] for n in self.hook_names]
         self.widths = [a.shape[-1] for a in acts]
         return torch.cat(acts, dim=-1)
@@ -535,14 +543,27 @@ class MultiHookStore(ActivationStore):
 
 
 #: Recipe of the shipped transcoders (``python -m course_utils.assets build-transcoders``).
-REFERENCE = {"d_sae": 1024, "l1_coeff": 3.0, "lr": 1e-3, "steps": 800, "batch_size": 1024,
-             "buffer_tokens": 65536, "seed": 0, "eval_windows": 64}
-REFERENCE_NAMES = {"tc0": "course-2l-tc0", "tc1": "course-2l-tc1",
-                   "sae0": "course-2l-mlpout0", "sae1": "course-2l-mlpout1"}
+REFERENCE = {
+    "d_sae": 1024,
+    "l1_coeff": 3.0,
+    "lr": 1e-3,
+    "steps": 800,
+    "batch_size": 1024,
+    "buffer_tokens": 65536,
+    "seed": 0,
+    "eval_windows": 64,
+}
+REFERENCE_NAMES = {
+    "tc0": "course-2l-tc0",
+    "tc1": "course-2l-tc1",
+    "sae0": "course-2l-mlpout0",
+    "sae1": "course-2l-mlpout1",
+}
 
 
-def build_reference_transcoders(out_root, recipe: dict | None = None, log=print,
-                                threads: int = 2) -> dict:
+def build_reference_transcoders(
+    out_root, recipe: dict | None = None, log=print, threads: int = 2
+) -> dict:
     """Train transcoders for both MLPs and equal-width ReLU SAEs on both ``hook_mlp_out`` (same
     batches, same L1 coefficient), evaluate the splices and ship all four in SAELens format."""
     from course_utils.activations import corpus_windows
@@ -554,12 +575,20 @@ def build_reference_transcoders(out_root, recipe: dict | None = None, log=print,
     start = time.perf_counter()
     model = load_model("course-2l")
     hooks = [*hook_pair(0), *hook_pair(1)]
-    store = MultiHookStore(model, hooks, corpus_windows(model, "train"),
-                           batch_size=recipe["batch_size"], buffer_tokens=recipe["buffer_tokens"],
-                           progress=False, seed=0)
+    store = MultiHookStore(
+        model,
+        hooks,
+        corpus_windows(model, "train"),
+        batch_size=recipe["batch_size"],
+        buffer_tokens=recipe["buffer_tokens"],
+        progress=False,
+        seed=0,
+    )
     d, n = model.cfg.d_model, recipe["d_sae"]
-    tcs = [Transcoder(d, n, d, 1, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"] + i)
-           for i in range(2)]
+    tcs = [
+        Transcoder(d, n, d, 1, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"] + i)
+        for i in range(2)
+    ]
     saes = S.ReLUSAE(d, n, 2, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"])
     cache: dict[str, list[Tensor]] = {}
 
@@ -591,8 +620,10 @@ def build_reference_transcoders(out_root, recipe: dict | None = None, log=print,
             m.normalise_decoder()
             losses.append(out["loss"].detach())
         if step % max(1, steps // 10) == 0 or step == steps - 1:
-            log(f"step {step:5d}  loss tc0/tc1/sae0/sae1 "
-                f"{[round(v, 2) for v in torch.cat(losses).tolist()]}")
+            log(
+                f"step {step:5d}  loss tc0/tc1/sae0/sae1 "
+                f"{[round(v, 2) for v in torch.cat(losses).tolist()]}"
+            )
     for k, m in enumerate((*tcs, saes)):
         m.l1_coeff.copy_(final[k])
     train_time = time.perf_counter() - start
@@ -603,19 +634,33 @@ def build_reference_transcoders(out_root, recipe: dict | None = None, log=print,
         hook_out = hook_pair(layer)[1]
         tc_numbers = evaluate_transcoders(model, tokens, {layer: single(tcs[layer])})
         sae_numbers = LS.evaluate_splice(model, LS.single(saes, layer), tokens, hook_out)
-        common = {"course_recipe": recipe, "course_train_seconds": round(train_time, 1),
-                  "course_tokens": store.tokens_seen}
+        common = {
+            "course_recipe": recipe,
+            "course_train_seconds": round(train_time, 1),
+            "course_tokens": store.tokens_seen,
+        }
         for key, numbers in ((f"tc{layer}", tc_numbers), (f"sae{layer}", sae_numbers)):
             numbers = {k: round(v, 5) for k, v in numbers.items()}
             ce = numbers.get("ce_transcoders", numbers.get("ce_sae"))
             l0 = numbers.get(f"l0_{layer}", numbers.get("l0"))
-            log(f"{REFERENCE_NAMES[key]}: L0 {l0:.1f}  CE {ce:.4f} (clean {numbers['ce_clean']:.4f}"
-                f", +{ce - numbers['ce_clean']:.4f})  {numbers}")
+            log(
+                f"{REFERENCE_NAMES[key]}: L0 {l0:.1f}  CE {ce:.4f} (clean {numbers['ce_clean']:.4f}"
+                f", +{ce - numbers['ce_clean']:.4f})  {numbers}"
+            )
             results[REFERENCE_NAMES[key]] = numbers
         extra = {**common, "course_evaluation": results[REFERENCE_NAMES[f"tc{layer}"]]}
-        export_transcoder(tcs[layer], Path(out_root) / REFERENCE_NAMES[f"tc{layer}"], layer=layer,
-                          extra_metadata=extra)
+        export_transcoder(
+            tcs[layer],
+            Path(out_root) / REFERENCE_NAMES[f"tc{layer}"],
+            layer=layer,
+            extra_metadata=extra,
+        )
         extra = {**common, "course_evaluation": results[REFERENCE_NAMES[f"sae{layer}"]]}
-        export_sae(saes, Path(out_root) / REFERENCE_NAMES[f"sae{layer}"], instance=layer,
-                   hook_name=hook_out, extra_metadata=extra)
+        export_sae(
+            saes,
+            Path(out_root) / REFERENCE_NAMES[f"sae{layer}"],
+            instance=layer,
+            hook_name=hook_out,
+            extra_metadata=extra,
+        )
     return results

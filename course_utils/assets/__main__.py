@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     saes.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
     saes.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     saes.add_argument("--threads", type=int, default=2)
-    tcs = sub.add_parser("build-transcoders",
-                         help="retrain the shipped transcoders and MLP-out SAEs (chapter 05)")
+    tcs = sub.add_parser(
+        "build-transcoders", help="retrain the shipped transcoders and MLP-out SAEs (chapter 05)"
+    )
     tcs.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
     tcs.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
     tcs.add_argument("--threads", type=int, default=2)

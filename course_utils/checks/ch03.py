@@ -79,12 +79,21 @@ def _warmup_from_zero(step, total_steps, peak_lr, warmup_steps=0, decay_frac=0.2
 
 
 LR_MISTAKES = [
-    Mistake("no decay", _no_decay,
-            "the learning rate decays linearly to 0 over the last decay_frac of the steps."),
-    Mistake("decay over the whole run", _decay_from_start,
-            "keep the peak rate until the last decay_frac * total_steps steps, then decay."),
-    Mistake("warm-up starts at 0", _warmup_from_zero,
-            "the first step should already move: use (step + 1) / warmup_steps during warm-up."),
+    Mistake(
+        "no decay",
+        _no_decay,
+        "the learning rate decays linearly to 0 over the last decay_frac of the steps.",
+    ),
+    Mistake(
+        "decay over the whole run",
+        _decay_from_start,
+        "keep the peak rate until the last decay_frac * total_steps steps, then decay.",
+    ),
+    Mistake(
+        "warm-up starts at 0",
+        _warmup_from_zero,
+        "the first step should already move: use (step + 1) / warmup_steps during warm-up.",
+    ),
 ]
 
 
@@ -169,16 +178,27 @@ def _latents_spliced(model, sae, tokens, hook_name):
         return sae.encode(act)[..., : act.shape[-1]]
 
     with torch.no_grad():
-        return model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_name, hook)]).item()
+        return model.run_with_hooks(
+            tokens, return_type="loss", fwd_hooks=[(hook_name, hook)]
+        ).item()
 
 
 SPLICE_MISTAKES = [
-    Mistake("no splice", _clean_loss,
-            "that is the clean loss: the hook must *return* sae.decode(sae.encode(activation))."),
-    Mistake("spliced at the hook before", _wrong_hook,
-            "splice at the hook you were given (hook_name), not the one before it."),
-    Mistake("returned the latents", _latents_spliced,
-            "the hook must return the reconstruction (decode(encode(x))), not the latents."),
+    Mistake(
+        "no splice",
+        _clean_loss,
+        "that is the clean loss: the hook must *return* sae.decode(sae.encode(activation)).",
+    ),
+    Mistake(
+        "spliced at the hook before",
+        _wrong_hook,
+        "splice at the hook you were given (hook_name), not the one before it.",
+    ),
+    Mistake(
+        "returned the latents",
+        _latents_spliced,
+        "the hook must return the reconstruction (decode(encode(x))), not the latents.",
+    ),
 ]
 
 
@@ -192,19 +212,29 @@ def _splice_cases() -> list[Case]:
 
 @exercise("2.1", "ce_loss_with_sae")
 def ce_loss_with_sae(learner) -> str:
-    return compare_function(learner, L.ce_loss_with_sae, _splice_cases(), SPLICE_MISTAKES,
-                            atol=1e-4)
+    return compare_function(
+        learner, L.ce_loss_with_sae, _splice_cases(), SPLICE_MISTAKES, atol=1e-4
+    )
 
 
 # ---------------------------------------------------------------- 2.2 CE loss recovered
 
 RECOVERED_MISTAKES = [
-    Mistake("one minus the answer", lambda clean, spliced, ablated: (spliced - clean) / (ablated - clean),
-            "that is the fraction *lost*: use (ablated - spliced) / (ablated - clean)."),
-    Mistake("wrong denominator", lambda clean, spliced, ablated: (ablated - spliced) / (ablated - clean + spliced - clean),
-            "divide by the full gap between the ablation and the clean model: ablated - clean."),
-    Mistake("ratio of losses", lambda clean, spliced, ablated: clean / spliced,
-            "compare *gaps* to the ablation, not the losses themselves."),
+    Mistake(
+        "one minus the answer",
+        lambda clean, spliced, ablated: (spliced - clean) / (ablated - clean),
+        "that is the fraction *lost*: use (ablated - spliced) / (ablated - clean).",
+    ),
+    Mistake(
+        "wrong denominator",
+        lambda clean, spliced, ablated: (ablated - spliced) / (ablated - clean + spliced - clean),
+        "divide by the full gap between the ablation and the clean model: ablated - clean.",
+    ),
+    Mistake(
+        "ratio of losses",
+        lambda clean, spliced, ablated: clean / spliced,
+        "compare *gaps* to the ablation, not the losses themselves.",
+    ),
 ]
 
 
@@ -242,11 +272,19 @@ def _per_window(feature_acts, k=10):
 
 
 TOP_MISTAKES = [
-    Mistake("smallest activations", _smallest, "take the *largest* activations (topk, largest=True)."),
-    Mistake("window and position swapped", _swapped,
-            "flat index i is window i // n_pos and position i % n_pos: return (window, position, value)."),
-    Mistake("one per window", _per_window,
-            "rank every (window, position) pair, so one window may appear more than once."),
+    Mistake(
+        "smallest activations", _smallest, "take the *largest* activations (topk, largest=True)."
+    ),
+    Mistake(
+        "window and position swapped",
+        _swapped,
+        "flat index i is window i // n_pos and position i % n_pos: return (window, position, value).",
+    ),
+    Mistake(
+        "one per window",
+        _per_window,
+        "rank every (window, position) pair, so one window may appear more than once.",
+    ),
 ]
 
 
@@ -272,12 +310,21 @@ def top_activating(learner) -> str:
 # ---------------------------------------------------------------- 4.2 logit weights
 
 LOGIT_MISTAKES = [
-    Mistake("softmax", lambda W_dec, W_U: (W_dec @ W_U).softmax(-1),
-            "logit weights are the raw direct effect W_dec @ W_U: no softmax."),
-    Mistake("encoder direction", lambda W_dec, W_U: (W_dec / W_dec.norm(dim=0, keepdim=True)) @ W_U,
-            "use W_dec as it is: each row is the feature's direction in the residual stream."),
-    Mistake("transposed", lambda W_dec, W_U: (W_dec @ W_U).T,
-            "the result is [d_sae, d_vocab]: one row of logit effects per feature."),
+    Mistake(
+        "softmax",
+        lambda W_dec, W_U: (W_dec @ W_U).softmax(-1),
+        "logit weights are the raw direct effect W_dec @ W_U: no softmax.",
+    ),
+    Mistake(
+        "encoder direction",
+        lambda W_dec, W_U: (W_dec / W_dec.norm(dim=0, keepdim=True)) @ W_U,
+        "use W_dec as it is: each row is the feature's direction in the residual stream.",
+    ),
+    Mistake(
+        "transposed",
+        lambda W_dec, W_U: (W_dec @ W_U).T,
+        "the result is [d_sae, d_vocab]: one row of logit effects per feature.",
+    ),
 ]
 
 
@@ -318,11 +365,17 @@ def _sens_over_all(feature_acts, proxy, threshold=0.0):
 
 
 SS_MISTAKES = [
-    Mistake("counted tokens instead of activation mass", _by_count,
-            "weight by activation: specificity = activation mass on proxy tokens / total mass."),
+    Mistake(
+        "counted tokens instead of activation mass",
+        _by_count,
+        "weight by activation: specificity = activation mass on proxy tokens / total mass.",
+    ),
     Mistake("swapped", _swapped_ss, "return (specificity, sensitivity), in that order."),
-    Mistake("sensitivity over all tokens", _sens_over_all,
-            "sensitivity is over proxy tokens only: the fraction of them on which the feature fires."),
+    Mistake(
+        "sensitivity over all tokens",
+        _sens_over_all,
+        "sensitivity is over proxy tokens only: the fraction of them on which the feature fires.",
+    ),
 ]
 
 
@@ -375,11 +428,19 @@ def _covariance(feature_acts, neuron_acts):
 
 
 CORR_MISTAKES = [
-    Mistake("cosine, not correlation", _cosine,
-            "subtract each variable's mean before the dot product (Pearson correlation)."),
-    Mistake("absolute value", _abs_corr,
-            "a neuron that fires *opposite* to the feature is not the feature: take the signed max."),
-    Mistake("covariance", _covariance, "divide by both standard deviations (norms after centring)."),
+    Mistake(
+        "cosine, not correlation",
+        _cosine,
+        "subtract each variable's mean before the dot product (Pearson correlation).",
+    ),
+    Mistake(
+        "absolute value",
+        _abs_corr,
+        "a neuron that fires *opposite* to the feature is not the feature: take the signed max.",
+    ),
+    Mistake(
+        "covariance", _covariance, "divide by both standard deviations (norms after centring)."
+    ),
 ]
 
 
@@ -397,5 +458,6 @@ def _corr_cases() -> list[Case]:
 
 @exercise("4.4", "max_neuron_correlation")
 def max_neuron_correlation(learner) -> str:
-    return compare_function(learner, L.max_neuron_correlation, _corr_cases(), CORR_MISTAKES,
-                            atol=1e-4)
+    return compare_function(
+        learner, L.max_neuron_correlation, _corr_cases(), CORR_MISTAKES, atol=1e-4
+    )
