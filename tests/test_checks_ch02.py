@@ -8,7 +8,8 @@ import torch
 from course_utils import sae_metrics as M
 from course_utils import saes as S
 from course_utils.checks import ch02 as check
-from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, outcome, stub
+from course_utils.checks.core import FAILED, outcome
+from tests.check_contract import contract_tests
 
 
 @pytest.fixture(autouse=True)
@@ -95,41 +96,13 @@ CHECKS = [
         lambda acts, W_dec: (acts * W_dec.norm(dim=-1)).sum(-1).mean(0) * 2,
     ),
 ]
-IDS = [c[0].exercise.name for c in CHECKS]
-
-
-@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
-def test_reference_passes(check_fn, reference, mistakes, extra):
-    assert outcome(check_fn, reference) == (PASSED, "")
-
-
-@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
-def test_stub_not_attempted(check_fn, reference, mistakes, extra):
-    status, message = outcome(check_fn, stub)
-    assert status == NOT_ATTEMPTED, message
-
-
-@pytest.mark.parametrize(
-    "check_fn, mistake",
-    [(c[0], m) for c in CHECKS for m in c[2]],
-    ids=[f"{c[0].exercise.name}: {m.name}" for c in CHECKS for m in c[2]],
-)
-def test_every_mistake_rejected_with_its_hint(check_fn, mistake):
-    status, message = outcome(check_fn, mistake.impl)
-    assert status == FAILED
-    assert mistake.hint in message, message
-
-
-@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
-def test_extra_wrong_answer_rejected(check_fn, reference, mistakes, extra):
-    status, _ = outcome(check_fn, extra)
-    assert status == FAILED
-
-
-def test_every_exercise_has_a_test():
-    from course_utils.checks.core import exercises_of
-
-    assert {e.name for e in exercises_of(check)} == set(IDS)
+(
+    test_reference_passes,
+    test_stub_not_attempted,
+    test_every_mistake_rejected_with_its_hint,
+    test_extra_wrong_answer_rejected,
+    test_every_exercise_has_a_test,
+) = contract_tests(check, CHECKS)
 
 
 def test_crashing_answer_names_the_line():

@@ -7,7 +7,7 @@ import torch
 
 from course_utils import lm_saes as L
 from course_utils.checks import ch03 as check
-from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, exercises_of, outcome, stub
+from tests.check_contract import contract_tests
 
 
 @pytest.fixture(autouse=True)
@@ -20,66 +20,75 @@ def _one_thread():
 
 def _splice_mean_ablation(model, sae, tokens, hook_name):
     """Splices the mean activation instead of the reconstruction."""
+
     def hook(act, hook):
         return act.mean((0, 1), keepdim=True).expand_as(act)
 
     with torch.no_grad():
-        return model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_name, hook)]).item()
+        return model.run_with_hooks(
+            tokens, return_type="loss", fwd_hooks=[(hook_name, hook)]
+        ).item()
 
 
 # (check, reference, mistakes, an extra wrong answer not in the mistakes list)
 CHECKS = [
-    (check.l1_coefficient, L.l1_coefficient, check.L1_MISTAKES,
-     lambda step, total_steps, final_coeff, warmup_frac=0.05: final_coeff * min(1, step / 50)),
-    (check.lr_schedule, L.lr_schedule, check.LR_MISTAKES,
-     lambda step, total_steps, peak_lr, warmup_steps=0, decay_frac=0.2: peak_lr * 0.5),
-    (check.normalise_decoder_rows, L.normalise_decoder_rows, check.NORMALISE_MISTAKES,
-     lambda W_dec: W_dec.clamp(-1, 1)),
+    (
+        check.l1_coefficient,
+        L.l1_coefficient,
+        check.L1_MISTAKES,
+        lambda step, total_steps, final_coeff, warmup_frac=0.05: final_coeff * min(1, step / 50),
+    ),
+    (
+        check.lr_schedule,
+        L.lr_schedule,
+        check.LR_MISTAKES,
+        lambda step, total_steps, peak_lr, warmup_steps=0, decay_frac=0.2: peak_lr * 0.5,
+    ),
+    (
+        check.normalise_decoder_rows,
+        L.normalise_decoder_rows,
+        check.NORMALISE_MISTAKES,
+        lambda W_dec: W_dec.clamp(-1, 1),
+    ),
     (check.ce_loss_with_sae, L.ce_loss_with_sae, check.SPLICE_MISTAKES, _splice_mean_ablation),
-    (check.ce_loss_recovered, L.ce_loss_recovered, check.RECOVERED_MISTAKES,
-     lambda clean, spliced, ablated: (ablated - spliced) / ablated),
-    (check.top_activating, L.top_activating, check.TOP_MISTAKES,
-     lambda feature_acts, k=10: L.top_activating(feature_acts, k + 1)),
-    (check.logit_weights, L.logit_weights, check.LOGIT_MISTAKES,
-     lambda W_dec, W_U: W_dec @ W_U - (W_dec @ W_U).mean(-1, keepdim=True)),
-    (check.specificity_sensitivity, L.specificity_sensitivity, check.SS_MISTAKES,
-     lambda feature_acts, proxy, threshold=0.0: (1.0, 1.0)),
-    (check.max_neuron_correlation, L.max_neuron_correlation, check.CORR_MISTAKES,
-     lambda feature_acts, neuron_acts: (0.5, 0)),
+    (
+        check.ce_loss_recovered,
+        L.ce_loss_recovered,
+        check.RECOVERED_MISTAKES,
+        lambda clean, spliced, ablated: (ablated - spliced) / ablated,
+    ),
+    (
+        check.top_activating,
+        L.top_activating,
+        check.TOP_MISTAKES,
+        lambda feature_acts, k=10: L.top_activating(feature_acts, k + 1),
+    ),
+    (
+        check.logit_weights,
+        L.logit_weights,
+        check.LOGIT_MISTAKES,
+        lambda W_dec, W_U: W_dec @ W_U - (W_dec @ W_U).mean(-1, keepdim=True),
+    ),
+    (
+        check.specificity_sensitivity,
+        L.specificity_sensitivity,
+        check.SS_MISTAKES,
+        lambda feature_acts, proxy, threshold=0.0: (1.0, 1.0),
+    ),
+    (
+        check.max_neuron_correlation,
+        L.max_neuron_correlation,
+        check.CORR_MISTAKES,
+        lambda feature_acts, neuron_acts: (0.5, 0),
+    ),
 ]
-IDS = [c[0].exercise.name for c in CHECKS]
-
-
-@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
-def test_reference_passes(check_fn, reference, mistakes, extra):
-    assert outcome(check_fn, reference) == (PASSED, "")
-
-
-@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
-def test_stub_not_attempted(check_fn, reference, mistakes, extra):
-    status, message = outcome(check_fn, stub)
-    assert status == NOT_ATTEMPTED, message
-
-
-@pytest.mark.parametrize(
-    "check_fn, mistake",
-    [(c[0], m) for c in CHECKS for m in c[2]],
-    ids=[f"{c[0].exercise.name}: {m.name}" for c in CHECKS for m in c[2]],
-)
-def test_every_mistake_rejected_with_its_hint(check_fn, mistake):
-    status, message = outcome(check_fn, mistake.impl)
-    assert status == FAILED
-    assert mistake.hint in message, message
-
-
-@pytest.mark.parametrize("check_fn, reference, mistakes, extra", CHECKS, ids=IDS)
-def test_extra_wrong_answer_rejected(check_fn, reference, mistakes, extra):
-    status, _ = outcome(check_fn, extra)
-    assert status == FAILED
-
-
-def test_every_exercise_has_a_test():
-    assert {e.name for e in exercises_of(check)} == set(IDS)
+(
+    test_reference_passes,
+    test_stub_not_attempted,
+    test_every_mistake_rejected_with_its_hint,
+    test_extra_wrong_answer_rejected,
+    test_every_exercise_has_a_test,
+) = contract_tests(check, CHECKS)
 
 
 def test_helpers_reject_bad_shapes():
