@@ -1,6 +1,7 @@
 """The contract every chapter's exercise checks must meet, as reusable pytest tests.
 
-``checks`` rows are ``(check, reference, mistakes, extra_wrong_answer)``. A module gets the tests
+``checks`` rows are ``(check, reference, mistakes, extra_wrong_answer)``; for a class exercise the
+reference is the class and "untouched" means its forward still raises NotImplementedError. A module gets the tests
 by assigning them to ``test_*`` names:
 
     (test_reference_passes, ...) = contract_tests(check_module, CHECKS)
@@ -13,6 +14,18 @@ import pytest
 from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, exercises_of, outcome, stub
 
 
+def untouched(reference):
+    """What the learner's untouched exercise looks like: the stub function, or for a class
+    exercise the class whose forward still raises NotImplementedError."""
+    if not isinstance(reference, type):
+        return stub
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError()
+
+    return type(reference.__name__, (reference,), {"forward": forward})
+
+
 def contract_tests(module, checks: list[tuple]) -> tuple:
     ids = [row[0].exercise.name for row in checks]
     row_params = pytest.mark.parametrize("check_fn, reference, mistakes, extra", checks, ids=ids)
@@ -23,7 +36,7 @@ def contract_tests(module, checks: list[tuple]) -> tuple:
 
     @row_params
     def test_stub_not_attempted(check_fn, reference, mistakes, extra):
-        status, message = outcome(check_fn, stub)
+        status, message = outcome(check_fn, untouched(reference))
         assert status == NOT_ATTEMPTED, message
 
     @pytest.mark.parametrize(

@@ -7,34 +7,8 @@ import torch
 
 from course_utils import basics, hooks
 from course_utils.checks import ch00
-from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, outcome, stub
-
-CHECKS = [
-    (ch00.cosine_similarity_matrix, basics.cosine_similarity_matrix, ch00.COSINE_MISTAKES),
-    (ch00.record_norm_hook, hooks.record_norm_hook, ch00.NORM_HOOK_MISTAKES),
-    (ch00.ablation_loss_change, hooks.ablation_loss_change, ch00.ABLATION_MISTAKES),
-]
-IDS = ["cosine", "norm_hook", "ablation"]
-
-
-@pytest.mark.parametrize("check, reference, mistakes", CHECKS, ids=IDS)
-def test_reference_passes(check, reference, mistakes):
-    assert outcome(check, reference) == (PASSED, "")
-
-
-@pytest.mark.parametrize("check, reference, mistakes", CHECKS, ids=IDS)
-def test_stub_is_not_attempted(check, reference, mistakes):
-    assert outcome(check, stub)[0] == NOT_ATTEMPTED
-
-
-ALL_MISTAKES = [(check, m) for check, _, mistakes in CHECKS for m in mistakes]
-
-
-@pytest.mark.parametrize("check, mistake", ALL_MISTAKES, ids=[m.name for _, m in ALL_MISTAKES])
-def test_every_known_mistake_is_rejected_with_its_hint(check, mistake):
-    status, message = outcome(check, mistake.impl)
-    assert status == FAILED
-    assert mistake.hint in message
+from course_utils.checks.core import FAILED, outcome
+from tests.check_contract import contract_tests
 
 
 # Wrong answers that are not in the hint lists: the checks must still reject them.
@@ -76,6 +50,35 @@ def ablation_per_token_sum(model, tokens, hook_name):
 
 def ablation_returns_a_tensor(model, tokens, hook_name):
     return torch.tensor(hooks.ablation_loss_change(model, tokens, hook_name))
+
+
+CHECKS = [
+    (
+        ch00.cosine_similarity_matrix,
+        basics.cosine_similarity_matrix,
+        ch00.COSINE_MISTAKES,
+        cosine_without_transpose,
+    ),
+    (
+        ch00.record_norm_hook,
+        hooks.record_norm_hook,
+        ch00.NORM_HOOK_MISTAKES,
+        norm_hook_keeps_grad_but_wrong_name,
+    ),
+    (
+        ch00.ablation_loss_change,
+        hooks.ablation_loss_change,
+        ch00.ABLATION_MISTAKES,
+        ablation_per_token_sum,
+    ),
+]
+(
+    test_reference_passes,
+    test_stub_not_attempted,
+    test_every_mistake_rejected_with_its_hint,
+    test_extra_wrong_answer_rejected,
+    test_every_exercise_has_a_test,
+) = contract_tests(ch00, CHECKS)
 
 
 @pytest.mark.parametrize(

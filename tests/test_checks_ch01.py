@@ -8,7 +8,8 @@ import torch
 
 from course_utils import toy_models as ref
 from course_utils.checks import ch01 as check
-from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, outcome, stub
+from course_utils.checks.core import FAILED, outcome
+from tests.check_contract import contract_tests
 
 
 @pytest.fixture(autouse=True)
@@ -20,75 +21,88 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def stub_class(base):
-    def forward(self, x):
-        raise NotImplementedError()
-
-    return type(base.__name__, (base,), {"forward": forward})
+def _values_in_minus_one_one(n, p, i, f):
+    return ref.generate_batch(n, p, i, f) * 2 - 1
 
 
-REFERENCES = [
-    (check.generate_batch, lambda n, p, i, f: ref.generate_batch(n, p, i, f), stub),
+def _anticorrelated_as_correlated(n, p, i, k):
+    return ref.generate_anticorrelated_batch(
+        n, min(p, 0.5) if isinstance(p, float) else p.clamp(max=0.5), i, k
+    )
+
+
+def _scaled_forward(self, x):
+    return 2 * ref.ToyModel.forward(self, x)
+
+
+def _abs_wrong_target_layout(self, x):
+    h = torch.relu(torch.einsum("ihf,bif->bih", self.W1, x))
+    return torch.relu(torch.einsum("ifh,bih->bif", self.W2, h) - self.b_final)
+
+
+def _train_no_return(model, n_steps, batch_size, lr, warmup_frac):
+    ref.train_toy_model(model, n_steps, batch_size, lr, warmup_frac, progress=False)
+
+
+# (check, reference, known mistakes, one more wrong answer that is not in the list)
+CHECKS = [
+    (
+        check.generate_batch,
+        lambda n, p, i, f: ref.generate_batch(n, p, i, f),
+        check.GENERATE_BATCH_MISTAKES,
+        _values_in_minus_one_one,
+    ),
     (
         check.generate_correlated_batch,
         lambda n, p, i, k: ref.generate_correlated_batch(n, p, i, k),
-        stub,
+        check.CORRELATED_MISTAKES,
+        _anticorrelated_as_correlated,
     ),
     (
         check.generate_anticorrelated_batch,
         lambda n, p, i, k: ref.generate_anticorrelated_batch(n, p, i, k),
-        stub,
+        check.ANTICORRELATED_MISTAKES,
+        lambda n, p, i, k: ref.generate_correlated_batch(n, p, i, k),
     ),
-    (check.ToyModel, ref.ToyModel, stub_class(ref.ToyModel)),
-    (check.NeuronModel, ref.NeuronModel, stub_class(ref.NeuronModel)),
-    (check.AbsValueModel, ref.AbsValueModel, stub_class(ref.AbsValueModel)),
-    (check.importance_weighted_mse, ref.importance_weighted_mse, stub),
-    (check.feature_dimensionality, ref.feature_dimensionality, stub),
+    (
+        check.ToyModel,
+        ref.ToyModel,
+        check.TOY_MODEL_MISTAKES,
+        type("ToyModel", (ref.ToyModel,), {"forward": _scaled_forward}),
+    ),
+    (check.NeuronModel, ref.NeuronModel, check.NEURON_MODEL_MISTAKES, ref.ToyModel),
+    (
+        check.AbsValueModel,
+        ref.AbsValueModel,
+        check.ABS_MODEL_MISTAKES,
+        type("AbsValueModel", (ref.AbsValueModel,), {"forward": _abs_wrong_target_layout}),
+    ),
+    (
+        check.importance_weighted_mse,
+        ref.importance_weighted_mse,
+        check.MSE_MISTAKES,
+        lambda x_hat, x, imp: ((x - x_hat) ** 2 * imp).mean(0).mean(-1),
+    ),
+    (
+        check.feature_dimensionality,
+        ref.feature_dimensionality,
+        check.DIMENSIONALITY_MISTAKES,
+        lambda W: ref.feature_dimensionality(W) / W.norm(dim=1).clamp_min(1e-8),
+    ),
+    (
+        check.train_toy_model,
+        lambda m, **kw: ref.train_toy_model(m, progress=False, **kw),
+        check.TRAIN_MISTAKES,
+        _train_no_return,
+    ),
 ]
-
-
-@pytest.mark.parametrize(
-    "fn, reference, untouched", REFERENCES, ids=lambda x: getattr(x, "__name__", "")
-)
-def test_reference_passes_and_stub_not_attempted(fn, reference, untouched):
-    status, message = outcome(fn, reference)
-    assert status == PASSED, message
-    status, message = outcome(fn, untouched)
-    assert status == NOT_ATTEMPTED, message
-
-
-def test_training_reference_passes_and_stub_not_attempted():
-    status, message = outcome(
-        check.train_toy_model, lambda m, **kw: ref.train_toy_model(m, progress=False, **kw)
-    )
-    assert status == PASSED, message
-    status, _ = outcome(
-        check.train_toy_model, lambda model, n_steps, batch_size, lr, warmup_frac: stub()
-    )
-    assert status == NOT_ATTEMPTED
-
-
-MISTAKE_LISTS = [
-    (check.generate_batch, check.GENERATE_BATCH_MISTAKES),
-    (check.generate_correlated_batch, check.CORRELATED_MISTAKES),
-    (check.generate_anticorrelated_batch, check.ANTICORRELATED_MISTAKES),
-    (check.ToyModel, check.TOY_MODEL_MISTAKES),
-    (check.NeuronModel, check.NEURON_MODEL_MISTAKES),
-    (check.AbsValueModel, check.ABS_MODEL_MISTAKES),
-    (check.importance_weighted_mse, check.MSE_MISTAKES),
-    (check.feature_dimensionality, check.DIMENSIONALITY_MISTAKES),
-    (check.train_toy_model, check.TRAIN_MISTAKES),
-]
-ALL_MISTAKES = [(fn, m) for fn, mistakes in MISTAKE_LISTS for m in mistakes]
-
-
-@pytest.mark.parametrize(
-    "fn, mistake", ALL_MISTAKES, ids=[f"{f.__name__}-{m.name}" for f, m in ALL_MISTAKES]
-)
-def test_every_mistake_is_rejected_with_its_hint(fn, mistake):
-    status, message = outcome(fn, mistake.impl)
-    assert status == FAILED, f"{mistake.name} was not rejected"
-    assert mistake.hint in message, f"{mistake.name}: hint missing from {message!r}"
+(
+    test_reference_passes,
+    test_stub_not_attempted,
+    test_every_mistake_rejected_with_its_hint,
+    test_extra_wrong_answer_rejected,
+    test_every_exercise_has_a_test,
+) = contract_tests(check, CHECKS)
 
 
 # ------------------------------------------------------------------ wrong answers not in the lists
