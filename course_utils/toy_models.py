@@ -202,7 +202,35 @@ def _check_input(x: Tensor, n_instances: int, n_features: int, who: str) -> None
 # ----------------------------------------------------------------------------- models
 
 
-class ToyModel(nn.Module):
+class _InstancedModel(nn.Module):
+    """What every toy model shares: sizes, a per-instance output bias ``b_final`` (zeros) and the
+    sweep buffers ``feature_probability`` ``[inst]`` and ``importance`` ``[inst, feats]``."""
+
+    b_final: Tensor
+    feature_probability: Tensor
+    importance: Tensor
+
+    def __init__(
+        self,
+        n_instances: int,
+        n_features: int,
+        d_hidden: int,
+        feature_probability: float | Tensor,
+        importance: float | Tensor,
+    ):
+        super().__init__()
+        self.n_instances = _check_count("n_instances", n_instances)
+        self.n_features = _check_count("n_features", n_features)
+        self.d_hidden = _check_count("d_hidden", d_hidden)
+        # b_final is zeros (no random draw), so the weights' random stream is as before.
+        self.b_final = nn.Parameter(torch.zeros(n_instances, n_features))
+        self.register_buffer(
+            "feature_probability", feature_probability_tensor(feature_probability, n_instances)
+        )
+        self.register_buffer("importance", importance_tensor(importance, n_instances, n_features))
+
+
+class ToyModel(_InstancedModel):
     """Reference for exercise 1.2: ``h = W x``, ``x' = ReLU(W^T h + b)``, ``n_instances`` at once.
 
     ``W``: ``[inst, d_hidden, feats]`` (Xavier-normal per instance); ``b_final``: ``[inst, feats]``
@@ -211,9 +239,6 @@ class ToyModel(nn.Module):
     """
 
     W: Tensor
-    b_final: Tensor
-    feature_probability: Tensor
-    importance: Tensor
 
     def __init__(
         self,
@@ -224,10 +249,7 @@ class ToyModel(nn.Module):
         importance: float | Tensor = 1.0,
         batch_kind: BatchKind = "independent",
     ):
-        super().__init__()
-        self.n_instances = _check_count("n_instances", n_instances)
-        self.n_features = _check_count("n_features", n_features)
-        self.d_hidden = _check_count("d_hidden", d_hidden)
+        super().__init__(n_instances, n_features, d_hidden, feature_probability, importance)
         if batch_kind not in ("independent", "correlated", "anticorrelated"):
             raise ValueError(
                 f"batch_kind must be independent, correlated or anticorrelated, got {batch_kind!r}."
@@ -240,11 +262,6 @@ class ToyModel(nn.Module):
         self.W = nn.Parameter(
             nn.init.xavier_normal_(torch.empty(n_instances, d_hidden, n_features))
         )
-        self.b_final = nn.Parameter(torch.zeros(n_instances, n_features))
-        self.register_buffer(
-            "feature_probability", feature_probability_tensor(feature_probability, n_instances)
-        )
-        self.register_buffer("importance", importance_tensor(importance, n_instances, n_features))
 
     def forward(self, x: Float[Tensor, "batch inst feats"]) -> Float[Tensor, "batch inst feats"]:
         _check_input(x, self.n_instances, self.n_features, type(self).__name__)
@@ -302,16 +319,13 @@ class NeuronModel(ToyModel):
         return torch.relu(super().hidden(x))
 
 
-class AbsValueModel(nn.Module):
+class AbsValueModel(_InstancedModel):
     """Reference for exercise 1.9, computation in superposition: learn ``y = |x|`` through
     ``h = ReLU(W1 x)``, ``y' = ReLU(W2 h + b)`` with untied ``W1 [inst, hid, feats]`` and
     ``W2 [inst, feats, hid]``; x is 0 with probability S, else uniform on [-1, 1]."""
 
     W1: Tensor
     W2: Tensor
-    b_final: Tensor
-    feature_probability: Tensor
-    importance: Tensor
 
     def __init__(
         self,
@@ -321,21 +335,13 @@ class AbsValueModel(nn.Module):
         feature_probability: float | Tensor = 1.0,
         importance: float | Tensor = 1.0,
     ):
-        super().__init__()
-        self.n_instances = _check_count("n_instances", n_instances)
-        self.n_features = _check_count("n_features", n_features)
-        self.d_hidden = _check_count("d_hidden", d_hidden)
+        super().__init__(n_instances, n_features, d_hidden, feature_probability, importance)
         self.W1 = nn.Parameter(
             nn.init.xavier_normal_(torch.empty(n_instances, d_hidden, n_features))
         )
         self.W2 = nn.Parameter(
             nn.init.xavier_normal_(torch.empty(n_instances, n_features, d_hidden))
         )
-        self.b_final = nn.Parameter(torch.zeros(n_instances, n_features))
-        self.register_buffer(
-            "feature_probability", feature_probability_tensor(feature_probability, n_instances)
-        )
-        self.register_buffer("importance", importance_tensor(importance, n_instances, n_features))
 
     def forward(self, x: Float[Tensor, "batch inst feats"]) -> Float[Tensor, "batch inst feats"]:
         _check_input(x, self.n_instances, self.n_features, type(self).__name__)

@@ -11,14 +11,7 @@ from course_utils.checks import ch01 as check
 from course_utils.checks.core import FAILED, outcome
 from tests.check_contract import contract_tests
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is faster and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _values_in_minus_one_one(n, p, i, f):

@@ -11,14 +11,7 @@ from course_utils.checks import ch02 as check
 from course_utils.checks.core import FAILED, outcome
 from tests.check_contract import contract_tests
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is ~10x faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _extra_training_step(sae, optimizer, x, l1_coeff):

@@ -9,13 +9,7 @@ from course_utils import lm_saes as L
 from course_utils.checks import ch03 as check
 from tests.check_contract import contract_tests
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _splice_mean_ablation(model, sae, tokens, hook_name):

@@ -9,14 +9,7 @@ from course_utils import sae_metrics as M
 from course_utils import saes as S
 from course_utils.sparse_data import SparseDictionaryData, decaying_probabilities, random_dictionary
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is ~10x faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _data(seed=0, n=12, d=6):

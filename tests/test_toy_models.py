@@ -10,13 +10,7 @@ import torch
 from course_utils import plots_superposition as plots
 from course_utils import toy_models as tm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 # ------------------------------------------------------------------ data

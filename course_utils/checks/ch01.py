@@ -372,7 +372,9 @@ def _run_model(cls: Callable, reference_cls: type, signed: bool = False) -> Call
         g = torch.Generator().manual_seed(seed)
         shapes = reference_cls(n_instances, n_features, d_hidden)
         model = cls(n_instances, n_features, d_hidden)
-        for name, param in shapes.named_parameters():
+        # weights before biases, whatever order the classes register them in
+        params = sorted(shapes.named_parameters(), key=lambda item: item[0].startswith("b"))
+        for name, param in params:
             scale = 0.3 if name.startswith("b") else 1.0
             _load(model, name, scale * torch.randn(param.shape, generator=g), cls.__name__)
         if x_kind == "zeros":
