@@ -83,3 +83,57 @@ def test_missing_or_corrupt_shipped_sae_names_file_and_command(tmp_path, monkeyp
     (root / "saes" / name / "sae_weights.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"sae_weights\.safetensors.*unreadable.*build-saes"):
         load_sae(name)
+
+
+def test_clip_grad_norm_per_instance_clips_each_instance_on_its_own_norm():
+    sae = S.ReLUSAE(4, 6, 2)
+    for p in sae.parameters():
+        p.grad = torch.ones_like(p)
+    sae.W_enc.grad[1] *= 100.0  # instance 1 has a much larger gradient
+    before = [p.grad.clone() for p in sae.parameters()]
+    norms = L.clip_grad_norm_per_instance(sae.parameters(), 1.0)
+    expected = torch.stack([sum(g[i].pow(2).sum() for g in before).sqrt() for i in range(2)])
+    assert torch.allclose(norms, expected)
+    after = torch.stack([sum(p.grad[i].pow(2).sum() for p in sae.parameters()).sqrt()
+                         for i in range(2)])
+    assert torch.allclose(after, torch.ones(2), atol=1e-5)
+    # same formula as torch's clip_grad_norm_ for a single instance
+    one = S.ReLUSAE(4, 6, 1)
+    twin = S.ReLUSAE(4, 6, 1)
+    for p, q in zip(one.parameters(), twin.parameters(), strict=True):
+        p.grad = torch.randn_like(p) * 3
+        q.grad = p.grad.clone()
+    L.clip_grad_norm_per_instance(one.parameters(), 0.5)
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    for p, q in zip(one.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_clip_grad_norm_per_instance_leaves_small_gradients_and_explains_bad_input():
+    sae = S.ReLUSAE(4, 6, 2)
+    for p in sae.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    before = [p.grad.clone() for p in sae.parameters()]
+    L.clip_grad_norm_per_instance(sae.parameters(), 1.0)
+    assert all(torch.equal(p.grad, b) for p, b in zip(sae.parameters(), before, strict=True))
+    with pytest.raises(ValueError, match="backward"):
+        L.clip_grad_norm_per_instance(S.ReLUSAE(4, 6, 2).parameters(), 1.0)
+    with pytest.raises(ValueError, match="instance dimension first"):
+        a, b = torch.zeros(2, 3, requires_grad=True), torch.zeros(5, requires_grad=True)
+        a.grad, b.grad = torch.ones(2, 3), torch.ones(5)
+        L.clip_grad_norm_per_instance([a, b], 1.0)
+
+
+def test_instances_train_independently_with_clipping():
+    """Per-instance clipping: instance 0 of a 2-instance run equals a 1-instance run."""
+    torch.manual_seed(0)
+    data = (torch.randn(2048, 8) @ torch.randn(8, 8)) * 10
+    pair = S.ReLUSAE(8, 16, 2, l1_coeff=[0.05, 5.0], seed=0)
+    alone = S.ReLUSAE(8, 16, 1, l1_coeff=0.05, seed=0)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(alone, name).data[0] = getattr(pair, name).data[0]
+    for sae in (pair, alone):
+        batches = iter(data.split(256))
+        L.train_lm_sae(sae, lambda b=batches: next(b), steps=8, lr=1e-2, progress=False)
+    assert torch.allclose(pair.W_dec[0], alone.W_dec[0], atol=1e-5)
