@@ -137,3 +137,23 @@ def test_instances_train_independently_with_clipping():
         batches = iter(data.split(256))
         L.train_lm_sae(sae, lambda b=batches: next(b), steps=8, lr=1e-2, progress=False)
     assert torch.allclose(pair.W_dec[0], alone.W_dec[0], atol=1e-5)
+
+
+def test_compare_with_saelens_trainer_rows_and_bad_input():
+    torch.manual_seed(0)
+    acts = torch.randn(10 * 64, 8) @ torch.randn(8, 8)
+    held = torch.randn(128, 8) @ torch.randn(8, 8)
+    rows = L.compare_with_saelens_trainer(acts, held, d_sae=16, l1_coeff=0.1, batch_size=64)
+    assert list(rows) == ["ours", "saelens (our init)", "saelens (its init)", "ours (no clipping)"]
+    for row in rows.values():
+        assert {"loss", "mse", "l0", "fvu", "seconds", "tokens_per_s"} <= set(row)
+        assert torch.isfinite(torch.tensor(row["loss"]))
+    with pytest.raises(ValueError, match="only 2 batches of 64"):
+        L.compare_with_saelens_trainer(acts[:128], held, d_sae=16, batch_size=64)
+
+
+def test_saelens_loss_matches_our_loss_for_a_unit_norm_decoder():
+    sae = S.ReLUSAE(8, 16, 1, l1_coeff=0.3)
+    x = torch.randn(64, 8)
+    ours = sae.loss(x)["loss"].item()
+    assert abs(L.saelens_loss(L.single(sae), x, 0.3)["loss"] - ours) < 1e-4 * max(1.0, abs(ours))
