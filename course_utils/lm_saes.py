@@ -172,7 +172,12 @@ def train_lm_sae(
 
 
 class single(torch.nn.Module):
-    """One instance of a :mod:`course_utils.saes` SAE with ``encode``/``decode`` on [..., d_in]."""
+    """One instance of a :mod:`course_utils.saes` SAE with ``encode``/``decode`` on [..., d_in].
+
+    Chapter 02's SAEs carry an instance dimension (``W_enc [inst, d_in, d_sae]``); this wrapper
+    picks one instance and exposes its ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` without it,
+    with SAELens's shapes (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``).
+    """
 
     def __init__(self, sae: S.SAE, instance: int = 0):
         super().__init__()
@@ -201,6 +206,14 @@ class single(torch.nn.Module):
     @property
     def W_enc(self) -> Tensor:
         return self.sae.W_enc[self.instance]
+
+    @property
+    def b_enc(self) -> Tensor:
+        return self.sae.b_enc[self.instance]
+
+    @property
+    def b_dec(self) -> Tensor:
+        return self.sae.b_dec[self.instance]
 
 
 def _d_in(sae) -> int:
@@ -421,6 +434,45 @@ def max_neuron_correlation(
     corr = torch.where(denom > 0, corr, torch.zeros_like(corr))
     value, index = corr.max(0)
     return value.item(), int(index)
+
+
+def mass_by_token(
+    feature_acts: Float[Tensor, " n"],
+    tokens: Int[Tensor, " n"],
+    top: int = 8,
+    group_of: Int[Tensor, " d_vocab"] | None = None,
+) -> list[tuple[int, float, float]]:
+    """Where a feature's activation mass goes: its ``top`` tokens by share of the mass.
+
+    Returns ``(token id, share of the feature's activation mass, base rate)`` from the largest
+    share down; the base rate is the fraction of all ``n`` tokens that are this token, so a
+    share far above its base rate means the feature prefers the token. Activation mass is
+    ``feature_acts.clamp_min(0)``, as in specificity. With ``group_of`` (a group id per
+    vocabulary entry, e.g. tokens equal up to whitespace) the ids returned are group ids.
+    """
+    acts = feature_acts.flatten().float()
+    tokens = tokens.flatten().long()
+    if acts.shape != tokens.shape:
+        raise ValueError(
+            f"feature_acts has {acts.numel()} values but tokens has {tokens.numel()}: pass one "
+            "feature's activations and the tokens they were computed on, aligned."
+        )
+    if group_of is not None:
+        if len(tokens) and int(tokens.max()) >= len(group_of):
+            raise ValueError(
+                f"token id {int(tokens.max())} is outside group_of ({len(group_of)} entries, "
+                "one per vocabulary entry)."
+            )
+        tokens = group_of.long()[tokens]
+    n_ids = int(tokens.max()) + 1 if len(tokens) else 0
+    mass = torch.zeros(n_ids).index_add_(0, tokens, acts.clamp_min(0))
+    count = torch.bincount(tokens, minlength=n_ids).float()
+    total = mass.sum()
+    if total <= 0:
+        return []
+    shares, ids = (mass / total).topk(min(top, int((mass > 0).sum())))
+    base = count / len(tokens)
+    return [(int(i), float(s), float(base[i])) for s, i in zip(shares, ids, strict=True)]
 
 
 def token_proxy(tokens: Tensor, token_ids: Iterable[int]) -> Tensor:

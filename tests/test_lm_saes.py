@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -157,3 +159,44 @@ def test_saelens_loss_matches_our_loss_for_a_unit_norm_decoder():
     x = torch.randn(64, 8)
     ours = sae.loss(x)["loss"].item()
     assert abs(L.saelens_loss(L.single(sae), x, 0.3)["loss"] - ours) < 1e-4 * max(1.0, abs(ours))
+
+
+def test_mass_by_token_shares_and_base_rates():
+    acts = torch.tensor([2.0, 0.0, 1.5, -5.0, 0.5, 0.0])
+    tokens = torch.tensor([7, 7, 3, 3, 9, 9])
+    rows = L.mass_by_token(acts, tokens, top=5)
+    assert [r[0] for r in rows] == [7, 3, 9]  # the negative activation is not mass
+    assert rows[0][1] == pytest.approx(0.5) and rows[1][1] == pytest.approx(0.375)
+    assert rows[0][2] == pytest.approx(2 / 6)
+    grouped = L.mass_by_token(acts, tokens, group_of=torch.tensor([0] * 9 + [1]))
+    assert grouped[0][0] == 0 and grouped[0][1] == pytest.approx(0.875)
+    assert L.mass_by_token(torch.zeros(3), torch.tensor([1, 2, 3])) == []
+    with pytest.raises(ValueError, match="aligned"):
+        L.mass_by_token(torch.zeros(4), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside group_of"):
+        L.mass_by_token(torch.ones(2), torch.tensor([0, 4]), group_of=torch.zeros(3, dtype=torch.long))
+
+
+def test_sae_folder_whose_cfg_disagrees_with_its_weights(tmp_path):
+    import json
+    import shutil
+
+    from course_utils.models import load_sae_folder
+
+    source = Path(__file__).resolve().parents[1] / "course_utils/assets/saes" / L.REFERENCE_NAMES[0]
+    shutil.copytree(source, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae/cfg.json").read_text())
+    cfg["d_in"] = 512
+    (tmp_path / "sae/cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"cfg\.json says d_in=512 .*d_in=128"):
+        load_sae_folder(tmp_path / "sae")
+
+
+def test_missing_file_message_puts_the_rebuild_command_first(tmp_path):
+    from course_utils.models import load_sae_folder
+
+    with pytest.raises(FileNotFoundError) as info:
+        load_sae_folder(tmp_path, rebuild="python -m course_utils.assets build-saes")
+    message = str(info.value)
+    assert "Rebuild it with `python -m course_utils.assets build-saes`" in message
+    assert "git checkout" not in message  # tmp_path is not inside a git checkout

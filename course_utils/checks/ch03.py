@@ -265,6 +265,13 @@ def _swapped(feature_acts, k=10):
     return p, w, v
 
 
+def _div_by_windows(feature_acts, k=10):
+    flat = feature_acts.flatten()
+    values, index = flat.topk(min(k, flat.numel()))
+    n_windows = feature_acts.shape[0]
+    return index // n_windows, index % n_windows, values
+
+
 def _per_window(feature_acts, k=10):
     best, where = feature_acts.max(1)
     values, windows = best.topk(min(k, len(best)))
@@ -279,6 +286,12 @@ TOP_MISTAKES = [
         "window and position swapped",
         _swapped,
         "flat index i is window i // n_pos and position i % n_pos: return (window, position, value).",
+    ),
+    Mistake(
+        "divided by the number of windows",
+        _div_by_windows,
+        "a row of the flattened [windows, pos] tensor has n_pos entries: window = i // n_pos "
+        "(feature_acts.shape[1]), position = i % n_pos.",
     ),
     Mistake(
         "one per window",
@@ -358,6 +371,13 @@ def _swapped_ss(feature_acts, proxy, threshold=0.0):
     return b, a
 
 
+def _no_clamp(feature_acts, proxy, threshold=0.0):
+    acts = feature_acts.flatten().float()
+    proxy = proxy.flatten().bool()
+    spec = (acts[proxy].sum() / acts.sum()).item()
+    return spec, (acts[proxy] > threshold).float().mean().item()
+
+
 def _sens_over_all(feature_acts, proxy, threshold=0.0):
     spec, _ = L.specificity_sensitivity(feature_acts, proxy, threshold)
     fires = feature_acts.flatten() > threshold
@@ -376,6 +396,12 @@ SS_MISTAKES = [
         _sens_over_all,
         "sensitivity is over proxy tokens only: the fraction of them on which the feature fires.",
     ),
+    Mistake(
+        "negative activations counted as mass",
+        _no_clamp,
+        "activation mass is acts.clamp_min(0): a negative value (a GELU neuron, a pre-ReLU "
+        "latent) is not firing and must not add to or cancel the mass.",
+    ),
 ]
 
 
@@ -387,10 +413,13 @@ def _ss_cases() -> list[Case]:
     acts2[[0, 1, 5]] = torch.tensor([3.0, 0.5, 1.0])
     proxy2 = torch.zeros(10, dtype=torch.bool)
     proxy2[[0, 2, 5, 7]] = True
+    signed = torch.tensor([2.0, -1.5, 0.5, -0.2, 1.0, -3.0])  # e.g. GELU neurons go below 0
+    proxy3 = torch.tensor([True, True, False, False, True, False])
     return [
         Case("seeded random", (acts, proxy)),
         Case("hand-made", (acts2, proxy2)),
         Case("a threshold", (acts, proxy, 0.5)),
+        Case("negative activations", (signed, proxy3)),
     ]
 
 
@@ -427,6 +456,16 @@ def _covariance(feature_acts, neuron_acts):
     return value.item(), int(index)
 
 
+def _unbiased_z(feature_acts, neuron_acts):
+    f = feature_acts.flatten().float()
+    n = neuron_acts.reshape(-1, neuron_acts.shape[-1]).float()
+    zf = (f - f.mean()) / f.std()
+    zn = (n - n.mean(0)) / n.std(0)
+    corr = (zf @ zn) / len(f)
+    value, index = corr.max(0)
+    return value.item(), int(index)
+
+
 CORR_MISTAKES = [
     Mistake(
         "cosine, not correlation",
@@ -440,6 +479,12 @@ CORR_MISTAKES = [
     ),
     Mistake(
         "covariance", _covariance, "divide by both standard deviations (norms after centring)."
+    ),
+    Mistake(
+        "z-scores with the unbiased std",
+        _unbiased_z,
+        "torch's .std() divides by n - 1, so mean(z_f * z_n) is the correlation times (n-1)/n: "
+        "use .std(unbiased=False), or skip z-scores: (fc @ nc) / (fc.norm() * nc.norm(dim=0)).",
     ),
 ]
 
