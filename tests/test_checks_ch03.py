@@ -121,13 +121,32 @@ def test_review_wrong_answers_get_their_hints():
         corr = ((f - f.mean()) / f.std()) @ ((n - n.mean(0)) / n.std(0)) / len(f)
         return corr.max().item(), int(corr.argmax())
 
+    def clipped(clean, spliced, ablated):
+        return min(1.0, max(0.0, (ablated - spliced) / (ablated - clean)))
+
     for fn, wrong, hint in [
         (check.specificity_sensitivity, no_clamp, "clamp_min(0)"),
         (check.top_activating, by_n_windows, "i // n_pos"),
         (check.max_neuron_correlation, unbiased_z, "(n-1)/n"),
+        (check.ce_loss_recovered, clipped, "do not clip"),
     ]:
         status, message = outcome(fn, wrong)
         assert status == "failed" and hint in message, message
+
+
+def test_review_edge_cases_are_rejected():
+    """warmup_frac=0 must not divide by zero; a zero decoder row must not become NaN."""
+    from course_utils.checks.core import outcome
+
+    def divides(step, total_steps, final_coeff, warmup_frac=0.05):
+        return final_coeff * min(1.0, step / (warmup_frac * total_steps))
+
+    def unclamped(W_dec):
+        return W_dec / W_dec.norm(dim=-1, keepdim=True)
+
+    for fn, wrong in [(check.l1_coefficient, divides), (check.normalise_decoder_rows, unclamped)]:
+        status, message = outcome(fn, wrong)
+        assert status == "failed", message
 
 
 def test_single_exposes_one_instance_parameters():

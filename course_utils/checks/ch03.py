@@ -49,6 +49,7 @@ def _l1_cases() -> list[Case]:
         Case("end of the warm-up", (50, 1000, 2.0)),
         Case("after the warm-up", (700, 1000, 2.0)),
         Case("a 10% warm-up", (30, 1000, 0.5, 0.1)),
+        Case("no warm-up (warmup_frac=0)", (10, 1000, 2.0, 0.0)),
     ]
 
 
@@ -103,7 +104,7 @@ def _lr_cases() -> list[Case]:
         Case("middle of training", (500, 1000, 1e-3, 100)),
         Case("start of the decay", (800, 1000, 1e-3, 100)),
         Case("deep in the decay", (950, 1000, 1e-3, 100)),
-        Case("no warm-up, 50% decay", (600, 1000, 3e-4, 0, 0.5)),
+        Case("no warm-up and a 50% decay", (600, 1000, 3e-4, 0, 0.5)),
     ]
 
 
@@ -137,9 +138,11 @@ NORMALISE_MISTAKES = [
 def _normalise_cases() -> list[Case]:
     g = _g(3)
     return [
-        Case("seeded random, 2 instances", (torch.randn(2, 6, 4, generator=g) * 3,)),
+        Case("seeded random with 2 instances", (torch.randn(2, 6, 4, generator=g) * 3,)),
         Case("rows already unit-norm", (torch.eye(4)[None],)),
-        Case("one instance, one latent", (torch.randn(1, 1, 5, generator=g),)),
+        Case("one instance with one latent", (torch.randn(1, 1, 5, generator=g),)),
+        Case("a row of zeros (never trained)", (torch.cat([torch.zeros(1, 1, 4),
+                                                          torch.randn(1, 2, 4, generator=g)], 1),)),
     ]
 
 
@@ -205,8 +208,8 @@ SPLICE_MISTAKES = [
 def _splice_cases() -> list[Case]:
     model, sae, tokens = _tiny()
     return [
-        Case("tiny model, layer-0 residual", (model, sae, tokens, "blocks.0.hook_resid_post")),
-        Case("tiny model, layer-1 residual", (model, sae, tokens[:1], "blocks.1.hook_resid_post")),
+        Case("tiny model at the layer-0 residual", (model, sae, tokens, "blocks.0.hook_resid_post")),
+        Case("tiny model at the layer-1 residual", (model, sae, tokens[:1], "blocks.1.hook_resid_post")),
     ]
 
 
@@ -229,6 +232,12 @@ RECOVERED_MISTAKES = [
         "wrong denominator",
         lambda clean, spliced, ablated: (ablated - spliced) / (ablated - clean + spliced - clean),
         "divide by the full gap between the ablation and the clean model: ablated - clean.",
+    ),
+    Mistake(
+        "clipped to [0, 1]",
+        lambda clean, spliced, ablated: min(1.0, max(0.0, (ablated - spliced) / (ablated - clean))),
+        "do not clip: an SAE that is worse than the ablation really recovers a negative "
+        "fraction, and that is worth seeing.",
     ),
     Mistake(
         "ratio of losses",
@@ -497,7 +506,7 @@ def _corr_cases() -> list[Case]:
     return [
         Case("seeded random", (feature, neurons)),
         Case("an anti-correlated neuron", (anti, neurons)),
-        Case("feature = a neuron, scaled", (2 * neurons[:, 3] + 5, neurons)),
+        Case("feature = a scaled neuron", (2 * neurons[:, 3] + 5, neurons)),
     ]
 
 
