@@ -58,6 +58,32 @@ def lr_schedule(
 
 
 @torch.no_grad()
+def clip_grad_norm_per_instance(params: Iterable[Tensor], max_norm: float) -> Tensor:
+    """Scale each instance's gradients so that their joint L2 norm is at most ``max_norm``.
+
+    Every parameter's first dimension is the instance dimension (the :mod:`course_utils.saes`
+    convention), so instance ``i`` is clipped on the norm of ``[p.grad[i] for p in params]``
+    alone: instances of a sweep stay independent (``torch.nn.utils.clip_grad_norm_`` would clip
+    them all on one joint norm). With one instance this is ``clip_grad_norm_`` (same formula,
+    ``max_norm / (norm + 1e-6)``). Returns the norms before clipping, one per instance.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        raise ValueError("no parameter has a gradient: call backward() before clipping.")
+    n_instances = grads[0].shape[0]
+    if any(g.ndim == 0 or g.shape[0] != n_instances for g in grads):
+        shapes = [tuple(g.shape) for g in grads]
+        raise ValueError(
+            f"every parameter needs the instance dimension first; got gradient shapes {shapes}."
+        )
+    norms = torch.stack([g.reshape(n_instances, -1).pow(2).sum(-1) for g in grads]).sum(0).sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.reshape(-1, *([1] * (g.ndim - 1))))
+    return norms
+
+
+@torch.no_grad()
 def normalise_decoder_rows(
     W_dec: Float[Tensor, "inst d_sae d_in"],
 ) -> Float[Tensor, "inst d_sae d_in"]:
@@ -79,6 +105,7 @@ def train_lm_sae(
     l1_schedule: Callable = l1_coefficient,
     lr_fn: Callable = lr_schedule,
     normalise: Callable = normalise_decoder_rows,
+    max_grad_norm: float | None = 1.0,
 ) -> dict[str, list]:
     """Train a :class:`~course_utils.saes.ReLUSAE` on LM activations (all instances at once).
 
@@ -86,7 +113,11 @@ def train_lm_sae(
     ``loss(x, y)`` predicts a target, such as a transcoder (chapter 05 reuses this loop); FVU is
     then measured on ``y``. The L1 coefficient of each instance is warmed
     up from 0 to ``sae.l1_coeff`` (its final value); the learning rate follows ``lr_fn``; decoder
-    rows are kept at unit norm (gradient projection, then ``normalise``). The history holds, every
+    rows are kept at unit norm (gradient projection, then ``normalise``); each instance's gradient
+    norm is clipped at ``max_grad_norm`` (as SAELens's trainer and Anthropic's April 2024 recipe
+    do; ``None`` turns it off). Clipping matters here: the first gradients are 50-100x larger than
+    later ones and, unclipped, they inflate Adam's second-moment estimate (beta2 = 0.999 remembers
+    ~1000 steps), which shrinks every later step. The history holds, every
     ``log_every`` steps, the loss, L0, FVU (on the batch) and the number of latents dead for
     the last 1000 steps; plus ``tokens_per_s``.
     """
@@ -112,6 +143,8 @@ def train_lm_sae(
         optimizer.zero_grad()
         out["loss"].sum().backward()
         sae.remove_parallel_grad()
+        if max_grad_norm is not None:
+            clip_grad_norm_per_instance(sae.parameters(), max_grad_norm)
         optimizer.step()
         with torch.no_grad():
             sae.W_dec.data = normalise(sae.W_dec.data)
@@ -139,7 +172,12 @@ def train_lm_sae(
 
 
 class single(torch.nn.Module):
-    """One instance of a :mod:`course_utils.saes` SAE with ``encode``/``decode`` on [..., d_in]."""
+    """One instance of a :mod:`course_utils.saes` SAE with ``encode``/``decode`` on [..., d_in].
+
+    Chapter 02's SAEs carry an instance dimension (``W_enc [inst, d_in, d_sae]``); this wrapper
+    picks one instance and exposes its ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` without it,
+    with SAELens's shapes (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``).
+    """
 
     def __init__(self, sae: S.SAE, instance: int = 0):
         super().__init__()
@@ -168,6 +206,14 @@ class single(torch.nn.Module):
     @property
     def W_enc(self) -> Tensor:
         return self.sae.W_enc[self.instance]
+
+    @property
+    def b_enc(self) -> Tensor:
+        return self.sae.b_enc[self.instance]
+
+    @property
+    def b_dec(self) -> Tensor:
+        return self.sae.b_dec[self.instance]
 
 
 def _d_in(sae) -> int:
@@ -390,6 +436,45 @@ def max_neuron_correlation(
     return value.item(), int(index)
 
 
+def mass_by_token(
+    feature_acts: Float[Tensor, " n"],
+    tokens: Int[Tensor, " n"],
+    top: int = 8,
+    group_of: Int[Tensor, " d_vocab"] | None = None,
+) -> list[tuple[int, float, float]]:
+    """Where a feature's activation mass goes: its ``top`` tokens by share of the mass.
+
+    Returns ``(token id, share of the feature's activation mass, base rate)`` from the largest
+    share down; the base rate is the fraction of all ``n`` tokens that are this token, so a
+    share far above its base rate means the feature prefers the token. Activation mass is
+    ``feature_acts.clamp_min(0)``, as in specificity. With ``group_of`` (a group id per
+    vocabulary entry, e.g. tokens equal up to whitespace) the ids returned are group ids.
+    """
+    acts = feature_acts.flatten().float()
+    tokens = tokens.flatten().long()
+    if acts.shape != tokens.shape:
+        raise ValueError(
+            f"feature_acts has {acts.numel()} values but tokens has {tokens.numel()}: pass one "
+            "feature's activations and the tokens they were computed on, aligned."
+        )
+    if group_of is not None:
+        if len(tokens) and int(tokens.max()) >= len(group_of):
+            raise ValueError(
+                f"token id {int(tokens.max())} is outside group_of ({len(group_of)} entries, "
+                "one per vocabulary entry)."
+            )
+        tokens = group_of.long()[tokens]
+    n_ids = int(tokens.max()) + 1 if len(tokens) else 0
+    mass = torch.zeros(n_ids).index_add_(0, tokens, acts.clamp_min(0))
+    count = torch.bincount(tokens, minlength=n_ids).float()
+    total = mass.sum()
+    if total <= 0:
+        return []
+    shares, ids = (mass / total).topk(min(top, int((mass > 0).sum())))
+    base = count / len(tokens)
+    return [(int(i), float(s), float(base[i])) for s, i in zip(shares, ids, strict=True)]
+
+
 def token_proxy(tokens: Tensor, token_ids: Iterable[int]) -> Tensor:
     """True where the token is one of ``token_ids``."""
     ids = torch.tensor(sorted(set(token_ids)), dtype=tokens.dtype)
@@ -418,6 +503,9 @@ REFERENCE = {
     "buffer_tokens": 131072,
     "seeds": (0, 1),
     "eval_windows": 64,
+    # The shipped files were trained before train_lm_sae clipped gradients; None keeps
+    # `build-saes` reproducing them bit for bit. (With clipping they would train better.)
+    "max_grad_norm": None,
 }
 REFERENCE_NAMES = ("course-2l-res0-seed0", "course-2l-res0-seed1")
 
@@ -465,6 +553,7 @@ def build_reference_saes(out_root, recipe: dict | None = None, log=print, thread
         lr=recipe["lr"],
         progress=False,
         log_every=max(1, recipe["steps"] // 10),
+        max_grad_norm=recipe["max_grad_norm"],
     )
     for step, loss, l0 in zip(history["step"], history["loss"], history["l0"], strict=True):
         log(f"step {step:5d}  loss {loss.tolist()}  L0 {[round(v, 1) for v in l0.tolist()]}")
@@ -493,6 +582,25 @@ def build_reference_saes(out_root, recipe: dict | None = None, log=print, thread
 # ----------------------------------------------------------------------------- SAELens's trainer
 
 
+def saelens_loss(sae, x: Float[Tensor, "n d_in"], l1_coeff: float) -> dict[str, float]:
+    """One scoring function for every trainer: loss, MSE, L0, FVU of ``sae`` on ``x``.
+
+    loss = MSE (squared error summed over d_in, averaged over tokens) + ``l1_coeff`` * sum_i f_i
+    ||W_dec,i||: SAELens's training loss, and for a unit-norm decoder (ours) exactly our L1 loss.
+    """
+    with torch.no_grad():
+        acts = sae.encode(x)
+        x_hat = sae.decode(acts)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        l1 = (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+        return {
+            "loss": (mse + l1_coeff * l1).item(),
+            "mse": mse.item(),
+            "l0": (acts > 0).float().sum(-1).mean().item(),
+            "fvu": (mse / (x - x.mean(0)).pow(2).sum(-1).mean()).item(),
+        }
+
+
 def compare_with_saelens_trainer(
     activations: Float[Tensor, "n d_in"],
     held_out: Float[Tensor, "m d_in"],
@@ -502,88 +610,105 @@ def compare_with_saelens_trainer(
     batch_size: int = 1024,
     l1_warmup_frac: float = 0.05,
     seed: int = 0,
+    max_grad_norm: float = 1.0,
+    unclipped: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Train the same ReLU SAE with our loop and with SAELens's ``SAETrainer`` on the same batches.
 
-    Same data order, batch size, lr (constant, then linear decay over the last 20%), L1
-    coefficient and warm-up. Differences that remain (SAELens's own choices): its penalty is
-    ``sum_i f_i ||W_dec,i||`` with an unconstrained decoder initialised at norm 0.1, it clips the
-    gradient norm at 1, and it initialises ``b_dec`` at zero like ours. Both are evaluated on
-    ``held_out`` with the same formulas: MSE (summed over d_in) + l1_coeff * sum_i f_i
-    ||W_dec,i||, L0, FVU; wall time covers the training loop only (activations are in memory).
+    Matched: the batches and their order, batch size, Adam (betas 0.9, 0.999), lr (constant, then
+    linear decay to 0 over the last 20%), L1 coefficient and its linear warm-up, gradient-norm
+    clipping at 1 (SAELens hard-codes it; ours uses ``max_grad_norm``), ``b_dec`` = 0.
+
+    Rows:
+    - ``ours``: :func:`train_lm_sae` (unit-norm decoder by projection, plain L1);
+    - ``saelens (our init)``: SAELens's ``StandardTrainingSAE`` started from *our* initial weights,
+      so only the two loops differ: SAELens leaves the decoder free and penalises
+      ``sum_i f_i ||W_dec,i||`` instead of constraining the rows;
+    - ``saelens (its init)``: SAELens's own initialisation (kaiming-uniform directions, decoder
+      rows scaled to norm 0.1, ``W_enc = W_dec^T``): SAELens as a user would run it;
+    - with ``unclipped``, ``ours (no clipping)``: our loop with ``max_grad_norm=None``.
+
+    All rows are scored on ``held_out`` by :func:`saelens_loss`. ``seconds`` covers the training
+    loop only (activations are in memory); ``tokens_per_s`` = training tokens / seconds.
     """
+    import contextlib
+    import io
+
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.config import LoggingConfig
     from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
 
     n_steps = len(activations) // batch_size
+    if n_steps < 10:
+        raise ValueError(
+            f"{len(activations)} activations make only {n_steps} batches of {batch_size}; "
+            "the comparison needs at least 10."
+        )
     d_in = activations.shape[-1]
 
     def batches():
         for i in range(n_steps):
             yield activations[i * batch_size : (i + 1) * batch_size]
 
-    results = {}
-    ours = S.ReLUSAE(d_in, d_sae, 1, l1_coeff=l1_coeff, seed=seed)
-    it = batches()
-    start = time.perf_counter()
-    train_lm_sae(
-        ours,
-        lambda: next(it),
-        n_steps,
-        lr=lr,
-        l1_warmup_frac=l1_warmup_frac,
-        progress=False,
-        log_every=n_steps,
-    )
-    results["ours"] = {"seconds": time.perf_counter() - start}
-    one = single(ours, 0)
+    results: dict[str, dict[str, float]] = {}
 
-    torch.manual_seed(seed)
-    cfg = StandardTrainingSAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        l1_coefficient=l1_coeff,
-        l1_warm_up_steps=int(l1_warmup_frac * n_steps),
-        apply_b_dec_to_input=True,
-    )
-    theirs = StandardTrainingSAE(cfg)
-    decay = int(0.2 * n_steps)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=n_steps * batch_size,
-        train_batch_size_samples=batch_size,
-        lr=lr,
-        lr_end=0.0,
-        lr_scheduler_name="constant",
-        lr_decay_steps=decay,
-        logger=LoggingConfig(log_to_wandb=False),
-        n_checkpoints=0,
-        device="cpu",
-        dead_feature_window=1000,
-        feature_sampling_window=10**9,
-    )
-    trainer = SAETrainer(trainer_cfg, theirs, batches())
-    start = time.perf_counter()
-    import contextlib
-    import io
+    def run_ours(name: str, clip: float | None) -> None:
+        sae = S.ReLUSAE(d_in, d_sae, 1, l1_coeff=l1_coeff, seed=seed)
+        it = batches()
+        start = time.perf_counter()
+        train_lm_sae(
+            sae,
+            lambda: next(it),
+            n_steps,
+            lr=lr,
+            l1_warmup_frac=l1_warmup_frac,
+            progress=False,
+            log_every=n_steps,
+            max_grad_norm=clip,
+        )
+        results[name] = {"seconds": time.perf_counter() - start, "sae": single(sae, 0)}
 
-    with contextlib.redirect_stderr(io.StringIO()):
-        trainer.fit()
-    results["saelens"] = {"seconds": time.perf_counter() - start}
+    def run_saelens(name: str, init_from_ours: bool) -> None:
+        torch.manual_seed(seed)
+        cfg = StandardTrainingSAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            l1_coefficient=l1_coeff,
+            l1_warm_up_steps=int(l1_warmup_frac * n_steps),
+            apply_b_dec_to_input=True,
+        )
+        theirs = StandardTrainingSAE(cfg)
+        if init_from_ours:
+            init = S.ReLUSAE(d_in, d_sae, 1, l1_coeff=l1_coeff, seed=seed).instance_state_dict(0)
+            with torch.no_grad():
+                for key, value in init.items():
+                    getattr(theirs, key).data.copy_(value)
+        trainer_cfg = SAETrainerConfig(
+            total_training_samples=n_steps * batch_size,
+            train_batch_size_samples=batch_size,
+            lr=lr,
+            lr_end=0.0,
+            lr_scheduler_name="constant",
+            lr_decay_steps=int(0.2 * n_steps),
+            logger=LoggingConfig(log_to_wandb=False),
+            n_checkpoints=0,
+            device="cpu",
+            dead_feature_window=1000,
+            feature_sampling_window=10**9,
+        )
+        trainer = SAETrainer(trainer_cfg, theirs, batches())
+        start = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            trainer.fit()
+        results[name] = {"seconds": time.perf_counter() - start, "sae": theirs}
 
-    with torch.no_grad():
-        for name, sae, W_dec in (("ours", one, one.W_dec), ("saelens", theirs, theirs.W_dec)):
-            acts = sae.encode(held_out)
-            x_hat = sae.decode(acts)
-            mse = (x_hat - held_out).pow(2).sum(-1).mean()
-            l1 = (acts * W_dec.norm(dim=-1)).sum(-1).mean()
-            results[name].update(
-                {
-                    "loss": (mse + l1_coeff * l1).item(),
-                    "mse": mse.item(),
-                    "l0": (acts > 0).float().sum(-1).mean().item(),
-                    "fvu": (mse / (held_out - held_out.mean(0)).pow(2).sum(-1).mean()).item(),
-                    "tokens_per_s": n_steps * batch_size / results[name]["seconds"],
-                }
-            )
+    run_ours("ours", max_grad_norm)
+    run_saelens("saelens (our init)", True)
+    run_saelens("saelens (its init)", False)
+    if unclipped:
+        run_ours("ours (no clipping)", None)
+    for row in results.values():
+        sae = row.pop("sae")
+        row.update(saelens_loss(sae, held_out, l1_coeff))
+        row["tokens_per_s"] = n_steps * batch_size / row["seconds"]
     return results

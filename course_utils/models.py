@@ -135,15 +135,7 @@ def load_sae(name: str, sae_id: str | None = None, device: str = "cpu"):
         raise TypeError(f"load_sae takes a name or a folder, got {type(name).__name__}.")
     shipped = ASSETS_DIR / SAE_ASSETS / str(name)
     if str(name) in shipped_dictionaries() or str(name) in REBUILT_BY:
-        try:
-            return load_sae_folder(shipped, device)
-        except (FileNotFoundError, ValueError) as error:
-            command = REBUILT_BY.get(str(name))
-            if command is None:
-                raise
-            raise type(error)(
-                f"{error} The shipped dictionary {name!r} is rebuilt by `{command}`."
-            ) from None
+        return load_sae_folder(shipped, device, rebuild=REBUILT_BY.get(str(name)))
     if Path(name).is_dir():
         return load_sae_folder(Path(name), device)
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
@@ -172,8 +164,19 @@ def load_sae(name: str, sae_id: str | None = None, device: str = "cpu"):
         ) from None
 
 
-def load_sae_folder(folder, device: str = "cpu"):
-    """Load an SAE saved by SAELens's ``save_model`` (JSON + safetensors; nothing unpickled)."""
+def _in_git_checkout(path) -> bool:
+    """True when ``path`` lies inside a git working tree (so `git checkout -- path` can work)."""
+    from pathlib import Path
+
+    return any((parent / ".git").exists() for parent in Path(path).resolve().parents)
+
+
+def load_sae_folder(folder, device: str = "cpu", rebuild: str | None = None):
+    """Load an SAE saved by SAELens's ``save_model`` (JSON + safetensors; nothing unpickled).
+
+    ``rebuild``: the command that re-creates this folder (shipped dictionaries), named first in
+    every error about a missing or broken file.
+    """
     import json
     from pathlib import Path
 
@@ -182,27 +185,46 @@ def load_sae_folder(folder, device: str = "cpu"):
 
     folder = Path(folder)
     config_path, weights_path = folder / SAE_CONFIG_FILE, folder / SAE_WEIGHTS_FILE
+
+    def fix(path) -> str:
+        if rebuild is not None:
+            text = f"Rebuild it with `{rebuild}` (8-13 min on a CPU)"
+        else:
+            text = "Re-create the folder with SAELens's SAE.save_model(folder)"
+        if _in_git_checkout(path):
+            text += f", or restore it with `git checkout -- {path}`"
+        return text + "."
+
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(
-                f"the dictionary file {path} is missing: a SAELens folder holds {SAE_CONFIG_FILE} "
-                f"and {SAE_WEIGHTS_FILE}. Restore it (`git checkout -- {path}`) or re-create it "
-                "with SAE.save_model(folder)."
+                f"the dictionary file {path} is missing (a SAELens folder holds "
+                f"{SAE_CONFIG_FILE} and {SAE_WEIGHTS_FILE}). {fix(path)}"
             )
 
     def unreadable(path, error: Exception) -> ValueError:
         return ValueError(
             f"the dictionary file {path} is unreadable ({type(error).__name__}: {error}). "
-            f"Restore it (`git checkout -- {path}`) or re-create it with SAE.save_model(folder)."
+            f"{fix(path)}"
         )
 
     try:
-        json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text())
     except ValueError as error:
         raise unreadable(config_path, error) from None
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
-            list(handle.keys())
+            shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
     except Exception as error:  # SafetensorError is not an OSError/ValueError subclass
         raise unreadable(weights_path, error) from None
+    cfg_d_in = config.get("d_in") if isinstance(config, dict) else None
+    weights_d_in = shapes.get("W_enc", [None])[0] if "W_enc" in shapes else None
+    if "W_enc" not in shapes and "b_dec" in shapes:
+        weights_d_in = shapes["b_dec"][-1]
+    if cfg_d_in is not None and weights_d_in is not None and int(cfg_d_in) != int(weights_d_in):
+        raise ValueError(
+            f"{config_path} says d_in={cfg_d_in} but the weights in {weights_path} have "
+            f"d_in={weights_d_in} (W_enc {shapes.get('W_enc')}): the two files do not belong "
+            f"together. {fix(config_path)}"
+        )
     return SAE.load_from_disk(folder, device=device)

@@ -341,12 +341,14 @@ def train_transcoder(
     log_every: int = 25,
     progress: bool = True,
     seed: int = 0,
+    max_grad_norm: float | None = 1.0,
 ) -> dict[str, list]:
     """Train every instance of ``tc`` on ``pairs() -> (x [batch, d_in], y [batch, d_out])``.
 
     The chapter-03 loop itself (:func:`~course_utils.lm_saes.train_lm_sae`): Adam, L1 warm-up
     (:func:`~course_utils.lm_saes.l1_coefficient`), lr schedule
-    (:func:`~course_utils.lm_saes.lr_schedule`), unit-norm decoder by projection. The history
+    (:func:`~course_utils.lm_saes.lr_schedule`), unit-norm decoder by projection, per-instance
+    gradient-norm clipping at ``max_grad_norm`` (``None``: off). The history
     holds, every ``log_every`` steps, loss, L0, FVU of the target (on the batch) and the number of
     latents dead for the last 1000 steps; plus ``tokens_per_s``.
     """
@@ -361,6 +363,7 @@ def train_transcoder(
         log_every=log_every,
         progress=progress,
         seed=seed,
+        max_grad_norm=max_grad_norm,
     )
 
 

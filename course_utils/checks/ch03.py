@@ -49,6 +49,7 @@ def _l1_cases() -> list[Case]:
         Case("end of the warm-up", (50, 1000, 2.0)),
         Case("after the warm-up", (700, 1000, 2.0)),
         Case("a 10% warm-up", (30, 1000, 0.5, 0.1)),
+        Case("no warm-up (warmup_frac=0)", (10, 1000, 2.0, 0.0)),
     ]
 
 
@@ -103,7 +104,7 @@ def _lr_cases() -> list[Case]:
         Case("middle of training", (500, 1000, 1e-3, 100)),
         Case("start of the decay", (800, 1000, 1e-3, 100)),
         Case("deep in the decay", (950, 1000, 1e-3, 100)),
-        Case("no warm-up, 50% decay", (600, 1000, 3e-4, 0, 0.5)),
+        Case("no warm-up and a 50% decay", (600, 1000, 3e-4, 0, 0.5)),
     ]
 
 
@@ -137,9 +138,11 @@ NORMALISE_MISTAKES = [
 def _normalise_cases() -> list[Case]:
     g = _g(3)
     return [
-        Case("seeded random, 2 instances", (torch.randn(2, 6, 4, generator=g) * 3,)),
+        Case("seeded random with 2 instances", (torch.randn(2, 6, 4, generator=g) * 3,)),
         Case("rows already unit-norm", (torch.eye(4)[None],)),
-        Case("one instance, one latent", (torch.randn(1, 1, 5, generator=g),)),
+        Case("one instance with one latent", (torch.randn(1, 1, 5, generator=g),)),
+        Case("a row of zeros (never trained)", (torch.cat([torch.zeros(1, 1, 4),
+                                                          torch.randn(1, 2, 4, generator=g)], 1),)),
     ]
 
 
@@ -205,8 +208,8 @@ SPLICE_MISTAKES = [
 def _splice_cases() -> list[Case]:
     model, sae, tokens = _tiny()
     return [
-        Case("tiny model, layer-0 residual", (model, sae, tokens, "blocks.0.hook_resid_post")),
-        Case("tiny model, layer-1 residual", (model, sae, tokens[:1], "blocks.1.hook_resid_post")),
+        Case("tiny model at the layer-0 residual", (model, sae, tokens, "blocks.0.hook_resid_post")),
+        Case("tiny model at the layer-1 residual", (model, sae, tokens[:1], "blocks.1.hook_resid_post")),
     ]
 
 
@@ -229,6 +232,12 @@ RECOVERED_MISTAKES = [
         "wrong denominator",
         lambda clean, spliced, ablated: (ablated - spliced) / (ablated - clean + spliced - clean),
         "divide by the full gap between the ablation and the clean model: ablated - clean.",
+    ),
+    Mistake(
+        "clipped to [0, 1]",
+        lambda clean, spliced, ablated: min(1.0, max(0.0, (ablated - spliced) / (ablated - clean))),
+        "do not clip: an SAE that is worse than the ablation really recovers a negative "
+        "fraction, and that is worth seeing.",
     ),
     Mistake(
         "ratio of losses",
@@ -265,6 +274,13 @@ def _swapped(feature_acts, k=10):
     return p, w, v
 
 
+def _div_by_windows(feature_acts, k=10):
+    flat = feature_acts.flatten()
+    values, index = flat.topk(min(k, flat.numel()))
+    n_windows = feature_acts.shape[0]
+    return index // n_windows, index % n_windows, values
+
+
 def _per_window(feature_acts, k=10):
     best, where = feature_acts.max(1)
     values, windows = best.topk(min(k, len(best)))
@@ -279,6 +295,12 @@ TOP_MISTAKES = [
         "window and position swapped",
         _swapped,
         "flat index i is window i // n_pos and position i % n_pos: return (window, position, value).",
+    ),
+    Mistake(
+        "divided by the number of windows",
+        _div_by_windows,
+        "a row of the flattened [windows, pos] tensor has n_pos entries: window = i // n_pos "
+        "(feature_acts.shape[1]), position = i % n_pos.",
     ),
     Mistake(
         "one per window",
@@ -358,6 +380,13 @@ def _swapped_ss(feature_acts, proxy, threshold=0.0):
     return b, a
 
 
+def _no_clamp(feature_acts, proxy, threshold=0.0):
+    acts = feature_acts.flatten().float()
+    proxy = proxy.flatten().bool()
+    spec = (acts[proxy].sum() / acts.sum()).item()
+    return spec, (acts[proxy] > threshold).float().mean().item()
+
+
 def _sens_over_all(feature_acts, proxy, threshold=0.0):
     spec, _ = L.specificity_sensitivity(feature_acts, proxy, threshold)
     fires = feature_acts.flatten() > threshold
@@ -376,6 +405,12 @@ SS_MISTAKES = [
         _sens_over_all,
         "sensitivity is over proxy tokens only: the fraction of them on which the feature fires.",
     ),
+    Mistake(
+        "negative activations counted as mass",
+        _no_clamp,
+        "activation mass is acts.clamp_min(0): a negative value (a GELU neuron, a pre-ReLU "
+        "latent) is not firing and must not add to or cancel the mass.",
+    ),
 ]
 
 
@@ -387,10 +422,13 @@ def _ss_cases() -> list[Case]:
     acts2[[0, 1, 5]] = torch.tensor([3.0, 0.5, 1.0])
     proxy2 = torch.zeros(10, dtype=torch.bool)
     proxy2[[0, 2, 5, 7]] = True
+    signed = torch.tensor([2.0, -1.5, 0.5, -0.2, 1.0, -3.0])  # e.g. GELU neurons go below 0
+    proxy3 = torch.tensor([True, True, False, False, True, False])
     return [
         Case("seeded random", (acts, proxy)),
         Case("hand-made", (acts2, proxy2)),
         Case("a threshold", (acts, proxy, 0.5)),
+        Case("negative activations", (signed, proxy3)),
     ]
 
 
@@ -427,6 +465,16 @@ def _covariance(feature_acts, neuron_acts):
     return value.item(), int(index)
 
 
+def _unbiased_z(feature_acts, neuron_acts):
+    f = feature_acts.flatten().float()
+    n = neuron_acts.reshape(-1, neuron_acts.shape[-1]).float()
+    zf = (f - f.mean()) / f.std()
+    zn = (n - n.mean(0)) / n.std(0)
+    corr = (zf @ zn) / len(f)
+    value, index = corr.max(0)
+    return value.item(), int(index)
+
+
 CORR_MISTAKES = [
     Mistake(
         "cosine, not correlation",
@@ -441,6 +489,12 @@ CORR_MISTAKES = [
     Mistake(
         "covariance", _covariance, "divide by both standard deviations (norms after centring)."
     ),
+    Mistake(
+        "z-scores with the unbiased std",
+        _unbiased_z,
+        "torch's .std() divides by n - 1, so mean(z_f * z_n) is the correlation times (n-1)/n: "
+        "use .std(unbiased=False), or skip z-scores: (fc @ nc) / (fc.norm() * nc.norm(dim=0)).",
+    ),
 ]
 
 
@@ -452,7 +506,7 @@ def _corr_cases() -> list[Case]:
     return [
         Case("seeded random", (feature, neurons)),
         Case("an anti-correlated neuron", (anti, neurons)),
-        Case("feature = a neuron, scaled", (2 * neurons[:, 3] + 5, neurons)),
+        Case("feature = a scaled neuron", (2 * neurons[:, 3] + 5, neurons)),
     ]
 
 
