@@ -571,7 +571,7 @@ def plot_graph(graph: dict, n_layers: int = 2, token_str=None, title: str | None
                 "symbol": "square" if is_error else "circle",
                 "color": "#a0aec0" if is_error else "#2d3748",
             },
-            text=[node_label(n, nodes[n], token_str) for n in ids],
+            text=[f"{node_label(n, nodes[n], token_str)} {nodes[n]['value']:+.2f}" for n in ids],
             textposition="top center",
             textfont={"size": 10},
             hovertext=[f"{n}: value {nodes[n]['value']:+.3f}" for n in ids],

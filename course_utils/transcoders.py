@@ -745,7 +745,8 @@ def read_sweep_table(path=None) -> list[dict]:
     import csv
 
     if path is None:
-        from course_utils.models import ASSETS_DIR, SAE_ASSETS
+        from course_utils.assets import ASSETS_DIR
+        from course_utils.models import SAE_ASSETS
 
         path = ASSETS_DIR / SAE_ASSETS / SWEEP_TABLE
     path = Path(path)
@@ -822,11 +823,8 @@ def build_reference_transcoders(
     Path(out_root).mkdir(parents=True, exist_ok=True)
     write_sweep_table(rows, Path(out_root) / SWEEP_TABLE)
 
-    common = {
-        "course_recipe": recipe,
-        "course_train_seconds": round(train_time, 1),
-        "course_tokens": store.tokens_seen,
-    }
+    # no wall-clock time in the files: they must be byte-identical when rebuilt (it is logged)
+    common = {"course_recipe": recipe, "course_tokens": store.tokens_seen}
     chosen = {}
     for key, (family, layer, coeff) in recipe["shipped"].items():
         if (family, layer, float(coeff)) not in singles:
