@@ -544,6 +544,8 @@ def plot_graph(graph: dict, n_layers: int = 2, token_str=None, title: str | None
         ids.sort(key=lambda n: -abs(nodes[n]["value"]))
         for k, nid in enumerate(ids):
             ys[nid] = (k - (len(ids) - 1) / 2) * 1.0
+            if xs[nid] != int(xs[nid]):  # half columns: off the main row, so labels do not collide
+                ys[nid] -= 0.5
     biggest = max((abs(e["weight"]) for e in edges), default=1.0) or 1.0
     fig = go.Figure()
     for e in edges:
@@ -572,7 +574,7 @@ def plot_graph(graph: dict, n_layers: int = 2, token_str=None, title: str | None
                 "color": "#a0aec0" if is_error else "#2d3748",
             },
             text=[f"{node_label(n, nodes[n], token_str)} {nodes[n]['value']:+.2f}" for n in ids],
-            textposition="top center",
+            textposition=["bottom center" if xs[n] != int(xs[n]) else "top center" for n in ids],
             textfont={"size": 10},
             hovertext=[f"{n}: value {nodes[n]['value']:+.3f}" for n in ids],
             hoverinfo="text",
