@@ -91,3 +91,16 @@ CHECKS = [
     test_extra_wrong_answer_rejected,
     test_every_exercise_has_a_test,
 ) = contract_tests(check, CHECKS)
+
+
+def test_keep_top_rejects_the_reviewers_input_order_answer():
+    """Review P1.1: kept terms returned in input order, not largest first, used to pass."""
+    from course_utils.checks.core import outcome
+
+    def keep_in_input_order(terms, top_k):
+        r = sorted(terms, key=lambda t: -abs(t["value"]))
+        keep = [t for t in terms if t in r[:top_k]]
+        return keep, float(sum(t["value"] for t in r[top_k:]))
+
+    status, msg = outcome(check.keep_top, keep_in_input_order)
+    assert status == "failed" and "largest |value| first" in msg

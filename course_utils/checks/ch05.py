@@ -556,7 +556,19 @@ def _keep_abs_pruned(terms, top_k):
     return ranked[:top_k], float(sum(abs(t["value"]) for t in ranked[top_k:]))
 
 
+def _keep_input_order(terms, top_k):
+    ranked = sorted(terms, key=lambda t: -abs(t["value"]))
+    kept = {id(t) for t in ranked[:top_k]}
+    return [t for t in terms if id(t) in kept], float(sum(t["value"] for t in ranked[top_k:]))
+
+
 KEEP_MISTAKES = [
+    Mistake(
+        "kept terms in input order",
+        _keep_input_order,
+        "you kept the right terms but in the order they came in: return them largest |value| "
+        "first (sort the kept list, not just the selection), so kept[0] is the strongest input.",
+    ),
     Mistake(
         "ranked by signed value",
         _keep_signed,
@@ -586,6 +598,8 @@ def _keep_cases() -> list[Case]:
         Case("mixed signs", (_terms([0.5, -2.0, 1.25, 0.1, -0.3, 0.75]), 3)),
         Case("keep one", (_terms([0.2, -0.9, 0.4]), 1)),
         Case("keep all", (_terms([1.0, -0.5]), 5)),
+        # the top three sit at indices 2, 4, 1: kept in input order they come out 1, 2, 4
+        Case("unsorted input", (_terms([0.1, 0.75, -2.0, 0.3, 1.25]), 3)),
     ]
 
 
