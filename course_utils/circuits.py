@@ -9,7 +9,8 @@ terms, one per upstream component, that can be read off a single forward pass:
 - de-embeddings ``W_E @ f_enc`` (:func:`de_embedding`), also through one head
   (:func:`de_embedding_through_head`);
 - through an attention head with the pattern held fixed:
-  ``pattern(t, s) * ((W_OV)^T f) . x_pre(s)`` (:func:`head_attribution`);
+  ``pattern(t, s) * ((W_V W_O) f) . x_pre(s)`` (:func:`head_attribution`), with ``x_pre`` ln1's
+  full output (``ln1.hook_normalized * w_ln1 + b_ln1``: the course model is not ``fold_ln``);
 - :class:`Circuit`: the exact decomposition of a feature's pre-activation into embedding, position,
   attention-head (per source position), transcoder-feature, transcoder-error and bias terms, and a
   greedy path search (:meth:`Circuit.greedy_paths`) that returns a small graph as plain dicts.
@@ -513,7 +514,8 @@ def node_label(nid: str, node: dict, token_str=None) -> str:
         return f"logit {tok!r}@{node['pos']}"
     if kind == "pos_embed":
         return f"pos {node['pos']}"
-    return f"{kind}{node.get('layer', '')}"
+    at = f"@{node['pos']}" if "pos" in node else ""  # two tc_error0 nodes differ by position
+    return f"{kind}{node.get('layer', '')}{at}"
 
 
 def plot_graph(graph: dict, n_layers: int = 2, token_str=None, title: str | None = None):
@@ -540,12 +542,34 @@ def plot_graph(graph: dict, n_layers: int = 2, token_str=None, title: str | None
     by_column: dict[float, list[str]] = {}
     for nid in nodes:
         by_column.setdefault(xs[nid], []).append(nid)
-    for ids in by_column.values():
+    # A small offset per column, so that a straight edge between two columns does not run through
+    # the nodes of a column in between (they would otherwise share the middle row).
+    stagger = (0.0, 0.3, -0.3, 0.15, -0.15)
+    for x, ids in by_column.items():
+        if x != int(x):
+            continue
         ids.sort(key=lambda n: -abs(nodes[n]["value"]))
         for k, nid in enumerate(ids):
-            ys[nid] = (k - (len(ids) - 1) / 2) * 1.0
-            if xs[nid] != int(xs[nid]):  # half columns: off the main row, so labels do not collide
-                ys[nid] -= 0.5
+            ys[nid] = (k - (len(ids) - 1) / 2) * 1.0 + stagger[int(round(2 * x)) % len(stagger)]
+    ys[graph["root"]] = 0.0
+    # Half columns (pruned mass, encoder / unembedding biases): just below the node they feed.
+    below: dict[str, int] = {}
+    for nid in nodes:
+        if xs[nid] != int(xs[nid]):
+            dst = dst_of.get(nid)
+            below[dst] = below.get(dst, 0) + 1
+            ys[nid] = ys.get(dst, 0.0) - 0.45 * below[dst]
+
+    def text_position(nid: str) -> str:
+        """Half-column labels go left of their square, unless a node of the column to the left
+        sits on the same row (the label would cover it); then below."""
+        x, y = xs[nid], ys[nid]
+        if x == int(x):
+            return "top center"
+        if any(xs[m] == x - 0.5 and abs(ys[m] - y) < 0.35 for m in nodes):
+            return "bottom center"
+        return "middle left"
+
     biggest = max((abs(e["weight"]) for e in edges), default=1.0) or 1.0
     fig = go.Figure()
     for e in edges:
@@ -574,9 +598,14 @@ def plot_graph(graph: dict, n_layers: int = 2, token_str=None, title: str | None
                 "color": "#a0aec0" if is_error else "#2d3748",
             },
             text=[f"{node_label(n, nodes[n], token_str)} {nodes[n]['value']:+.2f}" for n in ids],
-            textposition=["bottom center" if xs[n] != int(xs[n]) else "top center" for n in ids],
+            textposition=[text_position(n) for n in ids],
+            cliponaxis=False,
             textfont={"size": 10},
-            hovertext=[f"{n}: value {nodes[n]['value']:+.3f}" for n in ids],
+            hovertext=[
+                f"{n}: value {nodes[n]['value']:+.3f}"
+                + (f" ({nodes[n]['n_terms']} terms)" if "n_terms" in nodes[n] else "")
+                for n in ids
+            ],
             hoverinfo="text",
             name="error / bias / pruned" if is_error else "feature / head / embedding",
         )
@@ -594,7 +623,7 @@ def plot_graph(graph: dict, n_layers: int = 2, token_str=None, title: str | None
     fig.update_yaxes(visible=False)
     fig.update_layout(
         title=title or f"Attribution graph of {graph['root']}",
-        height=520,
+        height=600,
         legend={"orientation": "h", "y": -0.15},
     )
     return fig
