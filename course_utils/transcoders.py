@@ -430,6 +430,7 @@ def train_transcoder(
         log_every=log_every,
         progress=progress,
         seed=seed,
+        desc=type(tc).__name__,
     )
 
 

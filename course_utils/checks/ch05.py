@@ -110,7 +110,18 @@ def _loss_no_decoder_bias(x, y, W_enc, b_enc, W_dec, b_dec, l1_coeff):
     return T.transcoder_loss(x, y, W_enc, b_enc, W_dec, torch.zeros_like(b_dec), l1_coeff)
 
 
+def _loss_summed_over_batch(x, y, W_enc, b_enc, W_dec, b_dec, l1_coeff):
+    z, y_hat = T.transcoder_forward(x, W_enc, b_enc, W_dec, b_dec)
+    return (y_hat - y).pow(2).sum() + l1_coeff * z.abs().sum()
+
+
 LOSS_MISTAKES = [
+    Mistake(
+        "summed over the batch",
+        _loss_summed_over_batch,
+        "average over the batch (sum over d_out and d_sae, then .mean() over rows): a loss summed "
+        "over the batch grows with the batch size, and so would the effective learning rate.",
+    ),
     Mistake(
         "reconstructs the input",
         _loss_targets_input,
@@ -274,6 +285,18 @@ PAIR_MISTAKES = [
         "use ln2.hook_normalized as it is (before LayerNorm's weight and bias): that is what the "
         "shipped transcoders read, and it is the same whether or not the model was loaded with "
         "fold_ln.",
+    ),
+    Mistake(
+        "ln1 instead of ln2",
+        _pair_from("blocks.{L}.ln1.hook_normalized", "blocks.{L}.hook_mlp_out"),
+        "ln1 is the LayerNorm in front of the ATTENTION; the MLP reads the second one: take x "
+        "from blocks.{layer}.ln2.hook_normalized.",
+    ),
+    Mistake(
+        "attention output as target",
+        _pair_from("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_attn_out"),
+        "hook_attn_out is what the attention layer writes; the transcoder imitates the MLP, whose "
+        "output is blocks.{layer}.hook_mlp_out.",
     ),
     Mistake(
         "always layer 0",
