@@ -52,6 +52,15 @@ def _weights(tc):
     )
 
 
+def _trained_layer(tc) -> int | None:
+    """The layer a dictionary was trained on, from ``cfg.metadata.hook_name`` when it has one."""
+    import re
+
+    hook = getattr(getattr(getattr(tc, "cfg", None), "metadata", None), "hook_name", None)
+    match = re.match(r"blocks\.(\d+)\.", hook) if isinstance(hook, str) else None
+    return int(match.group(1)) if match else None
+
+
 # ----------------------------------------------------------------------------- weight-based
 
 
@@ -62,6 +71,12 @@ def input_invariant_connections(tc0, tc1, centred: bool = True) -> Float[Tensor,
     ``centred`` centres the encoder columns (LayerNorm's centring, exact); the LayerNorm scale is
     input-dependent and is left out (divide by it to get the actual per-token effect).
     """
+    layers = (_trained_layer(tc0), _trained_layer(tc1))
+    if None not in layers and layers[0] >= layers[1]:
+        raise ValueError(
+            f"tc0 must be the EARLIER transcoder: got layer {layers[0]} then layer {layers[1]} "
+            "(from their cfg.metadata). Pass (earlier, later), e.g. (tc0, tc1)."
+        )
     W_enc1 = _weights(tc1)[0]
     W_dec0 = _weights(tc0)[2]
     if W_dec0.shape[-1] != W_enc1.shape[0]:

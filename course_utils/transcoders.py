@@ -347,6 +347,12 @@ def check_fits(model: HookedTransformer, tc, layer: int) -> None:
         )
     metadata = getattr(getattr(tc, "cfg", None), "metadata", None)
     trained = (getattr(metadata, "hook_name", None), getattr(metadata, "hook_name_out", None))
+    if trained[0] is not None and trained[1] is None:
+        raise ValueError(
+            f"this is an SAE on {trained[0]!r} (its cfg.metadata has no hook_name_out), not a "
+            f"transcoder: it reconstructs {trained[0]!r} instead of predicting "
+            f"{hook_out!r} from {hook_in!r}. Use the transcoder trained for layer {layer}."
+        )
     if trained[0] is not None and trained != (hook_in, hook_out):
         raise ValueError(
             f"this transcoder was trained on {trained[0]!r} -> {trained[1]!r} (its "

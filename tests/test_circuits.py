@@ -177,3 +177,16 @@ def test_logit_graph_adds_up_and_draws(setup):
         {n["kind"] in C.ERROR_KINDS for n in graph["nodes"].values()})
     assert {tr.name for tr in fig.data if tr.mode == "markers+text"} <= {
         "error / bias / pruned", "feature / head / embedding"}
+
+
+def test_reversed_shipped_transcoders_and_an_sae_give_clear_errors():
+    """Review P3: layers swapped in input_invariant_connections; an SAE passed as a transcoder."""
+    from course_utils.models import load_sae
+
+    tc0, tc1 = load_sae(T.REFERENCE_NAMES["tc0"]), load_sae(T.REFERENCE_NAMES["tc1"])
+    assert C.input_invariant_connections(tc0, tc1).shape == (tc0.cfg.d_sae, tc1.cfg.d_sae)
+    with pytest.raises(ValueError, match="EARLIER transcoder: got layer 1 then layer 0"):
+        C.input_invariant_connections(tc1, tc0)
+    model = load_model("course-2l")
+    with pytest.raises(ValueError, match="is an SAE on 'blocks.0.hook_mlp_out'.*not a transcoder"):
+        T.check_fits(model, load_sae(T.REFERENCE_NAMES["sae0"]), 0)
