@@ -49,7 +49,29 @@ def _no_relu(x, W_enc, b_enc, W_dec, b_dec):
     return z, z @ W_dec + b_dec
 
 
+def _gelu(x, W_enc, b_enc, W_dec, b_dec):
+    z = torch.nn.functional.gelu(x @ W_enc + b_enc)
+    return z, z @ W_dec + b_dec
+
+
+def _bias_after_relu(x, W_enc, b_enc, W_dec, b_dec):
+    z = torch.relu(x @ W_enc) + b_enc
+    return z, z @ W_dec + b_dec
+
+
 FORWARD_MISTAKES = [
+    Mistake(
+        "GELU instead of ReLU",
+        _gelu,
+        "the MLP uses GELU, but the transcoder's latents are ReLU(x @ W_enc + b_enc): a ReLU makes "
+        "them exactly zero when inactive, which is what makes them sparse and countable (L0).",
+    ),
+    Mistake(
+        "encoder bias after the ReLU",
+        _bias_after_relu,
+        "add b_enc BEFORE the ReLU: it is a per-latent threshold, and adding it afterwards makes "
+        "every latent with a non-zero bias permanently active.",
+    ),
     Mistake(
         "forgot the decoder bias",
         _no_decoder_bias,
