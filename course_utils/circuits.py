@@ -9,7 +9,8 @@ terms, one per upstream component, that can be read off a single forward pass:
 - de-embeddings ``W_E @ f_enc`` (:func:`de_embedding`), also through one head
   (:func:`de_embedding_through_head`);
 - through an attention head with the pattern held fixed:
-  ``pattern(t, s) * ((W_OV)^T f) . x_pre(s)`` (:func:`head_attribution`);
+  ``pattern(t, s) * ((W_V W_O) f) . x_pre(s)`` (:func:`head_attribution`), with ``x_pre`` ln1's
+  full output (``ln1.hook_normalized * w_ln1 + b_ln1``: the course model is not ``fold_ln``);
 - :class:`Circuit`: the exact decomposition of a feature's pre-activation into embedding, position,
   attention-head (per source position), transcoder-feature, transcoder-error and bias terms, and a
   greedy path search (:meth:`Circuit.greedy_paths`) that returns a small graph as plain dicts.
@@ -51,6 +52,15 @@ def _weights(tc):
     )
 
 
+def _trained_layer(tc) -> int | None:
+    """The layer a dictionary was trained on, from ``cfg.metadata.hook_name`` when it has one."""
+    import re
+
+    hook = getattr(getattr(getattr(tc, "cfg", None), "metadata", None), "hook_name", None)
+    match = re.match(r"blocks\.(\d+)\.", hook) if isinstance(hook, str) else None
+    return int(match.group(1)) if match else None
+
+
 # ----------------------------------------------------------------------------- weight-based
 
 
@@ -61,6 +71,12 @@ def input_invariant_connections(tc0, tc1, centred: bool = True) -> Float[Tensor,
     ``centred`` centres the encoder columns (LayerNorm's centring, exact); the LayerNorm scale is
     input-dependent and is left out (divide by it to get the actual per-token effect).
     """
+    layers = (_trained_layer(tc0), _trained_layer(tc1))
+    if None not in layers and layers[0] >= layers[1]:
+        raise ValueError(
+            f"tc0 must be the EARLIER transcoder: got layer {layers[0]} then layer {layers[1]} "
+            "(from their cfg.metadata). Pass (earlier, later), e.g. (tc0, tc1)."
+        )
     W_enc1 = _weights(tc1)[0]
     W_dec0 = _weights(tc0)[2]
     if W_dec0.shape[-1] != W_enc1.shape[0]:
@@ -142,11 +158,23 @@ def _enc_direction(tc, feature: int) -> Tensor:
 
 
 def _ln1_affine(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor]:
-    ln = model.blocks[layer].ln1
-    d = model.cfg.d_model
+    return _ln_affine(model.blocks[layer].ln1, model.cfg.d_model)
+
+
+def _ln_affine(ln, d: int) -> tuple[Tensor, Tensor]:
     w = getattr(ln, "w", None)
     b = getattr(ln, "b", None)
     return (torch.ones(d) if w is None else w.detach(), torch.zeros(d) if b is None else b.detach())
+
+
+def keep_top(terms: list[dict], top_k: int) -> tuple[list[dict], float]:
+    """Reference for exercise 3.5, one step of the greedy path search: the ``top_k`` terms with the
+    largest ``|value|`` (largest first) and the summed value of all the others (the "pruned" error
+    node), so that ``sum(kept values) + pruned == sum(all values)``."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    ranked = sorted(terms, key=lambda t: -abs(t["value"]))
+    return ranked[:top_k], float(sum(t["value"] for t in ranked[top_k:]))
 
 
 # ----------------------------------------------------------------------------- exact decomposition
@@ -325,6 +353,54 @@ class Circuit:
         terms.append({"kind": "ln1_bias", "layer": layer, "pos": src, "value": (g @ b1).item()})
         return terms
 
+    def logit_direction(
+        self, token: int, baseline: int | str | None = "mean"
+    ) -> tuple[Tensor, float]:
+        """(direction in ln_final's output space, bias) of a logit start: the logit of ``token``
+        minus the mean logit (``baseline="mean"``, the default: what moves this token's
+        probability), minus the logit of token ``baseline`` (a logit difference), or raw (None)."""
+        m = self.model
+        for t in (token, baseline):
+            if isinstance(t, int) and not 0 <= t < m.cfg.d_vocab:
+                raise ValueError(f"token {t} out of range for d_vocab={m.cfg.d_vocab}.")
+        W_U, b_U = m.W_U.detach(), m.b_U.detach()
+        w_u, b_u = W_U[:, token], b_U[token]
+        if baseline == "mean":
+            w_u, b_u = w_u - W_U.mean(1), b_u - b_U.mean()
+        elif isinstance(baseline, int):
+            w_u, b_u = w_u - W_U[:, baseline], b_u - b_U[baseline]
+        elif baseline is not None:
+            raise ValueError(f"baseline must be 'mean', a token id or None, got {baseline!r}.")
+        return w_u, b_u.item()
+
+    def decompose_logit(
+        self, token: int, pos: int, baseline: int | str | None = "mean"
+    ) -> list[dict]:
+        """Terms summing exactly to :meth:`logit` (same ``baseline``) at ``pos``; ln_final's scale
+        is frozen at its cached value, its bias and the unembedding bias form "unembed_bias"."""
+        self._check_pos(pos)
+        m = self.model
+        w_u, b_u = self.logit_direction(token, baseline)
+        w_f, b_f = _ln_affine(m.ln_final, m.cfg.d_model)
+        scale = self.cache["ln_final.hook_scale"][pos]
+        terms = self.residual_terms(centre(w_f * w_u) / scale, m.cfg.n_layers, "pre", pos)
+        bias = (b_f @ w_u).item() + b_u
+        terms.append({"kind": "unembed_bias", "pos": pos, "index": token, "value": bias})
+        return terms
+
+    def logit(self, token: int, pos: int, baseline: int | str | None = "mean") -> float:
+        """The model's logit of ``token`` at ``pos`` minus the baseline (see
+        :meth:`logit_direction`)."""
+        self._check_pos(pos)
+        with torch.no_grad():
+            logits = self.model(self.tokens)[0, pos]
+        value = logits[token]
+        if baseline == "mean":
+            value = value - logits.mean()
+        elif isinstance(baseline, int):
+            value = value - logits[baseline]
+        return value.item()
+
     # -- greedy path search
     def greedy_paths(
         self,
@@ -336,24 +412,43 @@ class Circuit:
     ) -> dict[str, object]:
         """A small attribution graph rooted at a feature, as plain dicts.
 
-        At every expanded node the ``top_k`` terms by |value| are kept; the rest are summed into a
-        "pruned" node, so each node's incoming edge weights still sum to its value
+        At every expanded node the ``top_k`` terms by |value| are kept (:func:`keep_top`); the rest
+        are summed into a "pruned" node, so each node's incoming edge weights still sum to its value
         (pre-activation for a feature, contribution for a head). Features and heads are expanded
         up to ``depth`` levels. Returns {"nodes": {id: {...}}, "edges": [{src, dst, weight}],
         "root": id}; an edge's weight is the source's contribution to the destination.
         """
-        if top_k < 1 or depth < 1:
-            raise ValueError(f"need top_k >= 1 and depth >= 1, got {top_k}, {depth}.")
-        nodes: dict[str, dict] = {}
-        edges: list[dict] = []
         root = f"tc{layer}[{feature}]@{pos}"
-        nodes[root] = {
+        info = {
             "kind": "feature",
             "layer": layer,
             "index": feature,
             "pos": pos,
             "value": self.pre_activation(layer, feature, pos),
         }
+        return self._greedy(root, info, self.decompose_feature(layer, feature, pos), top_k, depth)
+
+    def greedy_logit_paths(
+        self,
+        token: int,
+        pos: int,
+        top_k: int = 5,
+        depth: int = 2,
+        baseline: int | str | None = "mean",
+    ) -> dict[str, object]:
+        """The same graph rooted at a logit direction: the logit of ``token`` at ``pos`` minus the
+        mean logit by default (see :meth:`logit_direction`)."""
+        terms = self.decompose_logit(token, pos, baseline)
+        root = f"logit[{token}]@{pos}"
+        value = self.logit(token, pos, baseline)
+        info = {"kind": "logit", "index": token, "pos": pos, "value": value}
+        return self._greedy(root, info, terms, top_k, depth)
+
+    def _greedy(self, root: str, root_info: dict, terms: list[dict], top_k, depth) -> dict:
+        if top_k < 1 or depth < 1:
+            raise ValueError(f"need top_k >= 1 and depth >= 1, got {top_k}, {depth}.")
+        nodes: dict[str, dict] = {root: root_info}
+        edges: list[dict] = []
         expanded: set[str] = set()
 
         def node_id(term: dict, parent: str) -> str:
@@ -372,8 +467,7 @@ class Circuit:
             if nid in expanded:
                 return
             expanded.add(nid)
-            terms = sorted(terms, key=lambda t: -abs(t["value"]))
-            kept, rest = terms[:top_k], terms[top_k:]
+            kept, pruned = keep_top(terms, top_k)
             for term in kept:
                 cid = node_id(term, nid)
                 info = {k: v for k, v in term.items() if k != "expand"}
@@ -390,14 +484,161 @@ class Circuit:
                         )
                     elif term["kind"] == "head":
                         expand(cid, self.decompose_head_term(term), level + 1)
-            if rest:
+            if len(terms) > len(kept):
                 pid = f"{nid}/pruned"
-                nodes[pid] = {
-                    "kind": "pruned",
-                    "value": sum(t["value"] for t in rest),
-                    "n_terms": len(rest),
-                }
-                edges.append({"src": pid, "dst": nid, "weight": nodes[pid]["value"]})
+                nodes[pid] = {"kind": "pruned", "value": pruned, "n_terms": len(terms) - len(kept)}
+                edges.append({"src": pid, "dst": nid, "weight": pruned})
 
-        expand(root, self.decompose_feature(layer, feature, pos), 1)
+        expand(root, terms, 1)
         return {"nodes": nodes, "edges": edges, "root": root}
+
+
+# ----------------------------------------------------------------------------- drawing
+
+#: Node kinds that are not features, heads or embeddings: what the graph does not explain.
+ERROR_KINDS = ("tc_error", "pruned", "tc_bias", "tc_skip", "enc_bias", "attn_bias", "ln1_bias",
+               "unembed_bias", "mlp")  # fmt: skip
+
+
+def graph_column(node: dict, n_layers: int = 2) -> float:
+    """x position of a node: embeddings 0, then per layer attention (2L+1) and MLP (2L+2), the
+    logit last; error nodes sit half a column left of what they feed."""
+    kind = node["kind"]
+    if kind in ("embed", "pos_embed"):
+        return 0.0
+    if kind == "logit":
+        return 2.0 * n_layers + 1
+    if kind in ("head", "attn_bias", "ln1_bias"):
+        return 2.0 * node.get("layer", 0) + 1
+    if kind in ("feature", "tc_error", "tc_bias", "tc_skip", "mlp"):
+        return 2.0 * node.get("layer", 0) + 2
+    return float("nan")  # pruned, enc_bias, unembed_bias: placed next to their destination
+
+
+def node_label(nid: str, node: dict, token_str=None) -> str:
+    kind = node["kind"]
+    if kind == "feature":
+        return f"tc{node['layer']}[{node['index']}]@{node['pos']}"
+    if kind == "head":
+        return f"L{node['layer']}H{node['index']} {node['pos']}←{node['src']}"
+    if kind == "embed":
+        tok = token_str(node["index"]) if token_str else node["index"]
+        return f"embed {tok!r}@{node['pos']}"
+    if kind == "logit":
+        tok = token_str(node["index"]) if token_str else node["index"]
+        return f"logit {tok!r}@{node['pos']}"
+    if kind == "pos_embed":
+        return f"pos {node['pos']}"
+    at = f"@{node['pos']}" if "pos" in node else ""  # two tc_error0 nodes differ by position
+    return f"{kind}{node.get('layer', '')}{at}"
+
+
+def plot_graph(graph: dict, n_layers: int = 2, token_str=None, title: str | None = None):
+    """A plotly drawing of :meth:`Circuit.greedy_paths`'s graph: columns by layer (embeddings,
+    attention, MLP features, ...), edges coloured by sign (blue +, red -) with width by |weight|,
+    error nodes (transcoder error, pruned mass, biases) as grey squares."""
+    import plotly.graph_objects as go
+
+    nodes, edges = graph["nodes"], graph["edges"]
+    dst_of = {e["src"]: e["dst"] for e in edges}
+    xs: dict[str, float] = {}
+
+    def column(nid: str) -> float:
+        if nid not in xs:
+            x = graph_column(nodes[nid], n_layers)
+            if x != x:  # NaN: next to the node it feeds
+                x = column(dst_of[nid]) - 0.5 if nid in dst_of else 0.0
+            xs[nid] = x
+        return xs[nid]
+
+    for nid in nodes:
+        column(nid)
+    ys: dict[str, float] = {}
+    by_column: dict[float, list[str]] = {}
+    for nid in nodes:
+        by_column.setdefault(xs[nid], []).append(nid)
+    # A small offset per column, so that a straight edge between two columns does not run through
+    # the nodes of a column in between (they would otherwise share the middle row).
+    stagger = (0.0, 0.3, -0.3, 0.15, -0.15)
+    for x, ids in by_column.items():
+        if x != int(x):
+            continue
+        ids.sort(key=lambda n: -abs(nodes[n]["value"]))
+        for k, nid in enumerate(ids):
+            ys[nid] = (k - (len(ids) - 1) / 2) * 1.0 + stagger[int(round(2 * x)) % len(stagger)]
+    ys[graph["root"]] = 0.0
+    # Half columns (pruned mass, encoder / unembedding biases): just below the node they feed.
+    below: dict[str, int] = {}
+    for nid in nodes:
+        if xs[nid] != int(xs[nid]):
+            dst = dst_of.get(nid)
+            below[dst] = below.get(dst, 0) + 1
+            ys[nid] = ys.get(dst, 0.0) - 0.45 * below[dst]
+
+    def text_position(nid: str) -> str:
+        """Half-column labels go left of their square, unless a node of the column to the left
+        sits on the same row (the label would cover it); then below."""
+        x, y = xs[nid], ys[nid]
+        if x == int(x):
+            return "top center"
+        if any(xs[m] == x - 0.5 and abs(ys[m] - y) < 0.35 for m in nodes):
+            return "bottom center"
+        return "middle left"
+
+    biggest = max((abs(e["weight"]) for e in edges), default=1.0) or 1.0
+    fig = go.Figure()
+    for e in edges:
+        w = e["weight"]
+        fig.add_scatter(
+            x=[xs[e["src"]], xs[e["dst"]]],
+            y=[ys[e["src"]], ys[e["dst"]]],
+            mode="lines",
+            line={"width": 0.5 + 7 * abs(w) / biggest, "color": "#2b6cb0" if w >= 0 else "#c53030"},
+            opacity=0.6,
+            hoverinfo="text",
+            text=f"{e['src']} → {e['dst']}: {w:+.3f}",
+            showlegend=False,
+        )
+    for is_error in (False, True):
+        ids = [n for n in nodes if (nodes[n]["kind"] in ERROR_KINDS) == is_error]
+        if not ids:
+            continue
+        fig.add_scatter(
+            x=[xs[n] for n in ids],
+            y=[ys[n] for n in ids],
+            mode="markers+text",
+            marker={
+                "size": 14,
+                "symbol": "square" if is_error else "circle",
+                "color": "#a0aec0" if is_error else "#2d3748",
+            },
+            text=[f"{node_label(n, nodes[n], token_str)} {nodes[n]['value']:+.2f}" for n in ids],
+            textposition=[text_position(n) for n in ids],
+            cliponaxis=False,
+            textfont={"size": 10},
+            hovertext=[
+                f"{n}: value {nodes[n]['value']:+.3f}"
+                + (f" ({nodes[n]['n_terms']} terms)" if "n_terms" in nodes[n] else "")
+                for n in ids
+            ],
+            hoverinfo="text",
+            name="error / bias / pruned" if is_error else "feature / head / embedding",
+        )
+    ticks = {0.0: "embeddings"}
+    for layer in range(n_layers):
+        ticks[2.0 * layer + 1] = f"attn {layer}"
+        ticks[2.0 * layer + 2] = f"MLP {layer} (transcoder)"
+    ticks[2.0 * n_layers + 1] = "logit"
+    fig.update_xaxes(
+        tickvals=list(ticks),
+        ticktext=list(ticks.values()),
+        title="where the node lives (error nodes sit beside what they feed)",
+        range=[-0.7, 2.0 * n_layers + 1.5],
+    )
+    fig.update_yaxes(visible=False)
+    fig.update_layout(
+        title=title or f"Attribution graph of {graph['root']}",
+        height=600,
+        legend={"orientation": "h", "y": -0.15},
+    )
+    return fig

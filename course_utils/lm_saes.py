@@ -106,6 +106,7 @@ def train_lm_sae(
     lr_fn: Callable = lr_schedule,
     normalise: Callable = normalise_decoder_rows,
     max_grad_norm: float | None = 1.0,
+    desc: str = "SAE",
 ) -> dict[str, list]:
     """Train a :class:`~course_utils.saes.ReLUSAE` on LM activations (all instances at once).
 
@@ -119,7 +120,7 @@ def train_lm_sae(
     later ones and, unclipped, they inflate Adam's second-moment estimate (beta2 = 0.999 remembers
     ~1000 steps), which shrinks every later step. The history holds, every
     ``log_every`` steps, the loss, L0, FVU (on the batch) and the number of latents dead for
-    the last 1000 steps; plus ``tokens_per_s``.
+    the last 1000 steps; plus ``tokens_per_s``. ``desc`` labels the progress bar.
     """
     from tqdm.auto import tqdm
 
@@ -128,7 +129,7 @@ def train_lm_sae(
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     history: dict[str, list] = {"step": [], "loss": [], "l0": [], "fvu": [], "dead": []}
     start, tokens = time.perf_counter(), 0
-    bar = tqdm(range(steps), disable=not progress, desc="SAE", mininterval=2.0)
+    bar = tqdm(range(steps), disable=not progress, desc=desc, mininterval=2.0)
     for step in bar:
         batch = batches()
         args = batch if isinstance(batch, tuple) else (batch,)

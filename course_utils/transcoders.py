@@ -82,6 +82,67 @@ def check_hook_pair(model: HookedTransformer, hook_in: str, hook_out: str) -> in
     return layer
 
 
+# ----------------------------------------------------------------------------- functional references
+
+
+def transcoder_forward(
+    x: Float[Tensor, "batch d_in"],
+    W_enc: Float[Tensor, "d_in d_sae"],
+    b_enc: Float[Tensor, " d_sae"],
+    W_dec: Float[Tensor, "d_sae d_out"],
+    b_dec: Float[Tensor, " d_out"],
+) -> tuple[Float[Tensor, "batch d_sae"], Float[Tensor, "batch d_out"]]:
+    """Reference for exercise 1.1: latents ``z = ReLU(x W_enc + b_enc)`` and the prediction
+    ``y_hat = z W_dec + b_dec`` (no pre-encoder bias: input and output live in different spaces)."""
+    z = torch.relu(x @ W_enc + b_enc)
+    return z, z @ W_dec + b_dec
+
+
+def transcoder_loss(
+    x: Float[Tensor, "batch d_in"],
+    y: Float[Tensor, "batch d_out"],
+    W_enc: Float[Tensor, "d_in d_sae"],
+    b_enc: Float[Tensor, " d_sae"],
+    W_dec: Float[Tensor, "d_sae d_out"],
+    b_dec: Float[Tensor, " d_out"],
+    l1_coeff: float,
+) -> Float[Tensor, ""]:
+    """Reference for exercise 1.2: ``mean_batch ||y - TC(x)||^2 + l1_coeff * mean_batch ||z||_1``
+    (squared error summed over d_out, the course convention)."""
+    z, y_hat = transcoder_forward(x, W_enc, b_enc, W_dec, b_dec)
+    return (y_hat - y).pow(2).sum(-1).mean() + l1_coeff * z.abs().sum(-1).mean()
+
+
+def skip_transcoder_forward(
+    x: Float[Tensor, "batch d_in"],
+    W_enc: Float[Tensor, "d_in d_sae"],
+    b_enc: Float[Tensor, " d_sae"],
+    W_dec: Float[Tensor, "d_sae d_out"],
+    b_dec: Float[Tensor, " d_out"],
+    W_skip: Float[Tensor, "d_out d_in"],
+) -> tuple[Float[Tensor, "batch d_sae"], Float[Tensor, "batch d_out"]]:
+    """Reference for exercise 1.3: the transcoder plus a linear skip, ``y_hat = z W_dec + b_dec +
+    x W_skip^T`` (``W_skip`` is [d_out, d_in], SAELens's layout)."""
+    z, y_hat = transcoder_forward(x, W_enc, b_enc, W_dec, b_dec)
+    return z, y_hat + x @ W_skip.T
+
+
+@torch.no_grad()
+def transcoder_pair(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], layer: int
+) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_model"]]:
+    """Reference for exercise 1.4: (input, target) of MLP ``layer``'s transcoder from one forward
+    pass: ``blocks.L.ln2.hook_normalized`` and ``blocks.L.hook_mlp_out``."""
+    if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer must be an int in [0, {model.cfg.n_layers}), got {layer!r}.")
+    hook_in, hook_out = hook_pair(layer)
+    check_hook_pair(model, hook_in, hook_out)
+    _, cache = model.run_with_cache(
+        tokens, names_filter=[hook_in, hook_out], stop_at_layer=layer + 1
+    )
+    return cache[hook_in], cache[hook_out]
+
+
 # ----------------------------------------------------------------------------- the modules
 
 
@@ -284,6 +345,20 @@ def check_fits(model: HookedTransformer, tc, layer: int) -> None:
             f"reads {hook_in!r} of width {w_in} and writes {hook_out!r} of width {w_out}. "
             "It was trained on another model (or is not a transcoder for this MLP)."
         )
+    metadata = getattr(getattr(tc, "cfg", None), "metadata", None)
+    trained = (getattr(metadata, "hook_name", None), getattr(metadata, "hook_name_out", None))
+    if trained[0] is not None and trained[1] is None:
+        raise ValueError(
+            f"this is an SAE on {trained[0]!r} (its cfg.metadata has no hook_name_out), not a "
+            f"transcoder: it reconstructs {trained[0]!r} instead of predicting "
+            f"{hook_out!r} from {hook_in!r}. Use the transcoder trained for layer {layer}."
+        )
+    if trained[0] is not None and trained != (hook_in, hook_out):
+        raise ValueError(
+            f"this transcoder was trained on {trained[0]!r} -> {trained[1]!r} (its "
+            f"cfg.metadata), but you are applying it to MLP {layer}, which needs {hook_in!r} -> "
+            f"{hook_out!r}. Use the transcoder trained for layer {layer}."
+        )
 
 
 # ----------------------------------------------------------------------------- paired activations
@@ -341,14 +416,16 @@ def train_transcoder(
     log_every: int = 25,
     progress: bool = True,
     seed: int = 0,
-    max_grad_norm: float | None = 1.0,
+    max_grad_norm: float | None = None,
 ) -> dict[str, list]:
     """Train every instance of ``tc`` on ``pairs() -> (x [batch, d_in], y [batch, d_out])``.
 
     The chapter-03 loop itself (:func:`~course_utils.lm_saes.train_lm_sae`): Adam, L1 warm-up
     (:func:`~course_utils.lm_saes.l1_coefficient`), lr schedule
     (:func:`~course_utils.lm_saes.lr_schedule`), unit-norm decoder by projection, per-instance
-    gradient-norm clipping at ``max_grad_norm`` (``None``: off). The history
+    gradient-norm clipping at ``max_grad_norm``. Off (``None``) by default here, unlike chapter 03:
+    the shipped transcoders and the chapter-05 sweep were trained unclipped, and live runs must be
+    comparable with them. The history
     holds, every ``log_every`` steps, loss, L0, FVU of the target (on the batch) and the number of
     latents dead for the last 1000 steps; plus ``tokens_per_s``.
     """
@@ -364,6 +441,7 @@ def train_transcoder(
         progress=progress,
         seed=seed,
         max_grad_norm=max_grad_norm,
+        desc=type(tc).__name__,
     )
 
 
@@ -545,16 +623,32 @@ class MultiHookStore(ActivationStore):
         return list(self.next_batch().split(self.widths, dim=-1))
 
 
-#: Recipe of the shipped transcoders (``python -m course_utils.assets build-transcoders``).
+#: Recipe of the shipped transcoders and of the L1 sweep
+#: (``python -m course_utils.assets build-transcoders``). One run trains every (family, layer,
+#: coefficient) of ``sweep`` on the same batches (a family is one instance-batched module per
+#: layer), writes the sweep table and ships the four dictionaries named in ``shipped``.
 REFERENCE = {
     "d_sae": 1024,
-    "l1_coeff": 3.0,
     "lr": 1e-3,
-    "steps": 800,
+    "steps": 600,
     "batch_size": 1024,
     "buffer_tokens": 65536,
     "seed": 0,
     "eval_windows": 64,
+    # L1 coefficients per family, one list per layer. Layer 1's MLP output is smaller, so the same
+    # coefficient gives a much sparser (and partly dead) dictionary there: the grids differ.
+    "sweep": {
+        "tc": [[1.5, 3.0, 6.0, 12.0], [0.5, 1.0, 2.0, 4.0]],
+        "sae": [[1.5, 3.0, 6.0, 12.0], [0.5, 1.0, 2.0, 4.0]],
+        "skip": [[], []],
+    },
+    # shipped name key -> (family, layer, L1 coefficient); must be a point of the sweep
+    "shipped": {
+        "tc0": ["tc", 0, 3.0],
+        "tc1": ["tc", 1, 1.0],
+        "sae0": ["sae", 0, 3.0],
+        "sae1": ["sae", 1, 1.0],
+    },
 }
 REFERENCE_NAMES = {
     "tc0": "course-2l-tc0",
@@ -562,13 +656,139 @@ REFERENCE_NAMES = {
     "sae0": "course-2l-mlpout0",
     "sae1": "course-2l-mlpout1",
 }
+#: The sweep's table, next to the shipped dictionaries (one row per trained dictionary).
+SWEEP_TABLE = "transcoder_sweep.csv"
+SWEEP_COLUMNS = (
+    "family", "layer", "l1_coeff", "l0", "fvu", "ce_clean", "ce_spliced", "ce_increase",
+    "ce_recovered_zero", "kl", "dead_fraction",
+)  # fmt: skip
+FAMILY_NAMES = {"tc": "transcoder", "skip": "skip transcoder", "sae": "MLP-out SAE"}
+
+
+def make_dictionaries(family: str, d_model: int, d_sae: int, coeffs: list[float], seed: int):
+    """One instance-batched module of ``family`` ("tc", "skip" or "sae"), one instance per L1
+    coefficient. Transcoders read ln2's output and predict hook_mlp_out; the SAE reads and
+    reconstructs hook_mlp_out."""
+    n = len(coeffs)
+    if family == "tc":
+        return Transcoder(d_model, d_sae, d_model, n, l1_coeff=coeffs, seed=seed)
+    if family == "skip":
+        return SkipTranscoder(d_model, d_sae, d_model, n, l1_coeff=coeffs, seed=seed)
+    if family == "sae":
+        return S.ReLUSAE(d_model, d_sae, n, l1_coeff=coeffs, seed=seed)
+    raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILY_NAMES)}.")
+
+
+def train_on_shared_batches(
+    modules: dict, next_batch: Callable[[], list[Tensor]], steps: int, lr: float, log=print
+) -> None:
+    """Train several dictionaries on the SAME batches (one model forward pass feeds them all).
+
+    ``modules`` maps a key to ``(module, args)``, where ``args(batch) -> tuple`` gives the module's
+    ``loss`` arguments from ``next_batch()``'s tensors. Schedule as :func:`train_transcoder` (L1
+    warm-up over 5%, lr decayed over the last 20%, unit-norm decoder by projection).
+    """
+    opts = {k: torch.optim.Adam(m.parameters(), lr=lr) for k, (m, _) in modules.items()}
+    final = {k: m.l1_coeff.clone() for k, (m, _) in modules.items()}
+    for step in range(steps):
+        batch = next_batch()
+        scale = LS.l1_coefficient(step, steps, 1.0)
+        this_lr = LS.lr_schedule(step, steps, lr)
+        losses = {}
+        for key, (m, args) in modules.items():
+            m.l1_coeff.copy_(final[key] * scale)
+            for group in opts[key].param_groups:
+                group["lr"] = this_lr
+            out = m.loss(*args(batch))
+            if not torch.isfinite(out["loss"]).all():
+                raise S.TrainingDiverged(f"{key}: the loss became non-finite at step {step}.")
+            opts[key].zero_grad()
+            out["loss"].sum().backward()
+            m.remove_parallel_grad()
+            opts[key].step()
+            m.normalise_decoder()
+            losses[key] = [round(v, 2) for v in out["loss"].detach().tolist()]
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"step {step:5d}  loss {losses}")
+    for key, (m, _) in modules.items():
+        m.l1_coeff.copy_(final[key])
+
+
+@torch.no_grad()
+def evaluate_dictionary(model, module, family: str, layer: int, tokens) -> dict[str, float]:
+    """Splice one dictionary (a single instance) into ``model``: one row of the sweep table."""
+    if family == "sae":
+        n = LS.evaluate_splice(model, module, tokens, hook_pair(layer)[1])
+        ce, l0, fvu, dead = n["ce_sae"], n["l0"], n["fvu"], n["dead_fraction"]
+    else:
+        n = evaluate_transcoders(model, tokens, {layer: module})
+        ce, l0 = n["ce_transcoders"], n[f"l0_{layer}"]
+        fvu, dead = n[f"fvu_{layer}"], n[f"dead_fraction_{layer}"]
+    row = {
+        "family": family,
+        "layer": layer,
+        "l1_coeff": float(module.tc.l1_coeff[module.instance] if family != "sae"
+                          else module.sae.l1_coeff[module.instance]),
+        "l0": l0,
+        "fvu": fvu,
+        "ce_clean": n["ce_clean"],
+        "ce_spliced": ce,
+        "ce_increase": ce - n["ce_clean"],
+        "ce_recovered_zero": n["ce_recovered_zero"],
+        "kl": n["kl"],
+        "dead_fraction": dead,
+    }  # fmt: skip
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def write_sweep_table(rows: list[dict], path) -> Path:
+    import csv
+
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_sweep_table(path=None) -> list[dict]:
+    """The shipped sweep (or ``path``) as a list of dicts with numbers parsed."""
+    import csv
+
+    if path is None:
+        from course_utils.assets import ASSETS_DIR
+        from course_utils.models import SAE_ASSETS
+
+        path = ASSETS_DIR / SAE_ASSETS / SWEEP_TABLE
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: run `python -m course_utils.assets build-transcoders`."
+        )
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return [
+        {k: (v if k == "family" else int(v) if k == "layer" else float(v)) for k, v in r.items()}
+        for r in rows
+    ]
+
+
+def _loss_args(family: str, layer: int) -> Callable:
+    """From a :class:`MultiHookStore` batch [x0, y0, x1, y1] to the module's ``loss`` arguments:
+    (x, y) for a transcoder, (y,) for the SAE on hook_mlp_out."""
+    if family == "sae":
+        return lambda b: (b[2 * layer + 1],)
+    return lambda b: (b[2 * layer], b[2 * layer + 1])
 
 
 def build_reference_transcoders(
     out_root, recipe: dict | None = None, log=print, threads: int = 2
 ) -> dict:
-    """Train transcoders for both MLPs and equal-width ReLU SAEs on both ``hook_mlp_out`` (same
-    batches, same L1 coefficient), evaluate the splices and ship all four in SAELens format."""
+    """Train the L1 sweep (transcoders, skip transcoders and equal-width ReLU SAEs on
+    ``hook_mlp_out``, both layers, all on the same batches), write the sweep table
+    (:data:`SWEEP_TABLE`) and ship the four dictionaries of ``recipe["shipped"]`` in SAELens format.
+    Returns {shipped name: evaluation} plus "both" (both shipped transcoders spliced at once)."""
     from course_utils.activations import corpus_windows
     from course_utils.models import load_model
     from course_utils.saelens_io import export_sae
@@ -577,10 +797,9 @@ def build_reference_transcoders(
     torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load_model("course-2l")
-    hooks = [*hook_pair(0), *hook_pair(1)]
     store = MultiHookStore(
         model,
-        hooks,
+        [*hook_pair(0), *hook_pair(1)],
         corpus_windows(model, "train"),
         batch_size=recipe["batch_size"],
         buffer_tokens=recipe["buffer_tokens"],
@@ -588,82 +807,55 @@ def build_reference_transcoders(
         seed=0,
     )
     d, n = model.cfg.d_model, recipe["d_sae"]
-    tcs = [
-        Transcoder(d, n, d, 1, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"] + i)
-        for i in range(2)
-    ]
-    saes = S.ReLUSAE(d, n, 2, l1_coeff=recipe["l1_coeff"], seed=recipe["seed"])
-    cache: dict[str, list[Tensor]] = {}
-
-    def batch(i):  # one store batch feeds all four dictionaries
-        if i == 0:
-            cache["b"] = store.next_split()
-        return cache["b"]
-
-    steps, lr = recipe["steps"], recipe["lr"]
-    opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in (*tcs, saes)]
-    final = [m.l1_coeff.clone() for m in (*tcs, saes)]
-    for step in range(steps):
-        x0, y0, x1, y1 = batch(0)
-        scale = LS.l1_coefficient(step, steps, 1.0)
-        this_lr = LS.lr_schedule(step, steps, lr)
-        losses = []
-        for k, (m, opt) in enumerate(zip((*tcs, saes), opts, strict=True)):
-            m.l1_coeff.copy_(final[k] * scale)
-            for group in opt.param_groups:
-                group["lr"] = this_lr
-            if k < 2:
-                out = m.loss((x0, x1)[k], (y0, y1)[k])
-            else:
-                out = m.loss(torch.stack([y0, y1], dim=1))
-            opt.zero_grad()
-            out["loss"].sum().backward()
-            m.remove_parallel_grad()
-            opt.step()
-            m.normalise_decoder()
-            losses.append(out["loss"].detach())
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            log(
-                f"step {step:5d}  loss tc0/tc1/sae0/sae1 "
-                f"{[round(v, 2) for v in torch.cat(losses).tolist()]}"
-            )
-    for k, m in enumerate((*tcs, saes)):
-        m.l1_coeff.copy_(final[k])
+    modules = {}
+    for f_index, (family, per_layer) in enumerate(recipe["sweep"].items()):
+        for layer, coeffs in enumerate(per_layer):
+            if not coeffs:
+                continue
+            seed = recipe["seed"] + 10 * layer + f_index
+            m = make_dictionaries(family, d, n, [float(c) for c in coeffs], seed)
+            modules[(family, layer)] = (m, _loss_args(family, layer))
+    log(
+        f"training {sum(m.n_instances for m, _ in modules.values())} dictionaries "
+        f"({', '.join(f'{f}{layer}x{m.n_instances}' for (f, layer), (m, _) in modules.items())})"
+    )
+    train_on_shared_batches(modules, store.next_split, recipe["steps"], recipe["lr"], log)
     train_time = time.perf_counter() - start
     log(f"trained on {store.tokens_seen} tokens in {train_time:.0f} s")
+
     tokens = corpus_windows(model, "validation")[: recipe["eval_windows"]]
-    results = {}
-    for layer in (0, 1):
-        hook_out = hook_pair(layer)[1]
-        tc_numbers = evaluate_transcoders(model, tokens, {layer: single(tcs[layer])})
-        sae_numbers = LS.evaluate_splice(model, LS.single(saes, layer), tokens, hook_out)
-        common = {
-            "course_recipe": recipe,
-            "course_train_seconds": round(train_time, 1),
-            "course_tokens": store.tokens_seen,
-        }
-        for key, numbers in ((f"tc{layer}", tc_numbers), (f"sae{layer}", sae_numbers)):
-            numbers = {k: round(v, 5) for k, v in numbers.items()}
-            ce = numbers.get("ce_transcoders", numbers.get("ce_sae"))
-            l0 = numbers.get(f"l0_{layer}", numbers.get("l0"))
-            log(
-                f"{REFERENCE_NAMES[key]}: L0 {l0:.1f}  CE {ce:.4f} (clean {numbers['ce_clean']:.4f}"
-                f", +{ce - numbers['ce_clean']:.4f})  {numbers}"
-            )
-            results[REFERENCE_NAMES[key]] = numbers
-        extra = {**common, "course_evaluation": results[REFERENCE_NAMES[f"tc{layer}"]]}
-        export_transcoder(
-            tcs[layer],
-            Path(out_root) / REFERENCE_NAMES[f"tc{layer}"],
-            layer=layer,
-            extra_metadata=extra,
-        )
-        extra = {**common, "course_evaluation": results[REFERENCE_NAMES[f"sae{layer}"]]}
-        export_sae(
-            saes,
-            Path(out_root) / REFERENCE_NAMES[f"sae{layer}"],
-            instance=layer,
-            hook_name=hook_out,
-            extra_metadata=extra,
-        )
+    rows, singles = [], {}
+    for (family, layer), (m, _) in modules.items():
+        for i in range(m.n_instances):
+            one = LS.single(m, i) if family == "sae" else single(m, i)
+            row = evaluate_dictionary(model, one, family, layer, tokens)
+            log(", ".join(f"{k} {v}" for k, v in row.items()))
+            rows.append(row)
+            singles[(family, layer, row["l1_coeff"])] = (one, row)
+    Path(out_root).mkdir(parents=True, exist_ok=True)
+    write_sweep_table(rows, Path(out_root) / SWEEP_TABLE)
+
+    # no wall-clock time in the files: they must be byte-identical when rebuilt (it is logged)
+    common = {"course_recipe": recipe, "course_tokens": store.tokens_seen}
+    chosen = {}
+    for key, (family, layer, coeff) in recipe["shipped"].items():
+        if (family, layer, float(coeff)) not in singles:
+            raise ValueError(f"shipped {key} = {family, layer, coeff} is not a point of the sweep.")
+        chosen[key] = singles[(family, layer, float(coeff))]
+    pair = {layer: chosen[f"tc{layer}"][0] for layer in (0, 1)}
+    both = {k: round(v, 5) for k, v in evaluate_transcoders(model, tokens, pair).items()}
+    log(f"both shipped transcoders spliced: {both}")
+    results = {"both": both}
+    for key, (one, row) in chosen.items():
+        family, layer = row["family"], row["layer"]
+        name = REFERENCE_NAMES[key]
+        extra = {**common, "course_evaluation": row}
+        if family == "sae":
+            export_sae(one.sae, Path(out_root) / name, instance=one.instance,
+                       hook_name=hook_pair(layer)[1], extra_metadata=extra)  # fmt: skip
+        else:
+            extra["course_evaluation_both_spliced"] = both
+            export_transcoder(one.tc, Path(out_root) / name, instance=one.instance, layer=layer,
+                              extra_metadata=extra)  # fmt: skip
+        results[name] = row
     return results

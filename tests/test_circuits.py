@@ -136,3 +136,57 @@ def test_bad_inputs(setup):
         C.Circuit(model, circuit.tokens, {0: T.Transcoder(64, 8, 128)})
     with pytest.raises(ValueError, match="top_k"):
         circuit.greedy_paths(1, 0, POS, top_k=0)
+
+
+def test_keep_top_keeps_largest_magnitudes_and_sums():
+    terms = [{"kind": "feature", "value": v} for v in (0.5, -2.0, 1.25, 0.1)]
+    kept, pruned = C.keep_top(terms, 2)
+    assert [t["value"] for t in kept] == [-2.0, 1.25]
+    assert pruned == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="top_k"):
+        C.keep_top(terms, 0)
+
+
+@pytest.mark.parametrize("baseline", ["mean", None, 7])
+def test_logit_terms_sum_to_the_logit(setup, baseline):
+    model, _, circuit = setup
+    token = int(circuit.tokens[0, POS + 1])
+    terms = circuit.decompose_logit(token, POS, baseline)
+    assert sum(t["value"] for t in terms) == pytest.approx(
+        circuit.logit(token, POS, baseline), abs=1e-3)
+    logits = model(circuit.tokens)[0, POS]
+    raw = circuit.logit(token, POS, None)
+    assert raw == pytest.approx(logits[token].item(), abs=1e-4)
+    with pytest.raises(ValueError, match="baseline"):
+        circuit.decompose_logit(token, POS, "median")
+    with pytest.raises(ValueError, match="out of range"):
+        circuit.decompose_logit(model.cfg.d_vocab, POS)
+
+
+def test_logit_graph_adds_up_and_draws(setup):
+    _, _, circuit = setup
+    token = int(circuit.tokens[0, POS + 1])
+    graph = circuit.greedy_logit_paths(token, POS, top_k=3, depth=2)
+    incoming = defaultdict(float)
+    for e in graph["edges"]:
+        incoming[e["dst"]] += e["weight"]
+    for nid, total in incoming.items():
+        assert total == pytest.approx(graph["nodes"][nid]["value"], abs=1e-3)
+    fig = C.plot_graph(graph, token_str=str)
+    assert len(fig.data) == len(graph["edges"]) + len(
+        {n["kind"] in C.ERROR_KINDS for n in graph["nodes"].values()})
+    assert {tr.name for tr in fig.data if tr.mode == "markers+text"} <= {
+        "error / bias / pruned", "feature / head / embedding"}
+
+
+def test_reversed_shipped_transcoders_and_an_sae_give_clear_errors():
+    """Review P3: layers swapped in input_invariant_connections; an SAE passed as a transcoder."""
+    from course_utils.models import load_sae
+
+    tc0, tc1 = load_sae(T.REFERENCE_NAMES["tc0"]), load_sae(T.REFERENCE_NAMES["tc1"])
+    assert C.input_invariant_connections(tc0, tc1).shape == (tc0.cfg.d_sae, tc1.cfg.d_sae)
+    with pytest.raises(ValueError, match="EARLIER transcoder: got layer 1 then layer 0"):
+        C.input_invariant_connections(tc1, tc0)
+    model = load_model("course-2l")
+    with pytest.raises(ValueError, match="is an SAE on 'blocks.0.hook_mlp_out'.*not a transcoder"):
+        T.check_fits(model, load_sae(T.REFERENCE_NAMES["sae0"]), 0)

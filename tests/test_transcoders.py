@@ -207,5 +207,55 @@ def test_shipped_transcoders_fit_the_course_model(model):
 def test_build_transcoders_end_to_end(tmp_path):
     results = T.build_reference_transcoders(tmp_path, {"steps": 3, "eval_windows": 4},
                                             log=lambda line: None)
-    assert set(results) == set(T.REFERENCE_NAMES.values())
-    assert {p.name for p in tmp_path.iterdir()} == set(T.REFERENCE_NAMES.values())
+    assert set(results) == set(T.REFERENCE_NAMES.values()) | {"both"}
+    assert {p.name for p in tmp_path.iterdir()} == set(T.REFERENCE_NAMES.values()) | {
+        T.SWEEP_TABLE}
+    rows = T.read_sweep_table(tmp_path / T.SWEEP_TABLE)
+    n = sum(len(c) for per_layer in T.REFERENCE["sweep"].values() for c in per_layer)
+    assert len(rows) == n and set(rows[0]) == set(T.SWEEP_COLUMNS)
+    assert all(r["ce_increase"] == pytest.approx(r["ce_spliced"] - r["ce_clean"], abs=1e-4)
+               for r in rows)
+
+
+def test_wrong_layer_is_named_from_saelens_metadata(tmp_path, model):
+    lens = T.to_saelens(_random(n_instances=1), layer=0)
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"trained on 'blocks\.0\.ln2\.hook_normalized'.*"
+                                         r"MLP 1.*blocks\.1\.ln2\.hook_normalized"):
+        T.ce_loss_with_transcoders(model, tokens, {1: lens})
+    T.ce_loss_with_transcoders(model, tokens, {0: lens})  # the right layer works
+
+
+def test_transcoder_pair_reference_and_bad_layer(model, windows):
+    x, y = T.transcoder_pair(model, windows[:2, :8], 1)
+    _, cache = model.run_with_cache(windows[:2, :8])
+    assert torch.equal(x, cache["blocks.1.ln2.hook_normalized"])
+    assert torch.equal(y, cache["blocks.1.hook_mlp_out"])
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
+        T.transcoder_pair(model, windows[:1, :4], 2)
+
+
+def test_functional_references_agree_with_the_module():
+    tc = _random(T.SkipTranscoder, n_instances=1)
+    one = T.single(tc)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
+    z, y_hat = T.skip_transcoder_forward(x, one.W_enc, one.b_enc, one.W_dec, one.b_dec,
+                                         one.W_skip)
+    assert torch.allclose(z, one.encode(x), atol=1e-5)
+    assert torch.allclose(y_hat, one(x), atol=1e-5)
+    y = torch.randn(5, 128)
+    loss = T.transcoder_loss(x, y, one.W_enc, one.b_enc, one.W_dec, one.b_dec, 0.3)
+    plain = T.Transcoder(128, 64, 128, 1, seed=3, l1_coeff=0.3)
+    plain.load_state_dict({k: v for k, v in tc.state_dict().items() if k not in ("W_skip", "l1_coeff")},
+                          strict=False)
+    assert loss.item() == pytest.approx(plain.loss(x, y)["loss"].item(), rel=1e-5)
+
+
+def test_sweep_table_round_trip_and_missing_file(tmp_path):
+    row = {"family": "tc", "layer": 1, "l1_coeff": 1.0, "l0": 20.5, "fvu": 0.3, "ce_clean": 3.5,
+           "ce_spliced": 3.6, "ce_increase": 0.1, "ce_recovered_zero": 0.9, "kl": 0.1,
+           "dead_fraction": 0.0}
+    path = T.write_sweep_table([row], tmp_path / "s.csv")
+    assert T.read_sweep_table(path) == [row]
+    with pytest.raises(FileNotFoundError, match="build-transcoders"):
+        T.read_sweep_table(tmp_path / "missing.csv")
