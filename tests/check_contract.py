@@ -1,10 +1,10 @@
 """The contract every chapter's exercise checks must meet, as reusable pytest tests.
 
 ``checks`` rows are ``(check, reference, mistakes, extra_wrong_answer)``; for a class exercise the
-reference is the class and "untouched" means its forward still raises NotImplementedError. A module gets the tests
-by assigning them to ``test_*`` names:
+reference is the class and "untouched" means its forward still raises NotImplementedError. A test
+module gets the five tests (as ``test_*`` functions pytest collects) with one line:
 
-    (test_reference_passes, ...) = contract_tests(check_module, CHECKS)
+    contract_tests(check_module, CHECKS, globals())
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def untouched(reference):
     return type(reference.__name__, (reference,), {"forward": forward})
 
 
-def contract_tests(module, checks: list[tuple]) -> tuple:
+def contract_tests(module, checks: list[tuple], namespace: dict | None = None) -> tuple:
     ids = [row[0].exercise.name for row in checks]
     row_params = pytest.mark.parametrize("check_fn, reference, mistakes, extra", checks, ids=ids)
 
@@ -57,10 +57,13 @@ def contract_tests(module, checks: list[tuple]) -> tuple:
     def test_every_exercise_has_a_test():
         assert {e.name for e in exercises_of(module)} == set(ids)
 
-    return (
+    tests = (
         test_reference_passes,
         test_stub_not_attempted,
         test_every_mistake_rejected_with_its_hint,
         test_extra_wrong_answer_rejected,
         test_every_exercise_has_a_test,
     )
+    if namespace is not None:  # the calling test module's globals(): pytest collects them there
+        namespace.update({t.__name__: t for t in tests})
+    return tests

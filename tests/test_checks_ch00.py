@@ -72,13 +72,7 @@ CHECKS = [
         ablation_per_token_sum,
     ),
 ]
-(
-    test_reference_passes,
-    test_stub_not_attempted,
-    test_every_mistake_rejected_with_its_hint,
-    test_extra_wrong_answer_rejected,
-    test_every_exercise_has_a_test,
-) = contract_tests(ch00, CHECKS)
+contract_tests(ch00, CHECKS, globals())
 
 
 @pytest.mark.parametrize(

@@ -89,13 +89,7 @@ CHECKS = [
         _train_no_return,
     ),
 ]
-(
-    test_reference_passes,
-    test_stub_not_attempted,
-    test_every_mistake_rejected_with_its_hint,
-    test_extra_wrong_answer_rejected,
-    test_every_exercise_has_a_test,
-) = contract_tests(check, CHECKS)
+contract_tests(check, CHECKS, globals())
 
 
 # ------------------------------------------------------------------ wrong answers not in the lists

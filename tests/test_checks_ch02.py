@@ -89,13 +89,7 @@ CHECKS = [
         lambda acts, W_dec: (acts * W_dec.norm(dim=-1)).sum(-1).mean(0) * 2,
     ),
 ]
-(
-    test_reference_passes,
-    test_stub_not_attempted,
-    test_every_mistake_rejected_with_its_hint,
-    test_extra_wrong_answer_rejected,
-    test_every_exercise_has_a_test,
-) = contract_tests(check, CHECKS)
+contract_tests(check, CHECKS, globals())
 
 
 def test_crashing_answer_names_the_line():

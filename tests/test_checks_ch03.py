@@ -76,13 +76,7 @@ CHECKS = [
         lambda feature_acts, neuron_acts: (0.5, 0),
     ),
 ]
-(
-    test_reference_passes,
-    test_stub_not_attempted,
-    test_every_mistake_rejected_with_its_hint,
-    test_extra_wrong_answer_rejected,
-    test_every_exercise_has_a_test,
-) = contract_tests(check, CHECKS)
+contract_tests(check, CHECKS, globals())
 
 
 def test_helpers_reject_bad_shapes():

@@ -10,13 +10,7 @@ from course_utils import transcoders as T
 from course_utils.checks import ch05 as check
 from tests.check_contract import contract_tests
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def _forward_leaky(x, W_enc, b_enc, W_dec, b_dec):
@@ -84,13 +78,7 @@ CHECKS = [
     ),
 ]
 
-(
-    test_reference_passes,
-    test_stub_not_attempted,
-    test_every_mistake_rejected_with_its_hint,
-    test_extra_wrong_answer_rejected,
-    test_every_exercise_has_a_test,
-) = contract_tests(check, CHECKS)
+contract_tests(check, CHECKS, globals())
 
 
 def test_keep_top_rejects_the_reviewers_input_order_answer():
