@@ -309,16 +309,16 @@ def sae_loss(
         return loss_local(x, x_hat, c, cfg.lam), {"c": c}
     ds = cfg.downstream_hooks if cfg.variant == "e2e_ds" else ()
     logits, c, new_ds = splice_sae(model, sae, tokens, cfg.hook_name, ds)
+    # the same sums as loss_e2e / loss_e2e_ds, with the KL computed once (it is also logged)
+    kl = kl_spliced_vs_original(logits, clean["logits"])
+    sparsity = sparsity_penalty(c, cfg.lam, d_in)
     if cfg.variant == "e2e":
-        loss = loss_e2e(logits, clean["logits"], c, cfg.lam, d_in)
+        loss = kl + sparsity
     else:
-        orig_ds = [clean[name] for name in ds]
-        loss = loss_e2e_ds(
-            logits, clean["logits"], c, cfg.lam, d_in, new_ds, orig_ds, cfg.beta, cfg.kl_coeff
-        )
-    with torch.no_grad():
-        kl = kl_spliced_vs_original(logits, clean["logits"]).item()
-    return loss, {"c": c, "kl": kl}
+        n = len(ds)
+        mse = sum((a - clean[name]).pow(2).mean() for a, name in zip(new_ds, ds, strict=True))
+        loss = cfg.kl_coeff * kl + sparsity + (cfg.beta / n) * mse
+    return loss, {"c": c, "kl": kl.item()}
 
 
 @torch.no_grad()
@@ -381,17 +381,17 @@ def train_saes(
         cfgs[0].hook_name,
         tuple(dict.fromkeys(h for c in cfgs for h in c.downstream_hooks)),
     )
-    opts = [torch.optim.Adam(sae.parameters(), lr=cfg.lr) for sae, cfg in zip(saes, cfgs)]
-    histories: list[dict[str, list]] = [
-        {"step": [], "loss": [], "l0": [], "kl": []} for _ in saes
+    opts = [
+        torch.optim.Adam(sae.parameters(), lr=cfg.lr) for sae, cfg in zip(saes, cfgs, strict=False)
     ]
+    histories: list[dict[str, list]] = [{"step": [], "loss": [], "l0": [], "kl": []} for _ in saes]
     start, tokens_seen = time.perf_counter(), 0
     bar = tqdm(range(steps), disable=not progress, desc=desc, mininterval=2.0)
     for step in bar:
         tokens = batches()
         tokens_seen += tokens.numel()
         clean = clean_run(model, tokens, union)
-        for sae, cfg, opt, hist in zip(saes, cfgs, opts, histories):
+        for sae, cfg, opt, hist in zip(saes, cfgs, opts, histories, strict=False):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
             loss, info = sae_loss(model, sae, tokens, cfg, clean)
@@ -498,7 +498,9 @@ def evaluate_sae(
         for name, new in zip(downstream_hooks, new_ds, strict=True):
             orig = cache[name][:, 1:]
             numbers[f"mse_{name}"] = (new[:, 1:] - orig).pow(2).mean().item()
-            numbers[f"norm_ratio_{name}"] = (new[:, 1:].norm(dim=-1) / orig.norm(dim=-1)).mean().item()
+            numbers[f"norm_ratio_{name}"] = (
+                (new[:, 1:].norm(dim=-1) / orig.norm(dim=-1)).mean().item()
+            )
         for k, v in numbers.items():
             sums[k] = sums.get(k, 0.0) + v * len(chunk)
         n_batches += len(chunk)
@@ -536,17 +538,18 @@ SWEEP = {
     "hook_name": "blocks.1.hook_resid_pre",
     "downstream_hooks": ["blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"],
     "d_sae": 512,
-    "steps": 400,
-    "batch_windows": 8,
-    "lr": 1e-3,
-    "warmup_steps": 20,
+    "steps": 800,
+    "batch_windows": 4,
+    "lr": 2e-3,
+    "warmup_steps": 40,
     "beta": 2.5,
     "kl_coeff": 0.5,
     "lams": {
-        "local": [0.5, 1.0, 2.0, 4.0, 8.0],
+        "local": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
         "e2e": [0.5, 1.0, 2.0, 4.0, 8.0],
         "e2e_ds": [0.5, 1.0, 2.0, 4.0, 8.0],
     },
+    "stability_seed": 1,
     "seed": 0,
     "eval_windows": 64,
 }
@@ -611,7 +614,9 @@ def build_e2e(out_root, table_path, recipe: dict | None = None, log=print, threa
     batches = token_batches(windows, recipe["batch_windows"], seed=recipe["seed"])
     histories = train_saes(model, saes, cfgs, batches, progress=False)
     train_seconds = time.perf_counter() - start
-    log(f"trained {len(saes)} SAEs on {histories[0]['tokens']} tokens each in {train_seconds:.0f} s")
+    log(
+        f"trained {len(saes)} SAEs on {histories[0]['tokens']} tokens each in {train_seconds:.0f} s"
+    )
     val = corpus_windows(model, "validation")[: recipe["eval_windows"]]
     rows = []
     for sae, cfg, hist in zip(saes, cfgs, histories, strict=True):
@@ -637,8 +642,33 @@ def build_e2e(out_root, table_path, recipe: dict | None = None, log=print, threa
         }
         export_e2e_sae(saes[index], Path(out_root) / name, hook, extra_metadata=extra)
         log(f"shipped {name}: {variant} lam {row['lam']} (CE +{row['ce_increase']:.4f})")
+    stability = {}
+    if recipe.get("stability_seed") is not None:
+        # a second seed of each matched run, same batches, to measure cross-seed stability
+        picked = [rows.index(matched[v]) for v in VARIANTS]
+        twins = [
+            E2ESAE(model.cfg.d_model, recipe["d_sae"], seed=recipe["stability_seed"])
+            for _ in picked
+        ]
+        batches = token_batches(windows, recipe["batch_windows"], seed=recipe["seed"])
+        train_saes(model, twins, [cfgs[i] for i in picked], batches, progress=False)
+        for variant, i, twin in zip(VARIANTS, picked, twins, strict=True):
+            a, b = saes[i].dictionary.detach(), twin.dictionary.detach()
+            numbers = evaluate_sae(model, twin, val, hook, ds)
+            stability[variant] = {
+                "lam": cfgs[i].lam,
+                "seed": recipe["stability_seed"],
+                "mean_max_cos_to_seed0": round(max_cosine_across(b, a).mean().item(), 5),
+                "frac_above_0.9": round((max_cosine_across(b, a) > 0.9).float().mean().item(), 5),
+                "l0": round(numbers["l0"], 5),
+                "ce_increase": round(numbers["ce_increase"], 5),
+            }
+            log(f"cross-seed {variant}: {stability[variant]}")
+    total_seconds = time.perf_counter() - start
     table = {
         "recipe": recipe,
+        "stability": stability,
+        "total_seconds": round(total_seconds, 1),
         "rows": rows,
         "shipped": shipped,
         "train_seconds": round(train_seconds, 1),
@@ -677,5 +707,3 @@ def load_sweep_table(path=None) -> dict:
             f"{path} is missing: rebuild it with `python -m course_utils.assets build-e2e`."
         )
     return json.loads(path.read_text())
-
-
