@@ -664,6 +664,22 @@ def build_e2e(out_root, table_path, recipe: dict | None = None, log=print, threa
                 "ce_increase": round(numbers["ce_increase"], 5),
             }
             log(f"cross-seed {variant}: {stability[variant]}")
+        # cross-type similarity free of the shared initialisation: seed-0 e2e / e2e+ds elements
+        # against the seed-1 local dictionary (the sweep starts every run from the same init)
+        local_twin = twins[0].dictionary.detach()
+        for variant, i in zip(VARIANTS[1:], picked[1:], strict=True):
+            best = max_cosine_across(saes[i].dictionary.detach(), local_twin)
+            stability[f"{variant}_to_local_seed1"] = {
+                "mean_max_cos": round(best.mean().item(), 5),
+                "frac_above_0.9": round((best > 0.9).float().mean().item(), 5),
+            }
+            log(
+                f"cross-type {variant} -> local (other seed): {stability[f'{variant}_to_local_seed1']}"
+            )
+        init = E2ESAE(model.cfg.d_model, recipe["d_sae"], seed=recipe["seed"]).dictionary.detach()
+        for variant, i in zip(VARIANTS, picked, strict=True):
+            to_init = (saes[i].dictionary.detach() * init).sum(-1)
+            stability[variant]["median_cos_to_own_init"] = round(to_init.median().item(), 5)
     total_seconds = time.perf_counter() - start
     table = {
         "recipe": recipe,
