@@ -111,6 +111,56 @@ def _hook_returns_nothing(model, sae, tokens, hook_name, downstream_hooks=()):
     return logits, store["c"], [store[n] for n in downstream_hooks]
 
 
+def _execution_order(model, sae, tokens, hook_name, downstream_hooks=()):
+    store: dict = {}
+
+    def splice(act, hook):
+        store["c"] = sae.encode(act)
+        return sae.decode(store["c"])
+
+    def record(act, hook):
+        store[hook.name] = act
+
+    logits = model.run_with_hooks(
+        tokens, fwd_hooks=[(hook_name, splice)] + [(n, record) for n in downstream_hooks]
+    )
+    c = store.pop("c")
+    return logits, c, list(store.values())
+
+
+def _unnormalised_decoder(model, sae, tokens, hook_name, downstream_hooks=()):
+    store: dict = {}
+
+    def splice(act, hook):
+        store["c"] = sae.encode(act)
+        return store["c"] @ sae.W_dec + sae.b_dec
+
+    def record(act, hook):
+        store[hook.name] = act
+
+    logits = model.run_with_hooks(
+        tokens, fwd_hooks=[(hook_name, splice)] + [(n, record) for n in downstream_hooks]
+    )
+    return logits, store["c"], [store[n] for n in downstream_hooks]
+
+
+def _bos_not_spliced(model, sae, tokens, hook_name, downstream_hooks=()):
+    store: dict = {}
+
+    def splice(act, hook):
+        store["c"] = sae.encode(act)
+        out = sae.decode(store["c"])
+        return torch.cat([act[:, :1], out[:, 1:]], dim=1)
+
+    def record(act, hook):
+        store[hook.name] = act
+
+    logits = model.run_with_hooks(
+        tokens, fwd_hooks=[(hook_name, splice)] + [(n, record) for n in downstream_hooks]
+    )
+    return logits, store["c"], [store[n] for n in downstream_hooks]
+
+
 SPLICE_MISTAKES = [
     Mistake(
         "no splice",
@@ -135,6 +185,25 @@ SPLICE_MISTAKES = [
         "you detached the SAE's output: the KL gradient must reach the SAE through it. (Detaching "
         "the *input* activation is harmless; the model is frozen.)",
     ),
+    Mistake(
+        "downstream activations in execution order",
+        _execution_order,
+        "return the downstream activations in the order of downstream_hooks as requested "
+        "([store[name] for name in downstream_hooks]), not in the order the forward pass "
+        "reached them.",
+    ),
+    Mistake(
+        "decoder not normalised",
+        _unnormalised_decoder,
+        "use sae.decode(c): it divides each W_dec row by its norm on every call, so c @ W_dec "
+        "+ b_dec is not the SAE's reconstruction.",
+    ),
+    Mistake(
+        "BOS left un-spliced",
+        _bos_not_spliced,
+        "splice at every position, BOS included: the hook returns sae.decode(c) for the whole "
+        "[batch, pos, d_in] activation.",
+    ),
 ]
 
 
@@ -144,6 +213,10 @@ def _splice_cases() -> list[Case]:
         Case("tiny model with two downstream hooks", (model, sae, tokens, HOOK, DOWNSTREAM)),
         Case("batch of one and no downstream hooks", (model, sae, tokens[:1], HOOK, ())),
         Case("splice at layer 0", (model, sae, tokens, "blocks.0.hook_resid_post", DOWNSTREAM)),
+        Case(
+            "downstream hooks requested in reverse order",
+            (model, sae, tokens, "blocks.0.hook_resid_post", DOWNSTREAM[::-1]),
+        ),
     ]
 
 
@@ -366,7 +439,7 @@ DS_MISTAKES = [
     Mistake(
         "beta not spread over the downstream hooks",
         _ds_variant(spread=False),
-        "divide beta evenly over the downstream hooks: beta / (L - l) = beta / len(new_downstream).",
+        "divide beta evenly over the n downstream hooks: beta / n with n = len(new_downstream).",
     ),
     Mistake(
         "summed MSE",
@@ -381,7 +454,7 @@ DS_MISTAKES = [
     Mistake(
         "beta over one hook too many",
         _ds_variant(extra_count=1),
-        "L - l counts the downstream hooks only: divide beta by len(new_downstream).",
+        "n counts the downstream hooks only: divide beta by len(new_downstream).",
     ),
 ]
 
@@ -438,14 +511,31 @@ def _batches(seed: int):
     return lambda: next(it)
 
 
+NAN_CASE, CLIP_CASE = "nan", "clip"
+
+
 def _run_training(train_fn):
-    def run(variant: str) -> dict:
+    def run(variant: str, special: str = "") -> dict:
+        from dataclasses import replace
+
         from course_utils.models import tiny_random_model
 
         model = tiny_random_model(seed=0)  # fresh: requires_grad is True, as loaded
         before = {k: v.clone() for k, v in model.state_dict().items()}
         sae = E.E2ESAE(model.cfg.d_model, 48, seed=3)
-        train_fn(model, sae, _train_config(variant), _batches(20))
+        cfg = _train_config(variant)
+        if special == NAN_CASE:
+            with torch.no_grad():
+                sae.W_enc[0, 0] = float("nan")  # the loss is NaN from the first step
+            try:
+                train_fn(model, sae, cfg, _batches(20))
+            except Exception as error:  # which exception stopped the run (if any)
+                return {"the run stopped with": type(error).__name__}
+            return {"the run stopped with": "nothing (it ran to the end)"}
+        if special == CLIP_CASE:
+            # so small that clipping freezes Adam's updates (the gradients fall below its eps)
+            cfg = replace(cfg, grad_clip=1e-9)
+        train_fn(model, sae, cfg, _batches(20))
         grads = sum(p.grad is not None for p in model.parameters())
         changed = sum(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
@@ -472,7 +562,7 @@ def _not_frozen(model, sae, cfg, batches):
         E._assert_frozen = original_assert  # type: ignore[assignment]
 
 
-def _manual_loop(zero_grad=True, schedule=True, clip=True):
+def _manual_loop(zero_grad=True, schedule=True, clip="before step", nan_check=True):
     def train(model, sae, cfg, batches):
         model.requires_grad_(False)
         opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
@@ -484,14 +574,33 @@ def _manual_loop(zero_grad=True, schedule=True, clip=True):
                         step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac
                     )
             loss, _ = E.sae_loss(model, sae, tokens, cfg)
+            if nan_check and not torch.isfinite(loss):
+                raise E.TrainingDiverged(f"the loss became {loss.item()} at step {step}")
             if zero_grad:
                 opt.zero_grad()
             loss.backward()
-            if clip:
+            if clip == "before step":
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             opt.step()
+            if clip == "after step":
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
 
     return train
+
+
+def _nan_to_value_error(model, sae, cfg, batches):
+    """Stops on a NaN loss, but with the wrong exception."""
+    try:
+        return _manual_loop()(model, sae, cfg, batches)
+    except E.TrainingDiverged as error:
+        raise ValueError(str(error)) from None
+
+
+_CLIP_HINT = (
+    "clip the gradients between loss.backward() and optimizer.step(): "
+    "torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip). Without it (or after "
+    "step(), when the update is already done) a very small cfg.grad_clip changes nothing."
+)
 
 
 def _spliced_target(model, sae, cfg, batches):
@@ -507,6 +616,8 @@ def _spliced_target(model, sae, cfg, batches):
             with torch.no_grad():
                 clean["logits"] = E.splice_sae(model, sae, tokens, cfg.hook_name)[0]
         loss, _ = E.sae_loss(model, sae, tokens, cfg, clean)
+        if not torch.isfinite(loss):
+            raise E.TrainingDiverged(f"the loss became {loss.item()} at step {step}")
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -537,11 +648,31 @@ TRAIN_MISTAKES = [
         "the KL target is the *original* model's logits on the same tokens (a clean run under "
         "torch.no_grad()), not a run with the SAE spliced in.",
     ),
+    Mistake(
+        "no NaN check",
+        _manual_loop(nan_check=False),
+        "the run went on with a NaN loss: right after computing the loss, check "
+        "torch.isfinite(loss) (before backward()) and raise E.TrainingDiverged naming the step.",
+    ),
+    Mistake(
+        "wrong exception on a NaN loss",
+        _nan_to_value_error,
+        "raise E.TrainingDiverged (not another exception) when the loss is not finite: "
+        "callers catch that class.",
+    ),
+    Mistake("no gradient clipping", _manual_loop(clip="none"), _CLIP_HINT),
+    Mistake("clipping after the step", _manual_loop(clip="after step"), _CLIP_HINT),
 ]
 
 
 def _train_cases() -> list[Case]:
-    return [Case("local", ("local",)), Case("e2e", ("e2e",)), Case("e2e_ds", ("e2e_ds",))]
+    return [
+        Case("local", ("local",)),
+        Case("e2e", ("e2e",)),
+        Case("e2e_ds", ("e2e_ds",)),
+        Case("a NaN in the SAE's W_enc (the loss is NaN)", ("e2e", NAN_CASE)),
+        Case("grad_clip=1e-9 (clipping must happen)", ("local", CLIP_CASE)),
+    ]
 
 
 @exercise("2.6", "train_sae")
