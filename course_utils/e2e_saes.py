@@ -270,6 +270,22 @@ class TrainConfig:
             raise ValueError("variant 'e2e_ds' needs at least one downstream hook.")
         if not self.lam >= 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}.")
+        here = _resid_position(self.hook_name)
+        for name in self.downstream_hooks if self.variant == "e2e_ds" else ():
+            there = _resid_position(name)
+            if here is not None and there is not None and there <= here:
+                raise ValueError(
+                    f"downstream hook {name!r} is not after the SAE's hook {self.hook_name!r}: "
+                    "the e2e+ds loss compares activations *later* in the spliced run."
+                )
+
+
+def _resid_position(hook_name: str) -> tuple[int, int] | None:
+    """(layer, 0/1/2 for resid_pre/mid/post) of a residual-stream hook; None for other hooks."""
+    import re
+
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|mid|post)", hook_name)
+    return None if m is None else (int(m.group(1)), ("pre", "mid", "post").index(m.group(2)))
 
 
 def lr_at(step: int, steps: int, lr: float, warmup_steps: int, min_lr_frac: float = 0.1) -> float:
@@ -512,6 +528,12 @@ def evaluate_sae(
 
 def max_cosine_within(W_dec: Float[Tensor, "d_sae d_in"]) -> Float[Tensor, " d_sae"]:
     """For each dictionary element, its largest cosine similarity with any *other* element."""
+    if W_dec.ndim != 2 or W_dec.shape[0] < 2:
+        raise ValueError(
+            f"W_dec must be [d_sae, d_in] with at least two elements, got {tuple(W_dec.shape)}."
+        )
+    if (W_dec.norm(dim=-1) == 0).any():
+        raise ValueError("W_dec has an all-zero row: its cosine with other elements is undefined.")
     unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     cos = unit @ unit.T
     cos.fill_diagonal_(-float("inf"))

@@ -151,3 +151,18 @@ def test_committed_table_matches_the_shipped_checkpoints():
         assert meta.hook_name == table["recipe"]["hook_name"]
         assert sae.cfg.d_sae == table["recipe"]["d_sae"] and not sae.cfg.apply_b_dec_to_input
     assert dataclasses.is_dataclass(E.TrainConfig)
+
+
+def test_downstream_hook_before_the_sae_is_rejected():
+    with pytest.raises(ValueError, match="not after the SAE's hook"):
+        E.TrainConfig("e2e_ds", 1.0, "blocks.1.hook_resid_pre", ("blocks.0.hook_resid_mid",))
+    with pytest.raises(ValueError, match="not after the SAE's hook"):
+        E.TrainConfig("e2e_ds", 1.0, "blocks.1.hook_resid_mid", ("blocks.1.hook_resid_mid",))
+    E.TrainConfig("e2e_ds", 1.0, "blocks.0.hook_resid_post", ("blocks.1.hook_resid_mid",))
+
+
+def test_max_cosine_within_bad_input():
+    with pytest.raises(ValueError, match="at least two elements"):
+        E.max_cosine_within(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="all-zero row"):
+        E.max_cosine_within(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
