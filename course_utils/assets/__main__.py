@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
+
+
+def _timed(what: str, build) -> int:
+    """Run one asset build, printing its log lines and its wall time."""
+    start = time.perf_counter()
+    print(f"building {what}", flush=True)
+    build(lambda line: print(line, flush=True))
+    print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +40,27 @@ def main(argv: list[str] | None = None) -> int:
     tcs.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
     tcs.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
     tcs.add_argument("--threads", type=int, default=2)
+    e2e = sub.add_parser(
+        "build-e2e", help="rerun the chapter-04 lambda sweep (local / e2e / e2e+ds SAEs)"
+    )
+    e2e.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
+    e2e.add_argument("--table", type=Path, default=None, help="sweep table (default: shipped)")
+    e2e.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
+    e2e.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+
+    if args.command == "build-e2e":
+        from course_utils import e2e_saes
+        from course_utils.assets import ASSETS_DIR
+        from course_utils.models import SAE_ASSETS
+
+        out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
+        table = args.table if args.table is not None else ASSETS_DIR / "e2e" / e2e_saes.TABLE_FILE
+        recipe = {} if args.steps is None else {"steps": args.steps}
+        return _timed(
+            f"sweep into {table}; shipping {', '.join(e2e_saes.SHIPPED.values())} into {out}",
+            lambda log: e2e_saes.build_e2e(out, table, recipe, log=log, threads=args.threads),
+        )
 
     if args.command == "build-transcoders":
         from course_utils import transcoders
@@ -40,13 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
         out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
         recipe = {} if args.steps is None else {"steps": args.steps}
-        start = time.perf_counter()
-        print(f"building {', '.join(transcoders.REFERENCE_NAMES.values())} into {out}", flush=True)
-        transcoders.build_reference_transcoders(
-            out, recipe, log=lambda line: print(line, flush=True), threads=args.threads
+        return _timed(
+            f"{', '.join(transcoders.REFERENCE_NAMES.values())} into {out}",
+            lambda log: transcoders.build_reference_transcoders(
+                out, recipe, log=log, threads=args.threads
+            ),
         )
-        print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
-        return 0
 
     if args.command == "build-saes":
         from course_utils import lm_saes
@@ -55,13 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
         out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
         recipe = {} if args.steps is None else {"steps": args.steps}
-        start = time.perf_counter()
-        print(f"building {', '.join(lm_saes.REFERENCE_NAMES)} into {out}", flush=True)
-        lm_saes.build_reference_saes(
-            out, recipe, log=lambda line: print(line, flush=True), threads=args.threads
+        return _timed(
+            f"{', '.join(lm_saes.REFERENCE_NAMES)} into {out}",
+            lambda log: lm_saes.build_reference_saes(out, recipe, log=log, threads=args.threads),
         )
-        print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
-        return 0
 
     from course_utils import course_model as cm
 
