@@ -13,8 +13,11 @@ Where things live (one module per idea):
 - ``saes``, ``sae_metrics``, ``sparse_data``  chapter 02's SAEs, metrics and ground-truth data
 - ``lm_saes``, ``saelens_io``  chapter 03: SAEs on the course model (training, splicing, CE loss
                  recovered, feature analysis) and export to / import from the SAELens format
-- ``transcoders``, ``circuits``  chapter 05 groundwork: transcoders, paired activations, splicing,
-                 SAELens export; exact feature-circuit decompositions and greedy path search
+- ``e2e_saes``   chapter 04: end-to-end SAEs (splice, KL, the three losses, one training loop,
+                 downstream evaluation, geometry) and the ``build-e2e`` sweep
+- ``transcoders``, ``circuits``  chapter 05: transcoders, paired activations, splicing, the
+                 transcoder-vs-SAE sweep, SAELens export; exact feature-circuit decompositions,
+                 greedy path search and path graphs
 - ``widgets``    sliders that degrade to a static figure when no front end is attached
 - ``build``      solution notebook -> exercise notebook
 - ``grading``    ``course check``: run a learner's notebook and tabulate its exercises
@@ -23,10 +26,18 @@ Where things live (one module per idea):
 
 import os
 
-from course_utils.env import block_network, env_report, set_seed, setup_notebook
+from course_utils.env import (
+    block_network,
+    env_report,
+    set_seed,
+    setup_notebook,
+    text_progress_bars,
+)
 
 if os.environ.get("COURSE_BLOCK_NETWORK") == "1":
     block_network()  # `make test` sets this: a notebook that reaches for the internet fails loudly
+if os.environ.get("COURSE_HEADLESS") == "1":
+    text_progress_bars()  # saved notebooks show each bar's final state, not a frozen first frame
 
 __version__ = "0.1.0"
 __all__ = ["env_report", "set_seed", "setup_notebook", "__version__"]

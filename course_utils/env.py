@@ -51,6 +51,21 @@ def headless() -> bool:
     return shell is None or type(shell).__name__ != "ZMQInteractiveShell"
 
 
+def text_progress_bars() -> None:
+    """Make ``tqdm.auto`` draw plain-text bars in this process.
+
+    In a headless run (``course execute``, nbval, ``course check``) nobody draws widgets, so a
+    widget bar is saved as its first frame ("0/400") and the solution notebook shows a frozen,
+    misleading bar. A text bar is saved with its final state instead.
+    """
+    import tqdm.auto
+    import tqdm.autonotebook
+    import tqdm.std
+
+    for module in (tqdm.auto, tqdm.autonotebook):
+        module.tqdm, module.trange = tqdm.std.tqdm, tqdm.std.trange
+
+
 def offline_forced() -> bool:
     """True when the environment asks libraries not to touch the network."""
     names = ("HF_HUB_OFFLINE", "COURSE_OFFLINE", "COURSE_BLOCK_NETWORK")

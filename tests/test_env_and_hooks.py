@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -74,3 +75,18 @@ def test_blocked_network_refuses_internet_but_allows_loopback():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env
     ).stdout
     assert "BLOCKED" in out and "LOOPBACK OK" in out and out.strip().endswith("False")
+
+
+def test_headless_runs_save_text_progress_bars():
+    """A widget bar is saved as its first frame ("0/400"); headless runs must use text bars."""
+    import subprocess
+    import sys
+
+    code = (
+        "import course_utils, tqdm.auto, tqdm.std; "
+        "from course_utils import activations; "
+        "assert tqdm.auto.tqdm is tqdm.std.tqdm and activations.tqdm is tqdm.std.tqdm"
+    )
+    headless_env = {**os.environ, "COURSE_HEADLESS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=headless_env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
