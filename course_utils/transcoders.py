@@ -409,40 +409,21 @@ def train_transcoder(
     tc: Transcoder,
     pairs: Callable[[], tuple[Tensor, Tensor]],
     steps: int,
-    lr: float = 1e-3,
-    l1_warmup_frac: float = 0.05,
-    lr_warmup_steps: int = 0,
-    lr_decay_frac: float = 0.2,
-    log_every: int = 25,
-    progress: bool = True,
-    seed: int = 0,
     max_grad_norm: float | None = None,
+    **options,
 ) -> dict[str, list]:
     """Train every instance of ``tc`` on ``pairs() -> (x [batch, d_in], y [batch, d_out])``.
 
-    The chapter-03 loop itself (:func:`~course_utils.lm_saes.train_lm_sae`): Adam, L1 warm-up
-    (:func:`~course_utils.lm_saes.l1_coefficient`), lr schedule
-    (:func:`~course_utils.lm_saes.lr_schedule`), unit-norm decoder by projection, per-instance
-    gradient-norm clipping at ``max_grad_norm``. Off (``None``) by default here, unlike chapter 03:
-    the shipped transcoders and the chapter-05 sweep were trained unclipped, and live runs must be
-    comparable with them. The history
-    holds, every ``log_every`` steps, loss, L0, FVU of the target (on the batch) and the number of
-    latents dead for the last 1000 steps; plus ``tokens_per_s``.
+    The chapter-03 loop itself, :func:`~course_utils.lm_saes.train_lm_sae` (Adam, L1 warm-up, lr
+    schedule, unit-norm decoder by projection); ``options`` are its keyword arguments (``lr``,
+    ``log_every``, ``progress``, ...). One difference: gradient-norm clipping is off (``None``) by
+    default here, unlike chapter 03, because the shipped transcoders and the chapter-05 sweep were
+    trained unclipped and live runs must be comparable with them. The history holds, every
+    ``log_every`` steps, loss, L0, FVU of the target (on the batch) and the number of latents dead
+    for the last 1000 steps; plus ``tokens_per_s``.
     """
-    return LS.train_lm_sae(
-        tc,
-        pairs,
-        steps,
-        lr=lr,
-        l1_warmup_frac=l1_warmup_frac,
-        lr_warmup_steps=lr_warmup_steps,
-        lr_decay_frac=lr_decay_frac,
-        log_every=log_every,
-        progress=progress,
-        seed=seed,
-        max_grad_norm=max_grad_norm,
-        desc=type(tc).__name__,
-    )
+    options.setdefault("desc", type(tc).__name__)
+    return LS.train_lm_sae(tc, pairs, steps, max_grad_norm=max_grad_norm, **options)
 
 
 # ----------------------------------------------------------------------------- splicing
