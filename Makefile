@@ -13,12 +13,22 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # (grep exits 1 when it filters everything; pip's own exit status still fails the pipeline.)
 QUIET_PIP := { grep -v -e '^WARNING: Location' -e '^$$' || true; }
 
-.PHONY: help install kernel lab lab-no-browser test check build lint clean
+LOCK := requirements-lock.txt
+NBVAL := -p no:cacheprovider --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg \
+	--nbval-cell-timeout=900 --nbval-kernel-startup-timeout=120
+# Another CPU, simulated: torch's portable kernels instead of AVX2/AVX-512, MKL without AVX.
+OTHER_CPU := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2
+# The chapters that train (their numbers move with the CPU); 00-01 only draw and check.
+TRAINING_CHAPTERS := $(filter-out solutions/00_% solutions/01_%,$(wildcard solutions/*.ipynb))
+
+.PHONY: help install kernel lab lab-no-browser test test-other-cpu test-colab check build lint lock clean
 
 help:
 	@echo "make lab             install (first time), register the kernel, open JupyterLab"
 	@echo "make lab-no-browser  the same, printing the URL instead of opening a browser"
 	@echo "make test            install, then unit tests, check tests, sync check, nbval"
+	@echo "make test-other-cpu  the training chapters' notebooks again on a simulated other CPU"
+	@echo "make test-colab      (downloads ~3 GB) every notebook in a Colab-like Python 3.13 env"
 	@echo "make check CH=01     grade your exercise notebook for chapter 01"
 	@echo "make build           regenerate notebooks/ from solutions/"
 	@echo "make lint            ruff"
@@ -26,10 +36,10 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall only when the pins change.
-$(STAMP): pyproject.toml | $(BIN)/python
+# Reinstall only when the requirements or the lock change. The lock holds every version exactly.
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
-	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -m pip install -q -e ".[dev]" -c $(LOCK) 2>&1 | $(QUIET_PIP)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -48,12 +58,28 @@ lab-no-browser: kernel
 test: $(STAMP)
 	$(BIN)/ruff check course_utils tests scripts
 	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 $(BIN)/python -m pytest tests -q
-	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 COURSE_BLOCK_NETWORK=1 $(BIN)/python -m pytest -q --nbval-lax \
-		--nbval-sanitize-with nbval_sanitize.cfg --nbval-current-env \
-		--nbval-cell-timeout=900 --nbval-kernel-startup-timeout=120 -p no:cacheprovider solutions
+	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 COURSE_BLOCK_NETWORK=1 $(BIN)/python -m pytest -q \
+		$(NBVAL) --nbval-current-env solutions
+
+# The same assertions must hold on a CPU with other instruction sets (CI runs this after `test`).
+test-other-cpu: $(STAMP)
+	$(OTHER_CPU) HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 COURSE_BLOCK_NETWORK=1 $(BIN)/python -m pytest \
+		-q $(NBVAL) --nbval-current-env $(TRAINING_CHAPTERS)
+
+# Opt-in, needs a network: Colab's Python, torch, kernel and widget versions, the course installed
+# the way the notebooks' setup cell does it, then every solution notebook under nbval.
+test-colab:
+	bash scripts/colab_like.sh
 
 build: $(STAMP)
 	$(BIN)/course build
+
+# After changing a requirement in pyproject.toml: install it (keeping what still fits), then write
+# the .venv's exact versions to the lock.
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python scripts/write_lock.py $(LOCK)
+	@touch $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check course_utils tests

@@ -39,5 +39,5 @@ if os.environ.get("COURSE_BLOCK_NETWORK") == "1":
 if os.environ.get("COURSE_HEADLESS") == "1":
     text_progress_bars()  # saved notebooks show each bar's final state, not a frozen first frame
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["env_report", "set_seed", "setup_notebook", "__version__"]

@@ -128,11 +128,33 @@ def expected_exercise_text(chapter: Chapter, root: Path) -> str:
     return build_exercise_notebook(solution, f"notebooks/{chapter.filename}")
 
 
+def sync_setup_cell(path: Path, check_only: bool = False) -> bool:
+    """Make a solution notebook's first code cell ``colab.setup_cell_source()``; True if it was not.
+
+    The setup cell is generated boilerplate (like the badge): change it in ``colab`` and every
+    solution notebook follows on the next ``course build``. Nothing else in the file moves.
+    """
+    notebook = read_notebook(path)
+    first_code = next((c for c in notebook.cells if c.cell_type == "code"), None)
+    if first_code is None or first_code.source == colab.setup_cell_source():
+        return False
+    if not check_only:
+        first_code.source = colab.setup_cell_source()
+        path.write_text(nbformat.writes(notebook) + "\n", encoding="utf-8")
+    return True
+
+
 def build_all(root: Path | None = None, check_only: bool = False) -> list[Path]:
-    """Write (or, with ``check_only``, just compare) every exercise notebook; return the stale ones."""
+    """Write (or, with ``check_only``, just compare) every exercise notebook; return the stale ones.
+
+    Solution notebooks whose setup cell is out of date are brought up to date first (and count
+    as stale).
+    """
     root = root or repo_root()
     stale = []
     for chapter in available_chapters(root):
+        if sync_setup_cell(solution_path(chapter, root), check_only):
+            stale.append(solution_path(chapter, root))
         target = exercise_path(chapter, root)
         text = expected_exercise_text(chapter, root)
         if not target.exists() or target.read_text(encoding="utf-8") != text:

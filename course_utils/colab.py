@@ -1,4 +1,10 @@
-"""Colab support: the badge at the top of every notebook and the setup cell that installs us.
+"""Colab support: the badge at the top of every notebook, and the setup cell that installs us.
+
+On Colab the setup cell installs this package from a fixed release tag, then ``install_missing``
+adds only what Colab lacks (TransformerLens, SAELens, jaxtyping, ...) while holding every package
+Colab itself relies on (torch, the Jupyter kernel and widget packages, numpy, huggingface_hub) at
+the version the runtime already has. Nothing is downloaded twice and no restart is needed; if pip
+ever does replace a package the running session has imported, it says so in one sentence.
 
 The repository location is ONE constant. ``course build`` writes badges from it and a test checks
 that every notebook's badge and setup cell match what this module generates.
@@ -6,30 +12,143 @@ that every notebook's badge and setup cell match what this module generates.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata as metadata
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 #: Where the course lives on GitHub (owner/name). Change it here and run ``course build``.
 GITHUB_REPO = "mi-course/mech-interp-course"
+#: Badges open the notebooks on the main branch; the setup cell installs a fixed release tag.
 BRANCH = "main"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
+#: Packages Colab's runtime relies on: never replaced by the course's install. torch's
+#: companions are pinned to it; google-colab pins ipykernel and ipython exactly; notebook 6.5
+#: needs jupyter_client < 8; gradio and diffusers need huggingface_hub < 2.
+PROTECTED = (
+    "torch",
+    "torchvision",
+    "torchaudio",
+    "ipykernel",
+    "ipython",
+    "jupyter_client",
+    "jupyter_core",
+    "notebook",
+    "ipywidgets",
+    "widgetsnbextension",
+    "plotly",
+    "numpy",
+    "huggingface_hub",
+    "google-colab",
+)
+
+
+def release_tag() -> str:
+    """The git tag of this version of the course: what the setup cell installs."""
+    from course_utils import __version__
+
+    return f"v{__version__}"
+
 
 def badge(notebook_path: str) -> str:
-    """Markdown for an "Open in Colab" badge pointing at ``notebook_path`` (repo-relative)."""
+    """Markdown for an "Open in Colab" badge pointing at ``notebook_path`` (repo-relative).
+
+    The alt text is a readable link ("Open in Colab"), so offline the badge degrades to text.
+    """
     url = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/{BRANCH}/{notebook_path}"
     return f"[![Open In Colab]({BADGE_IMAGE})]({url})"
 
 
 def install_spec() -> str:
-    return f"course-utils @ git+https://github.com/{GITHUB_REPO}@{BRANCH}"
+    return f"course-utils @ git+https://github.com/{GITHUB_REPO}@{release_tag()}"
 
 
 def setup_cell_source() -> str:
-    """The first code cell of every notebook: installs the pinned course package in Colab only."""
+    """The first code cell of every notebook: installs the course in Colab only."""
     return (
-        "# Setup: in Colab this installs the pinned course package; on your own machine it does\n"
-        "# nothing (`make lab` has installed it already).\n"
+        "# Setup. In Colab: installs the course (a fixed release) and only what Colab lacks, keeping\n"
+        "# Colab's own torch, Jupyter and widget packages; the course runs on the CPU. About a\n"
+        "# minute, no restart. On your own machine this cell does nothing (`make lab` installed it).\n"
         "import subprocess\n"
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
-        f'    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "{install_spec()}"], check=True)'
+        f'    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]\n'
+        f'    subprocess.run([*pip, "{install_spec()}"], check=True)\n'
+        "    from course_utils.colab import install_missing\n"
+        "\n"
+        "    install_missing()"
     )
+
+
+# -- installing what the runtime lacks ----------------------------------------------------------
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def protected_constraints() -> list[str]:
+    """``name==version`` for every protected package this runtime has (pip may not move them)."""
+    pins = []
+    for name in PROTECTED:
+        version = installed_version(name)
+        if version is not None:
+            pins.append(f"{name}=={version}")
+    return pins
+
+
+def course_requirements() -> list[str]:
+    """This package's own runtime requirements (no extras), as pip understands them."""
+    requires = metadata.requires("course-utils") or []
+    return [r for r in requires if "extra ==" not in r and "extra==" not in r]
+
+
+def _imported_distributions() -> set[str]:
+    """Distributions that own a module this process has already imported."""
+    owners = metadata.packages_distributions()
+    top_level = {name.split(".")[0] for name in list(sys.modules)}
+    return {_normalise(d) for module in top_level for d in owners.get(module, [])}
+
+
+def install_missing(dry_run: bool = False) -> list[str]:
+    """Install the course's requirements that the runtime lacks; return what pip installed.
+
+    Protected packages are held at their installed versions with a constraints file, so pip either
+    keeps them or stops with a conflict; it never silently swaps Colab's torch or kernel.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        constraints = Path(folder) / "colab-constraints.txt"
+        constraints.write_text("\n".join(protected_constraints()) + "\n")
+        report = Path(folder) / "report.json"
+        command = [sys.executable, "-m", "pip", "install", "-q", "-c", str(constraints)]
+        command += ["--report", str(report), *course_requirements()]
+        if dry_run:
+            command.insert(4, "--dry-run")
+        subprocess.run(command, check=True)
+        installed = json.loads(report.read_text()).get("install", [])
+    names = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in installed]
+    importlib.invalidate_caches()
+    stale = sorted({n.split("==")[0] for n in names} & _imported_distributions())
+    if stale and not dry_run:
+        print(
+            "Restart the runtime (Runtime > Restart session) and run this notebook from the top: "
+            f"pip updated {', '.join(stale)}, which this session had already imported."
+        )
+    else:
+        print(f"course installed ({len(names)} packages added); Colab's torch and kernel kept.")
+    return names
+
+
+if __name__ == "__main__":  # python -m course_utils.colab [--dry-run]
+    install_missing(dry_run="--dry-run" in sys.argv)

@@ -25,11 +25,20 @@ def set_seed(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def get_device(prefer_gpu: bool = True) -> torch.device:
-    """CUDA if present (faster, never required), else CPU. Set COURSE_DEVICE to override."""
+def get_device(prefer_gpu: bool = False) -> torch.device:
+    """The CPU, unless the learner opts in to a GPU with ``COURSE_DEVICE=cuda`` (or ``prefer_gpu``).
+
+    The CPU is the default even where a GPU is present (a Colab GPU runtime, say): every number in
+    the solution notebooks was measured on the CPU, and a GPU's float results differ from it.
+    """
     forced = os.environ.get("COURSE_DEVICE")
     if forced:
-        return torch.device(forced)
+        try:
+            return torch.device(forced)
+        except RuntimeError:
+            raise ValueError(
+                f"COURSE_DEVICE={forced!r} is not a torch device; use 'cpu' or 'cuda'."
+            ) from None
     if prefer_gpu and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
@@ -110,6 +119,8 @@ def env_report() -> str:
     device_text = f"{device.type} ({torch.get_num_threads()} threads)"
     if device.type == "cuda":
         device_text = f"cuda ({torch.cuda.get_device_name(0)})"
+    elif torch.cuda.is_available():
+        device_text += ", GPU unused (COURSE_DEVICE=cuda opts in)"
     versions = " · ".join(f"{p} {package_version(p)}" for p in REPORTED_PACKAGES)
     mode = (
         "offline mode on" if offline_forced() else "offline mode off (online extras may download)"

@@ -87,6 +87,10 @@ def load_model(name: str = "course-2l", device: str | None = None) -> HookedTran
 
     if not isinstance(name, (str, Path)):
         raise TypeError(f"load_model takes a model name or a folder, got {type(name).__name__}.")
+    if device is None:
+        from course_utils.env import get_device
+
+        device = str(get_device())  # the CPU unless the learner set COURSE_DEVICE=cuda
     if name in SHIPPED_MODELS:
         return course_model.load_course_model(course_model.asset_dir(str(name)), device=device)
     if Path(name).is_dir():

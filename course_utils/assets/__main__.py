@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e|freeze-corpus``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -47,7 +47,31 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_argument("--table", type=Path, default=None, help="sweep table (default: shipped)")
     e2e.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
     e2e.add_argument("--threads", type=int, default=1)
+    freeze = sub.add_parser(
+        "freeze-corpus",
+        help="re-make the shipped corpus snapshot from a Python 3.11.7 standard library",
+    )
+    freeze.add_argument(
+        "--stdlib", type=Path, default=None, help="Lib/ folder (default: this Python's)"
+    )
+    freeze.add_argument("--out", type=Path, default=None, help="archive (default: shipped)")
     args = parser.parse_args(argv)
+
+    if args.command == "freeze-corpus":
+        from course_utils import corpus
+
+        root = args.stdlib if args.stdlib is not None else corpus.stdlib_root()
+        out = args.out if args.out is not None else corpus.ARCHIVE
+        fingerprint = corpus.freeze(root, out)
+        same = fingerprint == corpus.FINGERPRINT
+        print(f"wrote {out} from {root}: fingerprint {fingerprint}")
+        print(
+            "identical to the shipped snapshot"
+            if same
+            else f"DIFFERS from the snapshot the model was trained on ({corpus.FINGERPRINT}); the "
+            f"course expects the CPython {corpus.SOURCE_PYTHON} standard library"
+        )
+        return 0 if same else 1
 
     if args.command == "build-e2e":
         from course_utils import e2e_saes

@@ -1,0 +1,169 @@
+"""The course installs on Colab as it is: read Colab's published package lists (tests/data/colab/,
+copied from googlecolab/backend-info) and prove that our requirements admit Colab's Python and
+keep every package Colab relies on at Colab's own version.
+
+The check walks the install the way pip would: a requirement that Colab's installed version
+satisfies is kept (and not descended into); one Colab lacks is installed at our locked version and
+its own requirements are walked in turn. A protected package that would have to move fails.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from course_utils import colab
+from tests.conftest import ROOT
+
+COLAB = ROOT / "tests" / "data" / "colab"
+RUNTIMES = {
+    "default CPU runtime": "pip-freeze.txt",
+    "default GPU runtime": "pip-freeze.gpu.txt",
+    "previous runtime (2026.07, Python 3.12)": "pip-freeze.gpu.2026-07-runtime.txt",
+}
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def colab_packages(filename: str) -> dict[str, Version]:
+    packages = {}
+    for line in (COLAB / filename).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        if "==" in line:
+            name, version = line.split("==", 1)
+        elif " @ " in line:  # torch @ https://.../torch-2.11.0%2Bcpu-cp313-...whl
+            name, url = line.split(" @ ", 1)
+            filename = url.replace("%2B", "+").rsplit("/", 1)[-1]
+            stem = re.sub(r"\.(whl|tar\.gz|zip)$", "", filename)
+            version = stem.split("-")[1] if filename.endswith(".whl") else stem.rsplit("-", 1)[-1]
+        else:
+            continue
+        try:
+            packages[norm(name)] = Version(version)
+        except InvalidVersion:
+            packages[norm(name)] = Version("0")  # a local build with no version in its name
+    return packages
+
+
+def colab_python(filename: str) -> str:
+    if "2026-07" in filename:
+        return "3.12.13"  # the previous runtime, as the reference notes give it
+    match = re.search(r"^Python (\d+\.\d+\.\d+)", (COLAB / "os-info.txt").read_text(), re.M)
+    assert match, "os-info.txt names no Python version"
+    return match.group(1)
+
+
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def marker_env(python: str) -> dict[str, str]:
+    env = default_environment()
+    env.update(
+        python_version=".".join(python.split(".")[:2]),
+        python_full_version=python,
+        sys_platform="linux",
+        platform_system="Linux",
+        platform_machine="x86_64",
+        implementation_name="cpython",
+        extra="",
+    )
+    return env
+
+
+def walk_install(runtime: dict[str, Version], python: str) -> tuple[dict[str, str], list[str]]:
+    """What pip would do: {package: 'kept' | 'installed' | 'upgraded'} and the protected moves."""
+    env = marker_env(python)
+    actions: dict[str, str] = {}
+    moves: list[str] = []
+    protected = {norm(p) for p in colab.PROTECTED}
+    queue = [Requirement(r) for r in project()["dependencies"]]
+    while queue:
+        req = queue.pop()
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        name = norm(req.name)
+        have = runtime.get(name)
+        if have is not None and req.specifier.contains(have, prereleases=True):
+            actions.setdefault(name, "kept")
+            continue
+        if have is not None and name in protected:
+            moves.append(f"{req} (Colab has {name} {have}; required via the course's install)")
+            continue
+        if name in actions and actions[name] != "kept":
+            continue
+        actions[name] = "upgraded" if have is not None else "installed"
+        try:
+            queue.extend(Requirement(r) for r in metadata.requires(req.name) or [])
+        except metadata.PackageNotFoundError:
+            pass  # not in this environment: its own requirements cannot be walked here
+    return actions, moves
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES), ids=list(RUNTIMES.values()))
+def test_requires_python_admits_colabs_python(runtime):
+    python = colab_python(RUNTIMES[runtime])
+    assert SpecifierSet(project()["requires-python"]).contains(python), (
+        f"requires-python {project()['requires-python']!r} refuses Colab's Python {python}"
+    )
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES), ids=list(RUNTIMES.values()))
+def test_install_keeps_every_package_colab_relies_on(runtime):
+    filename = RUNTIMES[runtime]
+    actions, moves = walk_install(colab_packages(filename), colab_python(filename))
+    assert not moves, f"on Colab's {runtime} the install would replace: " + "; ".join(moves)
+    for name in ("transformer-lens", "sae-lens", "jaxtyping"):
+        assert actions.get(name) == "installed", f"{name}: {actions.get(name)}"
+    for name in ("torch", "ipykernel", "ipywidgets", "plotly", "numpy"):
+        assert actions.get(name, "kept") == "kept", f"{name} would be {actions[name]}"
+
+
+def test_every_dependency_is_a_range_or_a_reasoned_exact_pin():
+    """Exact pins only where results must match; everything Colab ships is a range."""
+    exact = {
+        norm(Requirement(r).name)
+        for r in project()["dependencies"]
+        if any(s.operator == "==" for s in Requirement(r).specifier)
+    }
+    assert exact == {"transformer-lens", "sae-lens"}
+    assert all(Requirement(r).specifier for r in project()["dependencies"]), "unbounded dependency"
+
+
+def test_the_walk_catches_a_requirement_that_would_replace_colabs_torch(monkeypatch):
+    """The test above can fail: a pin like torch==2.13.0 (what we had) is reported."""
+    deps = [r for r in project()["dependencies"] if norm(Requirement(r).name) != "torch"]
+    monkeypatch.setattr(
+        sys.modules[__name__], "project", lambda: {"dependencies": [*deps, "torch==2.13.0"]}
+    )
+    _, moves = walk_install(colab_packages("pip-freeze.txt"), "3.13.15")
+    assert any(m.startswith("torch==2.13.0") for m in moves)
+
+
+def test_the_colab_lists_parse():
+    packages = colab_packages("pip-freeze.txt")
+    assert packages["torch"].base_version == "2.11.0"
+    assert packages["ipywidgets"] == Version("7.7.1") and packages["plotly"] == Version("5.24.1")
+    assert colab_python("pip-freeze.txt").startswith("3.13.")
+
+
+def test_setup_cell_installs_a_fixed_release_without_dependencies():
+    source = colab.setup_cell_source()
+    from course_utils import __version__
+
+    assert f"@v{__version__}" in source and "@main" not in source
+    assert '"--no-deps"' in source and "install_missing()" in source
+    assert project()["version"] == __version__
+    assert Path(COLAB / "pip-freeze.txt").is_file()
