@@ -191,11 +191,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "nbval",
     ):
         print(f"{name:11} {package_version(name)}")
-    cuda = torch.cuda.is_available()
+    from course_utils import corpus
+    from course_utils.env import get_device, in_colab
+
+    where = "Colab" if in_colab() else "this machine"
     print(
-        f"device      {'cuda: ' + torch.cuda.get_device_name(0) if cuda else 'cpu'} "
-        f"({os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads)"
+        f"runs on     {where}, Python {platform.python_version()} (the course supports 3.11-3.13)"
     )
+    cuda = torch.cuda.is_available()
+    device = get_device()
+    gpu = f"; GPU {torch.cuda.get_device_name(0)} " if cuda else ""
+    gpu += (
+        "in use (COURSE_DEVICE=cuda)"
+        if device.type == "cuda"
+        else "present but unused: numbers match the solutions on the CPU; COURSE_DEVICE=cuda opts in"
+        if cuda
+        else ""
+    )
+    print(
+        f"device      {device.type} ({os.cpu_count()} cores, torch uses "
+        f"{torch.get_num_threads()} threads){gpu}"
+    )
+    try:
+        corpus.list_files()
+        print(
+            f"corpus      shipped snapshot of CPython {corpus.SOURCE_PYTHON}'s standard library, "
+            "fingerprint checked (the same on every Python)"
+        )
+    except corpus.CorpusArchiveError as error:
+        print(f"corpus      BROKEN: {error}")
     if offline_forced():
         print(
             "network     offline by request (HF_HUB_OFFLINE=1 or COURSE_OFFLINE=1): default path only"

@@ -150,5 +150,96 @@ def install_missing(dry_run: bool = False) -> list[str]:
     return names
 
 
-if __name__ == "__main__":  # python -m course_utils.colab [--dry-run]
-    install_missing(dry_run="--dry-run" in sys.argv)
+# -- planning against Colab's published package lists (tests, `make test-colab`) ---------------
+def read_pip_freeze(path: Path) -> dict[str, str]:
+    """{normalised name: version} from a ``pip freeze`` listing (``name @ url`` lines included)."""
+    packages = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        if "==" in line:
+            name, version = line.split("==", 1)
+        elif " @ " in line:  # torch @ https://.../torch-2.11.0%2Bcpu-cp313-...whl
+            name, url = line.split(" @ ", 1)
+            filename = url.replace("%2B", "+").rsplit("/", 1)[-1]
+            stem = re.sub(r"\.(whl|tar\.gz|zip)$", "", filename)
+            version = stem.split("-")[1] if filename.endswith(".whl") else stem.rsplit("-", 1)[-1]
+        else:
+            continue
+        packages[_normalise(name)] = version.strip()
+    return packages
+
+
+def plan_install(
+    runtime: dict[str, str], python: str, requirements: list[str]
+) -> tuple[dict[str, str], list[str]]:
+    """What pip would do to ``runtime``: ({package: kept|installed|upgraded}, protected moves).
+
+    A requirement that the runtime's version satisfies is kept and not descended into; one the
+    runtime lacks is installed at this environment's version and its own requirements are walked.
+    """
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.version import InvalidVersion, Version
+
+    env = default_environment()
+    env.update(
+        python_version=".".join(python.split(".")[:2]),
+        python_full_version=python,
+        sys_platform="linux",
+        platform_system="Linux",
+        platform_machine="x86_64",
+        implementation_name="cpython",
+        extra="",
+    )
+    protected = {_normalise(p) for p in PROTECTED}
+    actions: dict[str, str] = {}
+    moves: list[str] = []
+    queue = [Requirement(r) for r in requirements]
+    while queue:
+        req = queue.pop()
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        name = _normalise(req.name)
+        try:
+            have = Version(runtime[name]) if name in runtime else None
+        except InvalidVersion:
+            have = None  # a local build with no version in its name: treat as absent
+        if have is not None and req.specifier.contains(have, prereleases=True):
+            actions.setdefault(name, "kept")
+            continue
+        if have is not None and name in protected:
+            moves.append(f"{req} (the runtime has {name} {have})")
+            continue
+        if actions.get(name) in ("installed", "upgraded"):
+            continue
+        actions[name] = "upgraded" if have is not None else "installed"
+        try:
+            queue.extend(Requirement(r) for r in metadata.requires(req.name) or [])
+        except metadata.PackageNotFoundError:
+            pass  # not in this environment: its own requirements cannot be walked here
+    return actions, moves
+
+
+def colab_base(runtime: dict[str, str], python: str, requirements: list[str]) -> list[str]:
+    """``name==version`` of the runtime's packages that the course's install touches or keeps."""
+    actions, _ = plan_install(runtime, python, requirements)
+    touched = {n for n, action in actions.items() if action == "kept"}
+    touched |= {_normalise(p) for p in PROTECTED} - {"google-colab", "torchvision", "torchaudio"}
+    touched |= {"jupyter-client", "ipython", "nbformat", "nbclient", "traitlets", "pyzmq"}
+    # A local tag (+cpu, +cu128) names Colab's own wheel; PyPI serves the same release without it.
+    versions = {n: runtime[n].split("+")[0] for n in touched if n in runtime}
+    return sorted(f"{n}=={v}" for n, v in versions.items() if v[:1].isdigit())
+
+
+def main(argv: list[str]) -> None:
+    """``python -m course_utils.colab [--dry-run]``: install what this runtime lacks;
+    ``python -m course_utils.colab base FREEZE PYTHON``: print Colab's versions the course touches."""
+    if argv[:1] == ["base"]:
+        print("\n".join(colab_base(read_pip_freeze(Path(argv[1])), argv[2], course_requirements())))
+    else:
+        install_missing(dry_run="--dry-run" in argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
