@@ -45,7 +45,7 @@ def make_mlp(sizes: Sequence[int], seed: int = 0, bias: bool = True) -> nn.Seque
     torch.manual_seed(seed)
     try:
         modules: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
             modules.append(nn.Linear(a, b, bias=bias))
             if i < len(sizes) - 2:
                 modules.append(nn.ReLU())
@@ -128,7 +128,7 @@ def local_affine_map(
     dtype = layers[0].weight.dtype
     A = layers[0].weight.expand(batch, -1, -1)
     c = _bias(layers[0]).expand(batch, -1)
-    for code, layer in zip(codes, layers[1:]):
+    for code, layer in zip(codes, layers[1:], strict=True):
         mask = code.to(dtype)
         A = layer.weight @ (mask[:, :, None] * A)
         c = (mask * c) @ layer.weight.T + _bias(layer)
@@ -153,13 +153,18 @@ def pack_codes(codes: Bool[Tensor, "batch n"]) -> Int[Tensor, "batch words"]:
 
 def region_ids(codes: Bool[Tensor, "batch n"]) -> Int[Tensor, " batch"]:
     """One integer per row, equal for rows with equal codes (0..n_regions-1, sorted by code)."""
-    _, inverse = torch.unique(pack_codes(codes), dim=0, return_inverse=True)
-    return inverse
+    packed = pack_codes(codes)
+    if packed.shape[1] == 1:  # up to 62 neurons: one word per row, and a much faster 1-D unique
+        return torch.unique(packed[:, 0], return_inverse=True)[1]
+    return torch.unique(packed, dim=0, return_inverse=True)[1]
 
 
 def count_regions(codes: Bool[Tensor, "batch n"]) -> int:
     """The number of distinct codes among the rows."""
-    return int(torch.unique(pack_codes(codes), dim=0).shape[0])
+    packed = pack_codes(codes)
+    if packed.shape[1] == 1:
+        return int(torch.unique(packed[:, 0]).shape[0])
+    return int(torch.unique(packed, dim=0).shape[0])
 
 
 def arrangement_bound(n_hyperplanes: int, d: int) -> int:
@@ -241,7 +246,9 @@ def code_changes_along_path(
 
 
 def hyperplane_crossings(
-    W: Float[Tensor, "n d_in"], b: Float[Tensor, " n"], x0: Float[Tensor, " d_in"],
+    W: Float[Tensor, "n d_in"],
+    b: Float[Tensor, " n"],
+    x0: Float[Tensor, " d_in"],
     x1: Float[Tensor, " d_in"],
 ) -> Float[Tensor, " crossings"]:
     """Where the segment x0 + t (x1 - x0), 0 < t < 1, crosses the hyperplanes W_i . x + b_i = 0
@@ -255,7 +262,9 @@ def hyperplane_crossings(
 
 @torch.no_grad()
 def line_crossings(
-    model: nn.Sequential, x0: Float[Tensor, " d_in"], x1: Float[Tensor, " d_in"],
+    model: nn.Sequential,
+    x0: Float[Tensor, " d_in"],
+    x1: Float[Tensor, " d_in"],
     tol: float = 1e-9,
 ) -> Float[Tensor, " crossings"]:
     """Exact boundary crossings of the segment x0 -> x1 through every layer: the sorted t in (0, 1)
@@ -280,7 +289,7 @@ def line_crossings(
         by the direction of travel)."""
         h, v = point, direction
         zs, dzs, read = [], [], []
-        for i, (W, b) in enumerate(zip(Ws, bs)):
+        for i, (W, b) in enumerate(zip(Ws, bs, strict=True)):
             z, dz = W @ h + b, W @ v
             if codes is None:
                 scale = 1.0 + z.abs().max()
@@ -298,7 +307,7 @@ def line_crossings(
     while True:
         zs, dzs, _ = pre_activations(start + t * direction, codes)
         exit_s = math.inf
-        for z, dz, on in zip(zs, dzs, codes):
+        for z, dz, on in zip(zs, dzs, codes, strict=True):
             leaving = torch.where(on, dz < 0, dz > 0)  # moving towards its switching point
             if leaving.any():
                 s = (-z[leaving] / dz[leaving]).clamp(min=0.0)
@@ -307,7 +316,7 @@ def line_crossings(
             break
         t = t + max(exit_s, tol)
         _, _, new_codes = pre_activations(start + t * direction, None)
-        if any(bool((a != b_).any()) for a, b_ in zip(new_codes, codes)):
+        if any(bool((a != b_).any()) for a, b_ in zip(new_codes, codes, strict=True)):
             found.append(t)
         codes = new_codes
     return torch.tensor(found, dtype=torch.float64)
@@ -383,8 +392,8 @@ def train_classifier(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += loss.item() * len(idx)
-        losses.append(total / X.shape[0])
+            total = total + loss.detach() * len(idx)
+        losses.append(float(total) / X.shape[0])
         if epoch in checkpoints:
             states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():

@@ -75,8 +75,11 @@ contract_tests(check, CHECKS, globals())
 def _codes_by_forward_hooks(model, x):
     """Correct, differently: record each ReLU's input with forward hooks, then remove them."""
     seen = []
-    handles = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0] > 0))
-               for m in model if isinstance(m, nn.ReLU)]
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0] > 0))
+        for m in model
+        if isinstance(m, nn.ReLU)
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -115,7 +118,7 @@ def _affine_by_masked_weights(model, x):
     As, cs = [], []
     for i in range(x.shape[0]):
         A, c = layers[0].weight, layers[0].bias
-        for code, layer in zip(codes, layers[1:]):
+        for code, layer in zip(codes, layers[1:], strict=False):
             D = torch.diag(code[i].to(A.dtype))
             A, c = layer.weight @ D @ A, layer.weight @ D @ c + layer.bias
         As.append(A)
@@ -128,7 +131,7 @@ def _changes_by_unique(model, x0, x1, n_steps):
     number of changes is (distinct codes visited) - 1."""
     t = torch.linspace(0, 1, n_steps + 1)
     out = []
-    for a, b in zip(x0, x1):
+    for a, b in zip(x0, x1, strict=False):
         codes = P.spline_code(model, a + t[:, None] * (b - a))
         out.append(torch.unique(codes, dim=0).shape[0] - 1)
     return torch.tensor(out)
@@ -136,7 +139,7 @@ def _changes_by_unique(model, x0, x1, n_steps):
 
 def _changes_loop(model, x0, x1, n_steps):
     out = []
-    for a, b in zip(x0, x1):
+    for a, b in zip(x0, x1, strict=False):
         prev, n = None, 0
         for k in range(n_steps + 1):
             code = P.spline_code(model, (a + (k / n_steps) * (b - a))[None])[0]
@@ -149,7 +152,7 @@ def _changes_loop(model, x0, x1, n_steps):
 
 def _crossings_loop(W, b, x0, x1):
     ts = []
-    for w, bias in zip(W, b):
+    for w, bias in zip(W, b, strict=False):
         denom = torch.dot(w, x1 - x0)
         if denom == 0:
             continue
@@ -198,7 +201,9 @@ ALTERNATIVES = [
 
 
 @pytest.mark.parametrize(
-    "check_fn, impl", ALTERNATIVES, ids=[f"{c.exercise.name}: {i.__name__}" for c, i in ALTERNATIVES]
+    "check_fn, impl",
+    ALTERNATIVES,
+    ids=[f"{c.exercise.name}: {i.__name__}" for c, i in ALTERNATIVES],
 )
 def test_other_correct_answers_pass(check_fn, impl):
     assert outcome(check_fn, impl) == (PASSED, "")

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _points(n: int, d: int, seed: int, scale: float = 1.5) -> torch.Tensor:
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    return (
+        torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        * scale
+    )
 
 
 @pytest.mark.parametrize("sizes", [[2, 16, 2], [2, 16, 16, 2], [2, 8, 8, 8, 2], [64, 20, 10]])
@@ -81,7 +84,7 @@ def test_one_layer_region_count_equals_the_bound_on_a_large_window():
 def test_sampled_changes_never_exceed_exact_and_converge():
     model = P.make_mlp([2, 8, 8, 2], seed=2)
     x0, x1 = _points(10, 2, 3).float(), _points(10, 2, 4).float()
-    exact = torch.tensor([len(P.line_crossings(model, a, b)) for a, b in zip(x0, x1)])
+    exact = torch.tensor([len(P.line_crossings(model, a, b)) for a, b in zip(x0, x1, strict=False)])
     coarse = P.code_changes_along_path(model, x0, x1, 20)
     fine = P.code_changes_along_path(model, x0, x1, 20000)
     assert (coarse <= fine).all() and (fine <= exact).all()
@@ -92,14 +95,18 @@ def test_line_crossings_matches_hyperplane_crossings_for_one_layer():
     model = P.make_mlp([5, 12, 3], seed=4)
     a, b = _points(1, 5, 5)[0].float(), _points(1, 5, 6)[0].float()
     exact = P.line_crossings(model, a, b)
-    one = P.hyperplane_crossings(model[0].weight.detach().double(),
-                                 model[0].bias.detach().double(), a.double(), b.double())
+    one = P.hyperplane_crossings(
+        model[0].weight.detach().double(), model[0].bias.detach().double(), a.double(), b.double()
+    )
     assert torch.allclose(exact, one, atol=1e-7)
 
 
 def test_line_crossings_lie_on_boundaries():
     model = P.make_mlp([2, 6, 6, 6, 2], seed=5).double()
-    a, b = torch.tensor([-2.0, -1.0], dtype=torch.float64), torch.tensor([2.5, 1.5], dtype=torch.float64)
+    a, b = (
+        torch.tensor([-2.0, -1.0], dtype=torch.float64),
+        torch.tensor([2.5, 1.5], dtype=torch.float64),
+    )
     ts = P.line_crossings(model, a, b)
     assert len(ts) > 3 and (ts[1:] > ts[:-1]).all()
     for t in ts:
@@ -117,7 +124,12 @@ def test_no_bias_means_scaling_never_changes_the_code():
 
 def test_hyperplane_crossings_parallel_and_empty():
     W = torch.tensor([[0.0, 1.0]])
-    assert P.hyperplane_crossings(W, torch.tensor([0.5]), torch.zeros(2), torch.tensor([1.0, 0])).numel() == 0
+    assert (
+        P.hyperplane_crossings(
+            W, torch.tensor([0.5]), torch.zeros(2), torch.tensor([1.0, 0])
+        ).numel()
+        == 0
+    )
 
 
 def test_cluster_purity_values():
@@ -152,9 +164,12 @@ def test_smooth_activation_is_refused_with_a_pointer_to_sign_codes():
     with pytest.raises(P.NotPiecewiseLinearError, match="sign_codes"):
         P.layer_codes(gelu, torch.zeros(1, 2))
     with pytest.raises(TypeError, match="ReLU"):
-        P.local_affine_map(nn.Sequential(nn.Linear(2, 4), nn.LeakyReLU(), nn.Linear(4, 2)),
-                           torch.zeros(1, 2))
-    assert torch.equal(P.sign_codes(torch.tensor([-1.0, 0.0, 2.0])), torch.tensor([False, False, True]))
+        P.local_affine_map(
+            nn.Sequential(nn.Linear(2, 4), nn.LeakyReLU(), nn.Linear(4, 2)), torch.zeros(1, 2)
+        )
+    assert torch.equal(
+        P.sign_codes(torch.tensor([-1.0, 0.0, 2.0])), torch.tensor([False, False, True])
+    )
 
 
 def test_wrong_dimension_and_wrong_structure_are_refused():

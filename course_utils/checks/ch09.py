@@ -108,8 +108,9 @@ CODE_MISTAKES = [
 
 def _zero_case():
     """Zero input and zero biases: every pre-activation is exactly 0, so every code is off."""
-    return Case("zero input with zero biases", (_net([3, 5, 4, 2], 3, zero_bias=True),
-                                                torch.zeros(2, 3)))
+    return Case(
+        "zero input with zero biases", (_net([3, 5, 4, 2], 3, zero_bias=True), torch.zeros(2, 3))
+    )
 
 
 def _code_cases() -> list[Case]:
@@ -172,9 +173,7 @@ SPLINE_MISTAKES = [
 
 @exercise("1.2", "spline_code")
 def spline_code(learner) -> str:
-    return compare_function(
-        learner, P.spline_code, _code_cases(), SPLINE_MISTAKES, atol=0, rtol=0
-    )
+    return compare_function(learner, P.spline_code, _code_cases(), SPLINE_MISTAKES, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------- 1.3 local affine map
@@ -247,7 +246,9 @@ def _affine_cases() -> list[Case]:
         Case("2-16-2 seeded", (_net([2, 16, 2], 0), _x(20, 2, 1))),
         Case("2-8-8-8-3 deep", (_net([2, 8, 8, 8, 3], 1, bias_scale=2.0), _x(20, 2, 2))),
         Case("5-12-10-4 batch of one", (_net([5, 12, 10, 4], 4), _x(1, 5, 5))),
-        Case("2-6-2 no hidden ReLU active", (_net([2, 6, 2], 6, bias_scale=0.0), torch.zeros(3, 2))),
+        Case(
+            "2-6-2 no hidden ReLU active", (_net([2, 6, 2], 6, bias_scale=0.0), torch.zeros(3, 2))
+        ),
     ]
 
 
@@ -417,8 +418,10 @@ def _cross_cases() -> list[Case]:
     bp = torch.tensor([-0.5, -0.25, 5.0])
     return [
         Case("12 lines in 2-D", (W, b, torch.tensor([-2.0, -1.5]), torch.tensor([2.5, 1.0]))),
-        Case("30 hyperplanes in 64-D", (W64, b64, torch.randn(64, generator=g),
-                                         torch.randn(64, generator=g))),
+        Case(
+            "30 hyperplanes in 64-D",
+            (W64, b64, torch.randn(64, generator=g), torch.randn(64, generator=g)),
+        ),
         Case(
             "a neuron parallel to the path, one never reached",
             (Wp, bp, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])),
@@ -484,8 +487,9 @@ PURITY_MISTAKES = [
 def _purity_cases() -> list[Case]:
     g = _g(30)
     labels = torch.randint(0, 10, (200,), generator=g)
-    noisy = torch.where(torch.rand(200, generator=g) < 0.7, labels, torch.randint(0, 10, (200,),
-                                                                                   generator=g))
+    noisy = torch.where(
+        torch.rand(200, generator=g) < 0.7, labels, torch.randint(0, 10, (200,), generator=g)
+    )
     sizes = torch.tensor([0] * 50 + [1] * 3 + [2] * 7)
     lab_sizes = torch.tensor([0] * 30 + [1] * 20 + [1, 1, 2] + [2] * 7)
     return [
@@ -498,5 +502,6 @@ def _purity_cases() -> list[Case]:
 
 @exercise("4.1", "cluster_purity")
 def cluster_purity(learner) -> str:
-    return compare_function(learner, P.cluster_purity, _purity_cases(), PURITY_MISTAKES,
-                            atol=1e-9, rtol=0)
+    return compare_function(
+        learner, P.cluster_purity, _purity_cases(), PURITY_MISTAKES, atol=1e-9, rtol=0
+    )
