@@ -132,7 +132,7 @@ def local_affine_map(
         mask = code.to(dtype)
         A = layer.weight @ (mask[:, :, None] * A)
         c = (mask * c) @ layer.weight.T + _bias(layer)
-    return A.to(dtype), c.to(dtype)
+    return A.detach().to(dtype), c.detach().to(dtype)  # detach: views of parameters keep grad
 
 
 def _bias(layer: nn.Linear) -> Tensor:
