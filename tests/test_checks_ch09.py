@@ -1,0 +1,232 @@
+"""Every chapter-09 check passes the reference and other correct answers, flags the stub, and
+rejects known wrong answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from course_utils import polytopes as P
+from course_utils.checks import ch09 as check
+from course_utils.checks.core import FAILED, PASSED, outcome
+from tests.check_contract import contract_tests
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
+
+
+# ------------------------------------------------------------- extra wrong answers
+
+
+def _codes_of_a_shifted_input(model, x):
+    return [c for c in P.layer_codes(model, x + 1e-3)]  # a shifted input: wrong codes near edges
+
+
+def _codes_float(model, x):
+    return [c.float() for c in P.layer_codes(model, x)]
+
+
+def _affine_no_bias_at_all(model, x):
+    A, c = P.local_affine_map(model, x)
+    return A, torch.zeros_like(c)
+
+
+def _changes_per_unit_length(model, x0, x1, n_steps):
+    return P.code_changes_along_path(model, x0, x1, n_steps) / (x1 - x0).norm(dim=-1)
+
+
+def _crossings_points(W, b, x0, x1):
+    t = P.hyperplane_crossings(W, b, x0, x1)
+    return x0 + t[:, None] * (x1 - x0)
+
+
+def _purity_of_biggest_cluster(labels, clusters):
+    biggest = clusters.bincount().argmax() if clusters.min() >= 0 else clusters[0]
+    members = labels[clusters == biggest]
+    return members.bincount().max().item() / members.shape[0]
+
+
+# (check, reference, mistakes, an extra wrong answer not in the mistakes list)
+CHECKS = [
+    (check.layer_codes, P.layer_codes, check.CODE_MISTAKES, _codes_float),
+    (
+        check.spline_code,
+        P.spline_code,
+        check.SPLINE_MISTAKES,
+        lambda model, x: torch.cat([c.flip(-1) for c in P.layer_codes(model, x)], dim=-1),
+    ),
+    (check.local_affine_map, P.local_affine_map, check.AFFINE_MISTAKES, _affine_no_bias_at_all),
+    (
+        check.code_changes_along_path,
+        P.code_changes_along_path,
+        check.PATH_MISTAKES,
+        _changes_per_unit_length,
+    ),
+    (check.hyperplane_crossings, P.hyperplane_crossings, check.CROSS_MISTAKES, _crossings_points),
+    (check.cluster_purity, P.cluster_purity, check.PURITY_MISTAKES, _purity_of_biggest_cluster),
+]
+
+contract_tests(check, CHECKS, globals())
+
+
+# ------------------------------------------------------------- a second correct answer each
+
+
+def _codes_by_forward_hooks(model, x):
+    """Correct, differently: record each ReLU's input with forward hooks, then remove them."""
+    seen = []
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0] > 0))
+        for m in model
+        if isinstance(m, nn.ReLU)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _codes_from_activations(model, x):
+    """Correct: ReLU(z) > 0 exactly when z > 0."""
+    out, h = [], x
+    for m in model:
+        h = m(h)
+        if isinstance(m, nn.ReLU):
+            out.append(h > 0)
+    return out
+
+
+def _spline_by_hooks(model, x):
+    return torch.cat(_codes_by_forward_hooks(model, x), dim=1)
+
+
+def _affine_by_jacobian(model, x):
+    """Correct: A is the Jacobian at x (the map is affine around x), c = f(x) - A x."""
+    A = torch.func.vmap(torch.func.jacrev(lambda p: model(p[None])[0]))(x)
+    with torch.no_grad():
+        c = model(x) - (A @ x[:, :, None]).squeeze(-1)
+    return A.detach(), c
+
+
+def _affine_by_masked_weights(model, x):
+    """Correct: loop over points, fold each mask into the weights."""
+    layers = P.linear_layers(model)
+    codes = P.layer_codes(model, x)
+    As, cs = [], []
+    for i in range(x.shape[0]):
+        A, c = layers[0].weight, layers[0].bias
+        for code, layer in zip(codes, layers[1:], strict=False):
+            D = torch.diag(code[i].to(A.dtype))
+            A, c = layer.weight @ D @ A, layer.weight @ D @ c + layer.bias
+        As.append(A)
+        cs.append(c)
+    return torch.stack(As).detach(), torch.stack(cs).detach()
+
+
+def _changes_by_unique(model, x0, x1, n_steps):
+    """Correct: spline-code regions are convex, so a straight path never re-enters one and the
+    number of changes is (distinct codes visited) - 1."""
+    t = torch.linspace(0, 1, n_steps + 1)
+    out = []
+    for a, b in zip(x0, x1, strict=False):
+        codes = P.spline_code(model, a + t[:, None] * (b - a))
+        out.append(torch.unique(codes, dim=0).shape[0] - 1)
+    return torch.tensor(out)
+
+
+def _changes_loop(model, x0, x1, n_steps):
+    out = []
+    for a, b in zip(x0, x1, strict=False):
+        prev, n = None, 0
+        for k in range(n_steps + 1):
+            code = P.spline_code(model, (a + (k / n_steps) * (b - a))[None])[0]
+            if prev is not None and not torch.equal(prev, code):
+                n += 1
+            prev = code
+        out.append(n)
+    return torch.tensor(out)
+
+
+def _crossings_loop(W, b, x0, x1):
+    ts = []
+    for w, bias in zip(W, b, strict=False):
+        denom = torch.dot(w, x1 - x0)
+        if denom == 0:
+            continue
+        t = -(torch.dot(w, x0) + bias) / denom
+        if 0 < t < 1:
+            ts.append(t)
+    return torch.stack(sorted(ts)) if ts else torch.zeros(0)
+
+
+def _crossings_where(W, b, x0, x1):
+    z0, z1 = W @ x0 + b, W @ x1 + b
+    crosses = (z0 > 0) != (z1 > 0)
+    t = z0[crosses] / (z0[crosses] - z1[crosses])
+    return t.sort().values
+
+
+def _purity_loop(labels, clusters):
+    total = 0
+    for c in set(clusters.tolist()):
+        members = labels[clusters == c].tolist()
+        total += max(members.count(v) for v in set(members))
+    return total / len(labels)
+
+
+def _purity_sklearn(labels, clusters):
+    from sklearn.metrics.cluster import contingency_matrix
+
+    table = contingency_matrix(labels.numpy(), clusters.numpy())
+    return float(table.max(axis=0).sum() / table.sum())
+
+
+ALTERNATIVES = [
+    (check.layer_codes, _codes_by_forward_hooks),
+    (check.layer_codes, _codes_from_activations),
+    (check.spline_code, _spline_by_hooks),
+    (check.spline_code, lambda model, x: torch.cat(_codes_from_activations(model, x), -1)),
+    (check.local_affine_map, _affine_by_jacobian),
+    (check.local_affine_map, _affine_by_masked_weights),
+    (check.code_changes_along_path, _changes_by_unique),
+    (check.code_changes_along_path, _changes_loop),
+    (check.hyperplane_crossings, _crossings_loop),
+    (check.hyperplane_crossings, _crossings_where),
+    (check.cluster_purity, _purity_loop),
+    (check.cluster_purity, _purity_sklearn),
+]
+
+
+@pytest.mark.parametrize(
+    "check_fn, impl",
+    ALTERNATIVES,
+    ids=[f"{c.exercise.name}: {i.__name__}" for c, i in ALTERNATIVES],
+)
+def test_other_correct_answers_pass(check_fn, impl):
+    assert outcome(check_fn, impl) == (PASSED, "")
+
+
+def test_hooks_left_behind_do_not_matter_but_are_not_left_by_the_alternative():
+    model = P.make_mlp([2, 4, 2])
+    _codes_by_forward_hooks(model, torch.zeros(1, 2))
+    assert all(not m._forward_hooks for m in model)
+
+
+def test_shifted_codes_are_rejected():
+    status, _ = outcome(check.layer_codes, _codes_of_a_shifted_input)
+    assert status == FAILED
+
+
+def test_affine_check_rejects_an_answer_right_in_float32_only():
+    """The float64 property test catches a map built in float32 inside."""
+
+    def float32_inside(model, x):
+        A, c = P.local_affine_map(model.float(), x.float())
+        model.to(x.dtype)
+        return A.to(x.dtype), c.to(x.dtype)
+
+    status, message = outcome(check.local_affine_map, float32_inside)
+    assert status == FAILED and "float64" in message
