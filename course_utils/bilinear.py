@@ -436,7 +436,7 @@ def fit_quadratic(
     coef = torch.linalg.lstsq(feats.double(), target.double()[:, None]).solution[:, 0]
     Q = torch.zeros(d, d, dtype=torch.float64)
     Q[iu[0], iu[1]] = coef
-    Q = symmetrize(Q + Q.T - torch.diag(torch.diag(Q))) if d > 1 else Q
+    Q = symmetrize(Q)  # z_i z_j (i < j) has coefficient c: Q[i, j] = Q[j, i] = c / 2
     resid = target.double() - feats.double() @ coef
     fvu = (resid.pow(2).mean() / target.double().var(unbiased=False)).item()
     return Q, fvu

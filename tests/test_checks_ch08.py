@@ -197,9 +197,11 @@ def test_hessian_that_leaves_gradients_in_the_model_is_rejected():
     assert status == FAILED and "left gradients" in message
 
 
-def test_hessian_finite_difference_fails_on_gelu_only():
+def test_hessian_finite_difference_is_not_accepted():
+    """A float32 finite difference is off by ~1e-4 even on the exactly quadratic bilinear model,
+    and further on GELU: the check asks for the exact Hessian."""
     status, message = outcome(check.logit_hessian, _hessian_finite_difference)
-    assert status == FAILED and "GELU" in message
+    assert status == FAILED and "differs from the reference" in message
 
 
 def test_complex_eigenvectors_named():
@@ -306,7 +308,7 @@ def test_digits_split_shapes():
     split = ref.load_digits_split()
     assert split.X_train.shape == (1347, 64) and split.X_test.shape == (450, 64)
     assert split.X_train.min() >= 0 and split.X_train.max() <= 1
-    assert torch.bincount(split.y_test).min() >= 44
+    assert torch.bincount(split.y_test).min() >= 43  # stratified: 43-46 of each digit
 
 
 # ------------------------------------------------------------------ bad input

@@ -319,7 +319,7 @@ def eigen_decompose(learner) -> str:
     ) + " (eigenvectors compared up to sign)"
 
 
-# ---------------------------------------------------------------- 8.4 truncated_logits
+# ---------------------------------------------------------------- 8.5 truncated_logits
 
 
 def _trunc_ascending(values, vectors, x, k):
@@ -380,17 +380,23 @@ def _trunc_cases() -> list[Case]:
     ]
 
 
-@exercise("8.4", "truncated_logits")
+@exercise("8.5", "truncated_logits")
 def truncated_logits(learner) -> str:
     return compare_function(
         learner, ref.truncated_logits, _trunc_cases(), TRUNCATED_MISTAKES, atol=1e-4
     )
 
 
-# ---------------------------------------------------------------- 8.5 effective_rank
+# ---------------------------------------------------------------- 8.4 effective_rank
 
 
 EFFECTIVE_RANK_MISTAKES = [
+    Mistake(
+        "NaN for an all-zero spectrum",
+        lambda l: (l.abs().sum(-1) / l.pow(2).sum(-1).sqrt()) ** 2,
+        "an all-zero spectrum gives 0 / 0 = NaN. Return 0 there: "
+        "`torch.where(l2 > 0, ..., torch.zeros_like(l1))` with `l2.clamp_min(...)` inside.",
+    ),
     Mistake(
         "L1 / L2 not squared",
         lambda l: l.abs().sum(-1) / l.pow(2).sum(-1).sqrt(),
@@ -402,12 +408,6 @@ EFFECTIVE_RANK_MISTAKES = [
         lambda l: torch.nan_to_num((l.sum(-1) / l.pow(2).sum(-1).sqrt()) ** 2),
         "the L1 norm sums ABSOLUTE values; a signed sum lets a +/- pair cancel out "
         "(a product of two features would look like rank 0).",
-    ),
-    Mistake(
-        "NaN for an all-zero spectrum",
-        lambda l: (l.abs().sum(-1) / l.pow(2).sum(-1).sqrt()) ** 2,
-        "an all-zero spectrum gives 0 / 0 = NaN. Return 0 there: "
-        "`torch.where(l2 > 0, ..., torch.zeros_like(l1))` with `l2.clamp_min(...)` inside.",
     ),
     Mistake(
         "divided by d",
@@ -429,7 +429,7 @@ def _rank_cases() -> list[Case]:
     ]
 
 
-@exercise("8.5", "effective_rank")
+@exercise("8.4", "effective_rank")
 def effective_rank(learner) -> str:
     return compare_function(
         learner, ref.effective_rank, _rank_cases(), EFFECTIVE_RANK_MISTAKES, atol=1e-4
