@@ -75,7 +75,10 @@ def load_digits_split(
         X, y, test_size=test_size, random_state=seed, stratify=y
     )
     return DigitsSplit(
-        torch.from_numpy(X_tr), torch.from_numpy(y_tr), torch.from_numpy(X_te), torch.from_numpy(y_te)
+        torch.from_numpy(X_tr),
+        torch.from_numpy(y_tr),
+        torch.from_numpy(X_te),
+        torch.from_numpy(y_te),
     )
 
 
@@ -135,7 +138,8 @@ def symmetrize(B: Float[Tensor, "... d d"]) -> Float[Tensor, "... d d"]:
 
 
 def interaction_matrix(
-    B: Float[Tensor, "d_out d_in d_in"], u: Float[Tensor, "d_out"]  # noqa: F821
+    B: Float[Tensor, "d_out d_in d_in"],
+    u: Float[Tensor, "d_out"],  # noqa: F821
 ) -> Float[Tensor, "d_in d_in"]:
     """The symmetric ``Q = sym(sum_o u[o] B[o])``, so that ``u . layer(x) = x^T Q x``."""
     if B.ndim != 3 or B.shape[1] != B.shape[2]:
@@ -325,10 +329,14 @@ def train_classifiers(
     from tqdm.auto import tqdm
 
     if len(models) != len(cfgs) or not models:
-        raise ValueError(f"give one config per model: got {len(models)} models, {len(cfgs)} configs.")
+        raise ValueError(
+            f"give one config per model: got {len(models)} models, {len(cfgs)} configs."
+        )
     shared = {(c.lr, c.batch_size, c.epochs) for c in cfgs}
     if len(shared) != 1:
-        raise ValueError(f"lr, batch_size and epochs must be the same for all models, got {shared}.")
+        raise ValueError(
+            f"lr, batch_size and epochs must be the same for all models, got {shared}."
+        )
     kinds = {(type(m), getattr(m, "activation", None)) for m in models}
     if len(kinds) != 1:
         raise ValueError(
@@ -363,9 +371,13 @@ def train_classifiers(
             eps = torch.stack([torch.randn(xb.shape[1:], generator=g) for g in gens])
             xb = xb + noise * eps
             logits = forward(models[0], params, xb)  # [models, batch, classes]
-            losses = nn.functional.cross_entropy(
-                logits.flatten(0, 1), y[idx].flatten(), reduction="none"
-            ).view(n_models, -1).mean(-1)
+            losses = (
+                nn.functional.cross_entropy(
+                    logits.flatten(0, 1), y[idx].flatten(), reduction="none"
+                )
+                .view(n_models, -1)
+                .mean(-1)
+            )
             optimizer.zero_grad()
             losses.sum().backward()  # models share nothing: each gets its own gradient
             with torch.no_grad():  # decoupled weight decay (AdamW), one coefficient per model
@@ -413,7 +425,9 @@ def truncation_curve(
 
 
 def logit_hessian(
-    model: nn.Module, x: Float[Tensor, "d_in"], c: int  # noqa: F821
+    model: nn.Module,
+    x: Float[Tensor, "d_in"],  # noqa: F821
+    c: int,
 ) -> Float[Tensor, "d_in d_in"]:
     """The Hessian of logit ``c`` with respect to one input ``x``. For a bias-free bilinear
     classifier it is ``2 Q_c`` at every x; for a ReLU/GELU MLP it changes with x."""
@@ -425,7 +439,9 @@ def logit_hessian(
 
 @torch.no_grad()
 def fit_quadratic(
-    X: Float[Tensor, "n d"], target: Float[Tensor, "n"], bias: bool = False  # noqa: F821
+    X: Float[Tensor, "n d"],
+    target: Float[Tensor, "n"],  # noqa: F821
+    bias: bool = False,
 ) -> tuple[Float[Tensor, "d d"], float]:
     """Least-squares fit of ``target ~ x^T Q x`` (``bias=True``: append a constant 1 to x, as
     Pearce et al. do, so Q also holds linear and constant terms). Returns (Q, FVU)."""
@@ -473,14 +489,22 @@ def plot_images(
         img = img / img.abs().max().clamp_min(1e-12)
         fig.add_trace(
             go.Heatmap(
-                z=img.numpy(), zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
-                showscale=k == 0, colorbar=dict(title="value / max |value|", len=0.8),
+                z=img.numpy(),
+                zmin=-1,
+                zmax=1,
+                colorscale="RdBu",
+                reversescale=True,
+                showscale=k == 0,
+                colorbar=dict(title="value / max |value|", len=0.8),
                 hovertemplate="row %{y}, col %{x}: %{z:.2f}<extra></extra>",
             ),
-            row=k // cols + 1, col=k % cols + 1,
+            row=k // cols + 1,
+            col=k % cols + 1,
         )
     fig.update_xaxes(showticklabels=False, constrain="domain")
-    fig.update_yaxes(showticklabels=False, autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_yaxes(
+        showticklabels=False, autorange="reversed", scaleanchor="x", constrain="domain"
+    )
     for i in range(2, n + 1):
         fig.layout[f"yaxis{i}"].scaleanchor = f"x{i}"
     fig.update_annotations(font_size=11)

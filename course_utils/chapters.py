@@ -38,7 +38,11 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("04", "end_to_end_saes", "End-to-end SAEs", "3-4 h", 480),
     Chapter("05", "transcoders_and_circuits", "Transcoders and feature circuits", "4 h", 480),
     Chapter(
-        "08", "bilinear_layers", "Bilinear layers: an MLP you can read from its weights", "2-3 h", 240
+        "08",
+        "bilinear_layers",
+        "Bilinear layers: an MLP you can read from its weights",
+        "2-3 h",
+        240,
     ),
 )
 

@@ -147,7 +147,9 @@ def _rank_normalised(values):
 def _hessian_autograd(model, x, c):
     z = x.detach().clone().requires_grad_(True)
     (g,) = torch.autograd.grad(model(z[None])[0, c], z, create_graph=True)
-    rows = [torch.autograd.grad(g[i], z, retain_graph=True, allow_unused=True)[0] for i in range(len(g))]
+    rows = [
+        torch.autograd.grad(g[i], z, retain_graph=True, allow_unused=True)[0] for i in range(len(g))
+    ]
     return torch.stack([torch.zeros_like(x) if r is None else r for r in rows])
 
 
@@ -173,7 +175,9 @@ SECOND_CORRECT = [
 
 
 @pytest.mark.parametrize(
-    "check_fn, impl", SECOND_CORRECT, ids=[f"{c.exercise.name}: {i.__name__}" for c, i in SECOND_CORRECT]
+    "check_fn, impl",
+    SECOND_CORRECT,
+    ids=[f"{c.exercise.name}: {i.__name__}" for c, i in SECOND_CORRECT],
 )
 def test_other_correct_implementations_pass(check_fn, impl):
     assert outcome(check_fn, impl) == (PASSED, "")
@@ -223,7 +227,10 @@ def test_stub_signature_change_is_named():
 
 def test_tensor_matches_layer_and_quadratic_form_in_float64():
     g = torch.Generator().manual_seed(0)
-    W1, W2 = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    W1, W2 = (
+        torch.randn(7, 5, generator=g, dtype=torch.float64),
+        torch.randn(7, 5, generator=g, dtype=torch.float64),
+    )
     P = torch.randn(3, 7, generator=g, dtype=torch.float64)
     x = torch.randn(11, 5, generator=g, dtype=torch.float64)
     out = ref.bilinear_forward(x, W1, W2, P)
@@ -240,7 +247,10 @@ def test_tensor_matches_layer_and_quadratic_form_in_float64():
 
 def test_unit_eigen_formula():
     g = torch.Generator().manual_seed(1)
-    w, v = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    w, v = (
+        torch.randn(6, generator=g, dtype=torch.float64),
+        torch.randn(6, generator=g, dtype=torch.float64),
+    )
     values, vectors = ref.unit_interaction_eigen(w, v)
     Q = (torch.outer(w, v) + torch.outer(v, w)) / 2
     for i in range(2):
@@ -257,7 +267,9 @@ def test_eigen_decompose_reconstructs_and_sorts():
     Q = (Q + Q.transpose(-1, -2)) / 2
     values, vectors = ref.eigen_decompose(Q)
     assert (values.abs().diff(dim=-1) <= 0).all()
-    assert torch.allclose(vectors @ torch.diag_embed(values) @ vectors.transpose(-1, -2), Q, atol=1e-12)
+    assert torch.allclose(
+        vectors @ torch.diag_embed(values) @ vectors.transpose(-1, -2), Q, atol=1e-12
+    )
 
 
 def test_truncated_logits_full_rank_equals_model():

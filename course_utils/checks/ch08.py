@@ -49,14 +49,21 @@ def _with_grads(fn: Callable, n_inputs: int) -> Callable:
             )
         weight = torch.randn(out.shape, generator=_gen(99), dtype=out.dtype)
         grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
-        return (out.detach(), *[torch.zeros_like(a) if g is None else g for a, g in zip(inputs, grads, strict=True)])
+        return (
+            out.detach(),
+            *[torch.zeros_like(a) if g is None else g for a, g in zip(inputs, grads, strict=True)],
+        )
 
     return run
 
 
 def _grad_compare(atol: float = 1e-5, rtol: float = 1e-4) -> Callable:
-    names = ["output", "gradient w.r.t. the 1st input", "gradient w.r.t. the 2nd input",
-             "gradient w.r.t. the 3rd input"]
+    names = [
+        "output",
+        "gradient w.r.t. the 1st input",
+        "gradient w.r.t. the 2nd input",
+        "gradient w.r.t. the 3rd input",
+    ]
 
     def compare(expected: tuple, actual: tuple) -> str | None:
         problem = mismatch(expected[0], actual[0], atol, rtol, "output")
@@ -111,12 +118,23 @@ BILINEAR_TENSOR_MISTAKES = [
 
 def _tensor_cases() -> list[Case]:
     g = _gen(0)
-    W1, W2, P = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.randn(3, 5, generator=g)
+    W1, W2, P = (
+        torch.randn(5, 4, generator=g),
+        torch.randn(5, 4, generator=g),
+        torch.randn(3, 5, generator=g),
+    )
     w1, w2 = torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g)
     return [
         Case("d_in 4, d_hidden 5, d_out 3", (W1, W2, P)),
         Case("one hidden unit (rank-1 slices)", (w1, w2, torch.tensor([[2.0], [-1.0]]))),
-        Case("one output, 7 hidden, 3 inputs", (torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g), torch.randn(1, 7, generator=g))),
+        Case(
+            "one output, 7 hidden, 3 inputs",
+            (
+                torch.randn(7, 3, generator=g),
+                torch.randn(7, 3, generator=g),
+                torch.randn(1, 7, generator=g),
+            ),
+        ),
         Case("W1 = W2 (a squaring layer)", (W1, W1.clone(), P)),
         Case("P = 0", (W1, W2, torch.zeros(3, 5))),
     ]
@@ -124,13 +142,16 @@ def _tensor_cases() -> list[Case]:
 
 @exercise("8.1", "bilinear_tensor")
 def bilinear_tensor(learner) -> str:
-    return compare_function(
-        _with_grads(learner, 3),
-        _with_grads(ref.bilinear_tensor, 3),
-        _tensor_cases(),
-        lifted_mistakes(BILINEAR_TENSOR_MISTAKES, lambda m: _with_grads(m, 3)),
-        compare=_grad_compare(),
-    ) + "; gradients flow to W1, W2 and P"
+    return (
+        compare_function(
+            _with_grads(learner, 3),
+            _with_grads(ref.bilinear_tensor, 3),
+            _tensor_cases(),
+            lifted_mistakes(BILINEAR_TENSOR_MISTAKES, lambda m: _with_grads(m, 3)),
+            compare=_grad_compare(),
+        )
+        + "; gradients flow to W1, W2 and P"
+    )
 
 
 # ---------------------------------------------------------------- 8.2 interaction_matrix
@@ -185,13 +206,16 @@ def _interaction_cases() -> list[Case]:
 
 @exercise("8.2", "interaction_matrix")
 def interaction_matrix(learner) -> str:
-    return compare_function(
-        _with_grads(learner, 2),
-        _with_grads(ref.interaction_matrix, 2),
-        _interaction_cases(),
-        lifted_mistakes(INTERACTION_MISTAKES, lambda m: _with_grads(m, 2)),
-        compare=_grad_compare(),
-    ) + "; gradients flow to B and u"
+    return (
+        compare_function(
+            _with_grads(learner, 2),
+            _with_grads(ref.interaction_matrix, 2),
+            _interaction_cases(),
+            lifted_mistakes(INTERACTION_MISTAKES, lambda m: _with_grads(m, 2)),
+            compare=_grad_compare(),
+        )
+        + "; gradients flow to B and u"
+    )
 
 
 # ---------------------------------------------------------------- 8.3 eigen_decompose
@@ -205,7 +229,9 @@ def _eig_compare(expected: tuple, actual: Any) -> str | None:
     if problem:
         return problem
     if not isinstance(vectors, torch.Tensor) or vectors.shape != expected[1].shape:
-        shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        shape = (
+            tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        )
         return f"eigenvectors should have shape {tuple(expected[1].shape)}, got {shape}"
     if vectors.is_complex():
         return "eigenvectors are complex: use torch.linalg.eigh (for symmetric matrices), not eig"
@@ -215,7 +241,8 @@ def _eig_compare(expected: tuple, actual: Any) -> str | None:
     if worst > 1e-3:
         idx = tuple(int(i) for i in torch.unravel_index((dots - 1).abs().argmax(), dots.shape))
         return (
-            f"eigenvector (column) {idx[-1]}" + (f" of matrix {idx[:-1]}" if len(idx) > 1 else "")
+            f"eigenvector (column) {idx[-1]}"
+            + (f" of matrix {idx[:-1]}" if len(idx) > 1 else "")
             + f" does not match: |v_ref . v| = {dots[idx].item():.3f}, expected 1 (eigenvectors "
             "are compared up to sign)"
         )
@@ -314,9 +341,12 @@ def _eig_cases() -> list[Case]:
 
 @exercise("8.3", "eigen_decompose")
 def eigen_decompose(learner) -> str:
-    return compare_function(
-        learner, ref.eigen_decompose, _eig_cases(), EIGEN_MISTAKES, compare=_eig_compare
-    ) + " (eigenvectors compared up to sign)"
+    return (
+        compare_function(
+            learner, ref.eigen_decompose, _eig_cases(), EIGEN_MISTAKES, compare=_eig_compare
+        )
+        + " (eigenvectors compared up to sign)"
+    )
 
 
 # ---------------------------------------------------------------- 8.5 truncated_logits
@@ -330,35 +360,39 @@ def _trunc_ascending(values, vectors, x, k):
 TRUNCATED_MISTAKES = [
     Mistake(
         "not squared",
-        lambda l, V, x, k: torch.einsum("bci,ci->bc", torch.einsum("bd,cdi->bci", x, V[..., :k]), l[..., :k]),
+        lambda lam, V, x, k: torch.einsum(
+            "bci,ci->bc", torch.einsum("bd,cdi->bci", x, V[..., :k]), lam[..., :k]
+        ),
         "each eigenvector's contribution is QUADRATIC in x: lambda_i (v_i . x)^2. Square the "
         "projections before weighting them.",
     ),
     Mistake(
         "no eigenvalue weights",
-        lambda l, V, x, k: torch.einsum("bd,cdi->bci", x, V[..., :k]).pow(2).sum(-1),
+        lambda lam, V, x, k: torch.einsum("bd,cdi->bci", x, V[..., :k]).pow(2).sum(-1),
         "weight each squared projection by its eigenvalue: sum_i lambda_i (v_i . x)^2 (negative "
         "eigenvalues vote AGAINST the class).",
     ),
     Mistake(
         "eigenvectors as rows",
-        lambda l, V, x, k: torch.einsum("bd,cid->bci", x, V[:, :k, :]).pow(2).mul(l[:, None, :k]).sum(-1),
+        lambda lam, V, x, k: (
+            torch.einsum("bd,cid->bci", x, V[:, :k, :]).pow(2).mul(lam[:, None, :k]).sum(-1)
+        ),
         "the eigenvectors are the COLUMNS V[c, :, i]; you projected onto rows V[c, i, :]. Take "
         "`V[..., :k]` (shape [classes, d, k]).",
     ),
     Mistake(
         "the last k instead of the first k",
-        lambda l, V, x, k: ref.truncated_logits(l.flip(-1), V.flip(-1), x, k),
+        lambda lam, V, x, k: ref.truncated_logits(lam.flip(-1), V.flip(-1), x, k),
         "keep the FIRST k eigenvectors: they come sorted by |eigenvalue|, largest first.",
     ),
     Mistake(
         "k + 1 eigenvectors",
-        lambda l, V, x, k: ref.truncated_logits(l, V, x, min(k + 1, l.shape[-1])),
+        lambda lam, V, x, k: ref.truncated_logits(lam, V, x, min(k + 1, lam.shape[-1])),
         "off by one: keep eigenvectors 0 .. k-1 (`[..., :k]`), so k = 0 gives all-zero logits.",
     ),
     Mistake(
         "|eigenvalues|",
-        lambda l, V, x, k: ref.truncated_logits(l.abs(), V, x, k),
+        lambda lam, V, x, k: ref.truncated_logits(lam.abs(), V, x, k),
         "keep the eigenvalues' SIGNS: a negative eigenvalue is evidence against the class.",
     ),
 ]
@@ -393,25 +427,25 @@ def truncated_logits(learner) -> str:
 EFFECTIVE_RANK_MISTAKES = [
     Mistake(
         "NaN for an all-zero spectrum",
-        lambda l: (l.abs().sum(-1) / l.pow(2).sum(-1).sqrt()) ** 2,
+        lambda lam: (lam.abs().sum(-1) / lam.pow(2).sum(-1).sqrt()) ** 2,
         "an all-zero spectrum gives 0 / 0 = NaN. Return 0 there: "
         "`torch.where(l2 > 0, ..., torch.zeros_like(l1))` with `l2.clamp_min(...)` inside.",
     ),
     Mistake(
         "L1 / L2 not squared",
-        lambda l: l.abs().sum(-1) / l.pow(2).sum(-1).sqrt(),
+        lambda lam: lam.abs().sum(-1) / lam.pow(2).sum(-1).sqrt(),
         "square the ratio: (L1 / L2)^2. Without the square, d equal eigenvalues give sqrt(d), "
         "not d.",
     ),
     Mistake(
         "signed sum",
-        lambda l: torch.nan_to_num((l.sum(-1) / l.pow(2).sum(-1).sqrt()) ** 2),
+        lambda lam: torch.nan_to_num((lam.sum(-1) / lam.pow(2).sum(-1).sqrt()) ** 2),
         "the L1 norm sums ABSOLUTE values; a signed sum lets a +/- pair cancel out "
         "(a product of two features would look like rank 0).",
     ),
     Mistake(
         "divided by d",
-        lambda l: ref.effective_rank(l) / l.shape[-1],
+        lambda lam: ref.effective_rank(lam) / lam.shape[-1],
         "do not divide by the length: the effective rank is a count of eigenvalues (1 for one "
         "non-zero eigenvalue, d for d equal ones), not a fraction.",
     ),
@@ -458,7 +492,9 @@ def _run_hessian(fn: Callable) -> Callable:
         model = _small_models()[kind]
         x = torch.randn(6, generator=_gen(seed))
         out = fn(model, x, c)
-        leftover = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        leftover = [
+            n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        ]
         if leftover:
             raise CheckFailed(
                 f"your function left gradients in the model's parameters ({', '.join(leftover)}). "
@@ -521,10 +557,13 @@ def _hessian_cases() -> list[Case]:
 def logit_hessian(learner) -> str:
     if not callable(learner):
         raise CheckFailed(f"pass the function itself, got {type(learner).__name__}.")
-    return compare_function(
-        _run_hessian(learner),
-        _run_hessian(ref.logit_hessian),
-        _hessian_cases(),
-        lifted_mistakes(HESSIAN_MISTAKES, _run_hessian),
-        atol=1e-4,
-    ) + "; no gradients left in the model"
+    return (
+        compare_function(
+            _run_hessian(learner),
+            _run_hessian(ref.logit_hessian),
+            _hessian_cases(),
+            lifted_mistakes(HESSIAN_MISTAKES, _run_hessian),
+            atol=1e-4,
+        )
+        + "; no gradients left in the model"
+    )
