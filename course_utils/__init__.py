@@ -18,6 +18,8 @@ Where things live (one module per idea):
 - ``transcoders``, ``circuits``  chapter 05: transcoders, paired activations, splicing, the
                  transcoder-vs-SAE sweep, SAELens export; exact feature-circuit decompositions,
                  greedy path search and path graphs
+- ``bilinear``   chapter 08: bilinear layers as tensors, interaction matrices and their eigenvectors,
+                 digit classifiers (bilinear / ReLU / GELU) on scikit-learn's bundled 8x8 digits
 - ``polytopes``  chapter 09: polytope and spline codes of ReLU MLPs, local affine maps, region maps
                  of 2-D nets, boundary crossings along paths (sampled and exact), cluster purity
 - ``widgets``    sliders that degrade to a static figure when no front end is attached

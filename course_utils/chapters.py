@@ -37,6 +37,13 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("03", "saes_on_a_language_model", "SAEs on a language model", "4-5 h", 480),
     Chapter("04", "end_to_end_saes", "End-to-end SAEs", "3-4 h", 480),
     Chapter("05", "transcoders_and_circuits", "Transcoders and feature circuits", "4 h", 480),
+    Chapter(
+        "08",
+        "bilinear_layers",
+        "Bilinear layers: an MLP you can read from its weights",
+        "2-3 h",
+        240,
+    ),
     Chapter("09", "polytope_lens", "The polytope lens", "2 h", 240),
 )
 

@@ -1,0 +1,345 @@
+"""Every chapter-08 check passes the reference (and a second, differently written correct answer),
+calls the stub "not attempted", and rejects every known mistake (with its hint) plus one more
+wrong answer that is not in its list."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_utils import bilinear as ref
+from course_utils.checks import ch08 as check
+from course_utils.checks.core import FAILED, PASSED, outcome
+from tests.check_contract import contract_tests
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
+
+
+# ------------------------------------------------------------------ wrong answers not in the lists
+
+
+def _tensor_detached(W1, W2, P):
+    return torch.from_numpy(ref.bilinear_tensor(W1, W2, P).detach().numpy().copy())
+
+
+def _eig_descending_by_signed_then_abs(Q):
+    values, vectors = ref.eigen_decompose(Q)
+    return values, -vectors[..., :1].expand_as(vectors)  # right values, wrong vectors
+
+
+def _truncated_k_as_fraction(values, vectors, x, k):
+    return ref.truncated_logits(values, vectors, x, values.shape[-1] // 2)
+
+
+def _hessian_finite_difference(model, x, c, eps=1e-1):
+    d = x.shape[0]
+    f = lambda z: model(z.unsqueeze(0))[0, c].detach()  # noqa: E731
+    H = torch.zeros(d, d)
+    for i in range(d):
+        for j in range(d):
+            ei, ej = torch.zeros(d), torch.zeros(d)
+            ei[i], ej[j] = eps, eps
+            H[i, j] = (f(x + ei + ej) - f(x + ei) - f(x + ej) + f(x)) / eps**2
+    return H
+
+
+CHECKS = [
+    (check.bilinear_tensor, ref.bilinear_tensor, check.BILINEAR_TENSOR_MISTAKES, _tensor_detached),
+    (
+        check.interaction_matrix,
+        ref.interaction_matrix,
+        check.INTERACTION_MISTAKES,
+        lambda B, u: ref.interaction_matrix(B, u.abs()),
+    ),
+    (
+        check.eigen_decompose,
+        ref.eigen_decompose,
+        check.EIGEN_MISTAKES,
+        _eig_descending_by_signed_then_abs,
+    ),
+    (
+        check.truncated_logits,
+        ref.truncated_logits,
+        check.TRUNCATED_MISTAKES,
+        _truncated_k_as_fraction,
+    ),
+    (
+        check.effective_rank,
+        ref.effective_rank,
+        check.EFFECTIVE_RANK_MISTAKES,
+        lambda values: torch.nan_to_num((values.abs().sum(-1) / values.abs().amax(-1)) ** 2),
+    ),
+    (check.logit_hessian, ref.logit_hessian, check.HESSIAN_MISTAKES, _hessian_finite_difference),
+]
+contract_tests(check, CHECKS, globals())
+
+
+# ------------------------------------------------------------------ second correct implementations
+
+
+def _tensor_by_loops(W1, W2, P):
+    slices = []
+    for o in range(P.shape[0]):
+        M = torch.zeros(W1.shape[1], W1.shape[1])
+        for a in range(W1.shape[0]):
+            M = M + P[o, a] * torch.outer(W1[a], W2[a])
+        slices.append(M)
+    return torch.stack(slices)
+
+
+def _tensor_by_broadcast(W1, W2, P):
+    outer = W1[:, :, None] * W2[:, None, :]  # [a, i, j]
+    return (P[:, :, None, None] * outer[None]).sum(1)
+
+
+def _interaction_by_matmul(B, u):
+    M = (u[:, None, None] * B).sum(0)
+    return 0.5 * (M + M.T)
+
+
+def _interaction_by_tensordot(B, u):
+    M = torch.tensordot(u, B, dims=1)
+    return (M + M.transpose(0, 1)) / 2
+
+
+def _eig_with_loop(Q):
+    if Q.ndim > 2:
+        pairs = [_eig_with_loop(q) for q in Q]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    values, vectors = torch.linalg.eigh(Q)
+    order = torch.argsort(values.abs(), descending=True)
+    return values[order], -vectors[:, order]  # flipped signs: still correct
+
+
+def _eig_via_svd_sign(Q):
+    values, vectors = torch.linalg.eigh(Q.double())
+    idx = torch.sort(values.abs(), dim=-1, descending=True).indices
+    values = torch.take_along_dim(values, idx, dim=-1)
+    vectors = torch.take_along_dim(vectors, idx.unsqueeze(-2), dim=-1)
+    return values.to(Q.dtype), vectors.to(Q.dtype)
+
+
+def _truncated_loop(values, vectors, x, k):
+    out = torch.zeros(x.shape[0], values.shape[0])
+    for c in range(values.shape[0]):
+        for i in range(k):
+            out[:, c] += values[c, i] * (x @ vectors[c, :, i]) ** 2
+    return out
+
+
+def _truncated_via_lowrank_Q(values, vectors, x, k):
+    V = vectors[..., :k]
+    Q = V @ torch.diag_embed(values[..., :k]) @ V.transpose(-1, -2)  # [c, d, d]
+    return torch.einsum("bi,cij,bj->bc", x, Q, x)
+
+
+def _rank_norms(values):
+    l1 = torch.linalg.vector_norm(values, ord=1, dim=-1)
+    l2 = torch.linalg.vector_norm(values, ord=2, dim=-1)
+    return torch.where(l2 > 0, l1**2 / l2.clamp_min(1e-30) ** 2, 0.0)
+
+
+def _rank_normalised(values):
+    p = values.abs() / values.abs().sum(-1, keepdim=True)
+    return torch.nan_to_num(1 / p.pow(2).sum(-1), nan=0.0)
+
+
+def _hessian_autograd(model, x, c):
+    z = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(z[None])[0, c], z, create_graph=True)
+    rows = [
+        torch.autograd.grad(g[i], z, retain_graph=True, allow_unused=True)[0] for i in range(len(g))
+    ]
+    return torch.stack([torch.zeros_like(x) if r is None else r for r in rows])
+
+
+def _hessian_jacfwd(model, x, c):
+    f = lambda z: model(z.unsqueeze(0)).squeeze(0)[c]  # noqa: E731
+    return torch.func.jacfwd(torch.func.jacrev(f))(x)
+
+
+SECOND_CORRECT = [
+    (check.bilinear_tensor, _tensor_by_loops),
+    (check.bilinear_tensor, _tensor_by_broadcast),
+    (check.interaction_matrix, _interaction_by_matmul),
+    (check.interaction_matrix, _interaction_by_tensordot),
+    (check.eigen_decompose, _eig_with_loop),
+    (check.eigen_decompose, _eig_via_svd_sign),
+    (check.truncated_logits, _truncated_loop),
+    (check.truncated_logits, _truncated_via_lowrank_Q),
+    (check.effective_rank, _rank_norms),
+    (check.effective_rank, _rank_normalised),
+    (check.logit_hessian, _hessian_autograd),
+    (check.logit_hessian, _hessian_jacfwd),
+]
+
+
+@pytest.mark.parametrize(
+    "check_fn, impl",
+    SECOND_CORRECT,
+    ids=[f"{c.exercise.name}: {i.__name__}" for c, i in SECOND_CORRECT],
+)
+def test_other_correct_implementations_pass(check_fn, impl):
+    assert outcome(check_fn, impl) == (PASSED, "")
+
+
+# ------------------------------------------------------------------ targeted messages
+
+
+def test_detached_tensor_gets_the_gradient_message():
+    status, message = outcome(check.bilinear_tensor, _tensor_detached)
+    assert status == FAILED and "carries no gradient" in message
+
+
+def test_hessian_that_leaves_gradients_in_the_model_is_rejected():
+    def with_backward(model, x, c):
+        H = ref.logit_hessian(model, x, c)
+        model(x[None])[0, c].backward()  # pollutes the parameters' .grad
+        return H
+
+    status, message = outcome(check.logit_hessian, with_backward)
+    assert status == FAILED and "left gradients" in message
+
+
+def test_hessian_finite_difference_is_not_accepted():
+    """A float32 finite difference is off by ~1e-4 even on the exactly quadratic bilinear model,
+    and further on GELU: the check asks for the exact Hessian."""
+    status, message = outcome(check.logit_hessian, _hessian_finite_difference)
+    assert status == FAILED and "differs from the reference" in message
+
+
+def test_complex_eigenvectors_named():
+    def with_eig(Q):
+        values, vectors = ref.eigen_decompose(Q)
+        return values, vectors.to(torch.complex64)
+
+    status, message = outcome(check.eigen_decompose, with_eig)
+    assert status == FAILED and "complex" in message
+
+
+def test_stub_signature_change_is_named():
+    status, message = outcome(check.truncated_logits, lambda values, vectors, x: values)
+    assert status == FAILED and "signature" in message
+
+
+# ------------------------------------------------------------------ the reference module itself
+
+
+def test_tensor_matches_layer_and_quadratic_form_in_float64():
+    g = torch.Generator().manual_seed(0)
+    W1, W2 = (
+        torch.randn(7, 5, generator=g, dtype=torch.float64),
+        torch.randn(7, 5, generator=g, dtype=torch.float64),
+    )
+    P = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    x = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    out = ref.bilinear_forward(x, W1, W2, P)
+    B = ref.bilinear_tensor(W1, W2, P)
+    via_tensor = torch.einsum("oij,bi,bj->bo", B, x, x)
+    u = torch.randn(3, generator=g, dtype=torch.float64)
+    Q = ref.interaction_matrix(B, u)
+    assert torch.allclose(out, via_tensor, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(out @ u, torch.einsum("bi,ij,bj->b", x, Q, x), rtol=1e-12, atol=1e-12)
+    assert torch.equal(Q, Q.T)
+    anti = (B - B.transpose(-1, -2)) / 2
+    assert torch.einsum("oij,bi,bj->bo", anti, x, x).abs().max() < 1e-12
+
+
+def test_unit_eigen_formula():
+    g = torch.Generator().manual_seed(1)
+    w, v = (
+        torch.randn(6, generator=g, dtype=torch.float64),
+        torch.randn(6, generator=g, dtype=torch.float64),
+    )
+    values, vectors = ref.unit_interaction_eigen(w, v)
+    Q = (torch.outer(w, v) + torch.outer(v, w)) / 2
+    for i in range(2):
+        assert torch.allclose(Q @ vectors[:, i], values[i] * vectors[:, i], atol=1e-12)
+    assert values[0] > 0 > values[1]
+    full, _ = ref.eigen_decompose(Q)
+    assert torch.allclose(full[:2].sort().values, values.sort().values, atol=1e-12)
+    assert full[2:].abs().max() < 1e-12
+
+
+def test_eigen_decompose_reconstructs_and_sorts():
+    g = torch.Generator().manual_seed(2)
+    Q = torch.randn(4, 6, 6, generator=g, dtype=torch.float64)
+    Q = (Q + Q.transpose(-1, -2)) / 2
+    values, vectors = ref.eigen_decompose(Q)
+    assert (values.abs().diff(dim=-1) <= 0).all()
+    assert torch.allclose(
+        vectors @ torch.diag_embed(values) @ vectors.transpose(-1, -2), Q, atol=1e-12
+    )
+
+
+def test_truncated_logits_full_rank_equals_model():
+    torch.manual_seed(0)
+    model = ref.BilinearClassifier(8, 6, 4)
+    x = torch.randn(5, 8)
+    values, vectors = model.decompose()
+    assert torch.allclose(ref.truncated_logits(values, vectors, x, 8), model(x).detach(), atol=1e-5)
+    assert ref.truncated_logits(values, vectors, x, 0).abs().max() == 0
+
+
+def test_effective_rank_edge_values():
+    assert ref.effective_rank(torch.tensor([0.0, 3.0, 0.0])).item() == pytest.approx(1.0)
+    assert ref.effective_rank(torch.ones(5)).item() == pytest.approx(5.0)
+    assert ref.effective_rank(torch.zeros(3)).item() == 0.0
+
+
+def test_hessian_of_bilinear_is_twice_Q_everywhere():
+    torch.manual_seed(0)
+    model = ref.BilinearClassifier(6, 5, 3)
+    Q = model.interaction_matrices().detach()
+    for seed in range(3):
+        x = torch.randn(6, generator=torch.Generator().manual_seed(seed))
+        assert torch.allclose(ref.logit_hessian(model, x, 1), 2 * Q[1], atol=1e-5)
+
+
+def test_mlp_hidden_for_params_matches_the_bilinear_count():
+    bilinear = ref.BilinearClassifier()
+    assert ref.n_params(bilinear) == 8832
+    h = ref.mlp_hidden_for_params(8832)
+    assert h == 118 and ref.n_params(ref.MLPClassifier(d_hidden=h)) == 8860
+
+
+def test_training_is_repeatable_and_learns():
+    split = ref.load_digits_split()
+    cfg = ref.TrainConfig(noise_std=0.1, epochs=3, seed=1)
+    accs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = ref.BilinearClassifier()
+        losses = ref.train_classifier(model, split.X_train, split.y_train, cfg)
+        accs.append(ref.accuracy(model, split.X_test, split.y_test))
+    assert losses[-1] < losses[0]
+    assert accs[0] == accs[1] and accs[0] > 0.5
+
+
+def test_digits_split_shapes():
+    split = ref.load_digits_split()
+    assert split.X_train.shape == (1347, 64) and split.X_test.shape == (450, 64)
+    assert split.X_train.min() >= 0 and split.X_train.max() <= 1
+    assert torch.bincount(split.y_test).min() >= 43  # stratified: 43-46 of each digit
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_get_clear_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        ref.bilinear_tensor(torch.zeros(4, 3), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="P must be"):
+        ref.bilinear_tensor(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="length d_out = 3"):
+        ref.interaction_matrix(torch.zeros(3, 4, 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="not available offline"):
+        ref.load_digits_split("mnist")
+    with pytest.raises(ValueError, match="not symmetric"):
+        ref.eigen_decompose(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="k must be"):
+        ref.truncated_logits(torch.zeros(2, 3), torch.zeros(2, 3, 3), torch.zeros(1, 3), 4)
+    with pytest.raises(ValueError, match="d_in = 3"):
+        ref.bilinear_forward(torch.zeros(2, 4), torch.zeros(5, 3), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="activation"):
+        ref.MLPClassifier(activation="tanh")
