@@ -492,6 +492,53 @@ def exact_ablation_effects(
     return active, effect
 
 
+def single_feature_ig(
+    model: HookedTransformer,
+    sae,
+    tokens: Int[Tensor, "batch pos"],
+    hook_name: str,
+    metric: Callable[[Tensor], Tensor],
+    index: Int[Tensor, "n 3"],
+    steps: int = 10,
+    batch_size: int = 256,
+) -> Float[Tensor, " n"]:
+    """Integrated gradients along each feature's OWN path: for every ``(prompt, position,
+    feature)`` row of ``index``, only that feature is scaled from its value to 0 (alpha = k /
+    steps, k = 0..steps-1) while everything else stays clean. Estimates exactly the single
+    ablations :func:`exact_ablation_effects` measures, at ``steps`` times their cost. ``metric``
+    must treat every prompt alike (it sees the rows of ``tokens[index[:, 0]]``)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    store: dict[str, Tensor] = {}
+
+    def grab(activation, hook):
+        store["f"] = sae.encode(activation).detach()
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(hook_name, grab)])
+    f, W_dec = store["f"], sae.W_dec.detach()
+    out = []
+    for start in range(0, len(index), batch_size):
+        b, p, i = index[start : start + batch_size].unbind(1)
+        value = f[b, p, i]
+        ar = torch.arange(len(b))
+        total = torch.zeros(len(b))
+        for k in range(steps):
+            s = (value * k / steps).requires_grad_(True)
+
+            def move(activation, hook, s=s, b=b, p=p, i=i, value=value, ar=ar):
+                shift = torch.zeros_like(activation)
+                shift[ar, p] = (s - value)[:, None] * W_dec[i]
+                return activation + shift
+
+            with torch.enable_grad():
+                logits = model.run_with_hooks(tokens[b], fwd_hooks=[(hook_name, move)])
+                (grad,) = torch.autograd.grad(metric(logits).sum(), s)
+            total += grad
+        out.append(-value * total / steps)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def rank(x: Tensor) -> Tensor:
     """Ranks 0..n-1 (average ranks for ties) as floats."""
     x = x.flatten().double()
@@ -690,7 +737,12 @@ def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
     model and measure the root feature's new pre-activation (everything downstream recomputed:
     LayerNorm scales, attention patterns, later layers). The graph's prediction for the drop is
     the edge weight (exact with LayerNorm and attention frozen). Returns one dict per node:
-    ``{node, kind, predicted, actual}``, both as changes of the root's pre-activation.
+    ``{node, kind, predicted, predicted_total, actual}``, all changes of the root's
+    pre-activation: ``predicted`` is minus the edge weight (the direct path only);
+    ``predicted_total`` adds, for a feature or error node, its paths through every later head
+    that reads its position (attention and LayerNorm frozen: the linear model's exact answer);
+    ``predicted_ln`` applies the node's direct change to the root's residual stream and
+    recomputes LayerNorm (attention still frozen).
     """
     from course_utils import transcoders as T
 
@@ -702,6 +754,21 @@ def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
     tc = T.as_single(transcoders[layer])
     hook_in = f"blocks.{layer}.ln2.hook_normalized"
     base = circuit.pre_activation(layer, feature, pos)
+    head_terms = [
+        t for t in circuit.decompose_feature(layer, feature, pos) if t["kind"] == "head"
+    ]
+
+    def via_heads(node: dict) -> float:
+        total = 0.0
+        for term in head_terms:
+            if term["src"] != node["pos"] or term["layer"] <= node["layer"]:
+                continue
+            for sub in circuit.decompose_head_term(term):
+                same = sub["kind"] == node["kind"] and sub.get("layer") == node["layer"]
+                if same and sub.get("index") == node.get("index") and sub["pos"] == node["pos"]:
+                    total += sub["value"]
+        return total
+
     out = []
     for edge in graph["edges"]:
         if edge["dst"] != graph["root"]:
@@ -720,6 +787,10 @@ def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
             hooks = [(f"blocks.{lay}.hook_mlp_out", _mlp_edit_hook(p, delta))]
         elif kind == "head":
             lay, h, dest, src = node["layer"], node["index"], node["pos"], node["src"]
+            ln1 = model.blocks[lay].ln1
+            x_pre = circuit.cache[f"blocks.{lay}.ln1.hook_normalized"][src] * ln1.w + ln1.b
+            weight = circuit.cache[f"blocks.{lay}.attn.hook_pattern"][h, dest, src]
+            delta = -weight * (x_pre @ model.W_V[lay, h] @ model.W_O[lay, h]).detach()
 
             def zero_edge(pattern, hook, h=h, dest=dest, src=src):
                 pattern = pattern.clone()
@@ -736,8 +807,21 @@ def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
 
         model.run_with_hooks(tokens, fwd_hooks=[*hooks, (hook_in, grab)])
         new = (store["x"][0, pos] @ tc.W_enc[:, feature] + tc.b_enc[feature]).item()
+        direct = -edge["weight"]
+        total = direct - via_heads(node) if kind in ("feature", "tc_error") else direct
+        resid = circuit.cache[f"blocks.{layer}.hook_resid_mid"][pos] + delta
+        centred = resid - resid.mean()
+        scale = (centred.pow(2).mean() + model.cfg.eps).sqrt()
+        with_ln = (centred / scale) @ tc.W_enc[:, feature] + tc.b_enc[feature]
         out.append(
-            {"node": edge["src"], "kind": kind, "predicted": -edge["weight"], "actual": new - base}
+            {
+                "node": edge["src"],
+                "kind": kind,
+                "predicted": direct,
+                "predicted_total": total,
+                "predicted_ln": with_ln.item() - base,
+                "actual": new - base,
+            }
         )
     return out
 
