@@ -25,7 +25,6 @@ error they see ``dec(f')``: the whole reconstruction error becomes part of the "
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -175,7 +174,11 @@ def edited_logits(
     feature = check_feature(sae, feature)
     with torch.no_grad():
         logits = run_with_feature_edit(
-            model, sae, tokens, hook_name, lambda f: edit_feature(f, feature, mode, value),
+            model,
+            sae,
+            tokens,
+            hook_name,
+            lambda f: edit_feature(f, feature, mode, value),
             keep_error,
         )
     return check_finite(logits, f"{mode} of feature {feature} with value {value}")
@@ -656,7 +659,7 @@ class FeatureCircuit:
         for alpha in alphas:
             leaves: dict[str, tuple[Tensor, Tensor]] = {}
 
-            def splice(activation, hook, alpha=alpha):
+            def splice(activation, hook, alpha=alpha, leaves=leaves):
                 h, sae = hook.name, self.saes[hook.name]
                 f = (self.mean_acts[h] + alpha * (self.acts[h] - self.mean_acts[h])).detach()
                 e = (self.mean_errors[h] + alpha * (self.errors[h] - self.mean_errors[h])).detach()
@@ -754,9 +757,7 @@ def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
     tc = T.as_single(transcoders[layer])
     hook_in = f"blocks.{layer}.ln2.hook_normalized"
     base = circuit.pre_activation(layer, feature, pos)
-    head_terms = [
-        t for t in circuit.decompose_feature(layer, feature, pos) if t["kind"] == "head"
-    ]
+    head_terms = [t for t in circuit.decompose_feature(layer, feature, pos) if t["kind"] == "head"]
 
     def via_heads(node: dict) -> float:
         total = 0.0
@@ -802,7 +803,7 @@ def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
             continue
         store: dict[str, Tensor] = {}
 
-        def grab(activation, hook):
+        def grab(activation, hook, store=store):
             store["x"] = activation
 
         model.run_with_hooks(tokens, fwd_hooks=[*hooks, (hook_in, grab)])
@@ -829,28 +830,41 @@ def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- part 6: online
 
 
-def steer_and_generate(
-    model: HookedTransformer,
-    sae,
-    prompt: str,
-    feature: int,
-    coeff: float,
-    n_new: int = 20,
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> str:
-    """Steer any HookedTransformer with a SAELens SAE's decoder row (unit norm, ``coeff`` in
-    residual units) at the SAE's own hook, and return the continuation of ``prompt``."""
-    hook_name = trained_hook(sae) or getattr(getattr(sae, "cfg", None), "hook_name", None)
+@torch.no_grad()
+def concept_feature(model: HookedTransformer, sae, text: str) -> tuple[int, float]:
+    """The dictionary feature most active on the last token of ``text`` and its activation."""
+    hook_name = trained_hook(sae)
     if hook_name is None:
         raise ValueError("the SAE does not record its hook (sae.cfg.metadata.hook_name).")
     check_splice(model, sae, hook_name)
-    direction = steering_direction(sae, feature)
+    _, cache = model.run_with_cache(model.to_tokens(text), names_filter=hook_name)
+    acts = sae.encode(cache[hook_name][0, -1])
+    value, feature = acts.max(-1)
+    if value <= 0:
+        raise ValueError(f"no feature of this dictionary fires on the last token of {text!r}.")
+    return int(feature), float(value)
+
+
+def steering_demo(
+    model: HookedTransformer,
+    sae,
+    prompt: str,
+    concept: str,
+    multiples: Sequence[float] = (0.0, 4.0, 8.0),
+    n_new: int = 24,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """Find the feature most active on ``concept`` and steer ``prompt``'s continuation with its
+    decoder row at the SAE's hook, ``coeff = multiple x its activation on the concept``.
+    Works for any HookedTransformer with a tokenizer and a SAELens SAE (GPT-2 small online)."""
+    feature, activation = concept_feature(model, sae, concept)
+    hook_name = trained_hook(sae)
+    direction = sae.W_dec[feature].detach()
     tokens = model.to_tokens(prompt)
-    hooks = [(hook_name, steering_hook(direction, coeff))]
-    out = generate(model, tokens, n_new, hooks, temperature=temperature, seed=seed)
-    return model.to_string(out[0, tokens.shape[1] :])
-
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
+    texts = {}
+    for k in multiples:
+        hooks = [(hook_name, steering_hook(direction, k * activation))]
+        out = generate(model, tokens, n_new, hooks, temperature=temperature, seed=seed)
+        texts[k] = model.to_string(out[0, tokens.shape[1] :])
+    return {"feature": feature, "activation": activation, "hook_name": hook_name, "texts": texts}

@@ -103,13 +103,16 @@ def _hooked_check(learner, reference, cases, mistakes, atol=1e-4, rtol=1e-4) -> 
         )
     wrapped = _with_hooks_left(learner)
     functools.update_wrapper(wrapped, learner)
-    return compare_function(
-        wrapped,
-        _with_hooks_left(reference),
-        cases,
-        lifted_mistakes(mistakes, _with_hooks_left),
-        compare=_compare_with_hooks(atol, rtol),
-    ) + "; no hook left behind"
+    return (
+        compare_function(
+            wrapped,
+            _with_hooks_left(reference),
+            cases,
+            lifted_mistakes(mistakes, _with_hooks_left),
+            compare=_compare_with_hooks(atol, rtol),
+        )
+        + "; no hook left behind"
+    )
 
 
 # ---------------------------------------------------------------- 1.1 edit_feature
@@ -630,7 +633,9 @@ def _atp_cases() -> list[Case]:
     model, sae, tokens = _tiny()
     sae1 = tiny_sae(hook_name="blocks.1.hook_resid_pre", seed=3)
     return [
-        Case("logit difference at the last position", (model, sae, tokens, HOOK, _logit_diff(3, 9))),
+        Case(
+            "logit difference at the last position", (model, sae, tokens, HOOK, _logit_diff(3, 9))
+        ),
         Case("log-prob over three positions", (model, sae, tokens, HOOK, _mean_logprob)),
         Case(
             "SAE at blocks.1.hook_resid_pre, batch of one",
