@@ -18,6 +18,10 @@ Where things live (one module per idea):
 - ``transcoders``, ``circuits``  chapter 05: transcoders, paired activations, splicing, the
                  transcoder-vs-SAE sweep, SAELens export; exact feature-circuit decompositions,
                  greedy path search and path graphs
+- ``interventions``  chapter 06: exact feature edits through a spliced dictionary (error kept),
+                 ablation effects, steering, attribution patching / integrated gradients against
+                 true ablations, feature circuits (faithfulness), chapter 05's graph tested by
+                 ablation; ``hooks_left`` proves no hook stays behind
 - ``widgets``    sliders that degrade to a static figure when no front end is attached
 - ``build``      solution notebook -> exercise notebook
 - ``grading``    ``course check``: run a learner's notebook and tabulate its exercises
