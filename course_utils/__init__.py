@@ -18,6 +18,10 @@ Where things live (one module per idea):
 - ``transcoders``, ``circuits``  chapter 05: transcoders, paired activations, splicing, the
                  transcoder-vs-SAE sweep, SAELens export; exact feature-circuit decompositions,
                  greedy path search and path graphs
+- ``interventions``  chapter 06: exact feature edits through a spliced dictionary (error kept),
+                 ablation effects, steering, attribution patching / integrated gradients against
+                 true ablations, feature circuits (faithfulness), chapter 05's graph tested by
+                 ablation; ``hooks_left`` proves no hook stays behind
 - ``bilinear``   chapter 08: bilinear layers as tensors, interaction matrices and their eigenvectors,
                  digit classifiers (bilinear / ReLU / GELU) on scikit-learn's bundled 8x8 digits
 - ``polytopes``  chapter 09: polytope and spline codes of ReLU MLPs, local affine maps, region maps

@@ -80,6 +80,20 @@ def _cached_stream(tokenizer_json: str, split: str) -> Tensor:
     return corpus_stream(tokenizer, split)
 
 
+def _plain_tokenizer_json(backend) -> str:
+    """The backend tokenizer's JSON without truncation or padding.
+
+    ``model.to_tokens`` (transformers) switches truncation to n_ctx on the shared backend
+    tokenizer; tokenising the corpus with it would silently cut every file to n_ctx tokens.
+    """
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain.to_str()
+
+
 def corpus_stream(tokenizer, split: str) -> Int[Tensor, " n_tokens"]:
     """The split as one token stream: each file is preceded by the end-of-text token."""
     from course_utils import corpus
@@ -103,7 +117,7 @@ def corpus_windows(
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
         raise ValueError("corpus_windows needs a model with a fast (tokenizers-backed) tokenizer.")
-    stream = _cached_stream(tokenizer.backend_tokenizer.to_str(), split)
+    stream = _cached_stream(_plain_tokenizer_json(tokenizer.backend_tokenizer), split)
     n_ctx = model.cfg.n_ctx if n_ctx is None else n_ctx
     return make_windows(stream, n_ctx, tokenizer.bos_token_id, offset)
 

@@ -37,6 +37,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("03", "saes_on_a_language_model", "SAEs on a language model", "4-5 h", 480),
     Chapter("04", "end_to_end_saes", "End-to-end SAEs", "3-4 h", 480),
     Chapter("05", "transcoders_and_circuits", "Transcoders and feature circuits", "4 h", 480),
+    Chapter("06", "intervening_on_features", "Intervening on features", "4 h", 480),
     Chapter(
         "08",
         "bilinear_layers",

@@ -122,3 +122,16 @@ def test_corpus_windows_on_the_course_model():
     store = ActivationStore(model, "blocks.0.hook_resid_post", windows, batch_size=256,
                             buffer_tokens=2048, progress=False)
     assert store.next_batch().shape == (256, 128)
+
+
+def test_corpus_windows_ignore_the_truncation_to_tokens_switches_on():
+    """model.to_tokens turns on truncation (to n_ctx) in the shared backend tokenizer; the corpus
+    used to be re-tokenised with it, every file cut to 128 tokens (1153 -> 33 windows)."""
+    from course_utils.models import load_model
+
+    model = load_model("course-2l")
+    before = corpus_windows(model, "validation")
+    model.to_tokens("def foo(a, b")
+    assert model.tokenizer.backend_tokenizer.truncation is not None  # the trap is still there
+    after = corpus_windows(model, "validation")
+    assert torch.equal(before, after)
