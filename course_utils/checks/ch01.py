@@ -17,14 +17,27 @@ import torch
 
 from course_utils import toy_models as ref
 from course_utils.checks.core import (
+    GRAD_PREFIX,
     Case,
     CheckFailed,
     Mistake,
+    StepRecorder,
     compare_function,
+    dependence_problem,
+    dtype_problem,
     exercise,
+    fresh_randomness_problem,
+    frequency_problem,
+    gradient_compare,
     lifted_mistakes,
     mismatch,
+    step_divergence,
+    with_gradients,
+    with_options,
 )
+
+# A correct generator fails one statistical case with probability at most FALSE_ALARM per test.
+FALSE_ALARM = 1e-6
 
 # ============================================================================ random generators
 
@@ -104,14 +117,83 @@ def _independent_stats(x: torch.Tensor) -> dict[str, float]:
     return stats
 
 
-def _stat_compare(stats: Callable[[torch.Tensor], dict[str, float]], low: float = 0.0) -> Callable:
+def _draw_problem(expected: torch.Tensor, actual: torch.Tensor, pair_layout: bool) -> str | None:
+    """Per-coordinate marginals and pairwise (in)dependence, each with a stated false-alarm rate.
+
+    Two samples are compared (the reference's and the learner's): the frequency with which each
+    [instance, feature] coordinate is non-zero, the correlations of those activity indicators
+    between every two coordinates (masks shared across instances or features, pairs laid out
+    wrongly, a coupling lost), and the correlations of the values themselves (values shared).
+    """
+    n, n_inst, n_feat = expected.shape
+    act_exp, act_got = (expected != 0).double(), (actual != 0).double()
+
+    def coord(i: int) -> str:
+        return f"[instance {i // n_feat}, feature {i % n_feat}]"
+
+    p_exp = act_exp.mean(0)
+    problem = frequency_problem(
+        "the fraction of draws in which [instance, feature] {index} is non-zero",
+        act_got.mean(0),
+        p_exp,
+        n,
+        FALSE_ALARM,
+        n_expected=n,
+    )
+    if problem:
+        return problem
+    problem = dependence_problem(
+        "which features are non-zero together",
+        act_exp.reshape(n, -1),
+        act_got.reshape(n, -1),
+        coord,
+        FALSE_ALARM,
+    )
+    if problem:
+        return problem + (
+            " (pairs are ADJACENT features 2k, 2k+1)" if pair_layout else ""
+        ) + "; every instance (and every feature) needs masks of its own"
+    problem = dependence_problem(
+        "the values", expected.reshape(n, -1), actual.reshape(n, -1), coord, FALSE_ALARM
+    )
+    if problem:
+        return problem + "; draw a separate value for every entry"
+    return None
+
+
+def _stat_compare(
+    stats: Callable[[torch.Tensor], dict[str, float]], low: float = 0.0, pairs: bool = False
+) -> Callable:
     def compare(expected: torch.Tensor, actual: Any) -> str | None:
-        problem = _basic_problem(expected, actual, low)
+        problem = _basic_problem(expected, actual, low) or dtype_problem(
+            expected, actual, "the batch"
+        )
         if problem or expected.shape[0] < 1000:
             return problem
-        return _compare_stats(stats(expected), stats(actual), tol=0.03)
+        return _compare_stats(stats(expected), stats(actual), tol=0.03) or _draw_problem(
+            expected, actual, pairs
+        )
 
     return compare
+
+
+def _generator_check(learner: Callable, reference: Callable, cases, mistakes, pairs: bool) -> str:
+    summary = compare_function(
+        learner,
+        reference,
+        cases,
+        mistakes,
+        compare=_stat_compare(_pair_stats if pairs else _independent_stats, pairs=pairs),
+    )
+    problem = fresh_randomness_problem(learner, 2000, 0.5, 2, 4)
+    if problem:
+        raise CheckFailed(problem + ".")
+    return (
+        summary
+        + "; per-coordinate frequencies, (in)dependence across instances and features, values "
+        "and dtype agree, and every call draws fresh randomness (each statistical test false-"
+        f"alarms with probability < {FALSE_ALARM:g})"
+    )
 
 
 def _masked(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -192,15 +274,12 @@ def _generate_batch_cases() -> list[Case]:
 
 @exercise("1.1", "generate_batch")
 def generate_batch(learner) -> str:
-    return (
-        compare_function(
-            learner,
-            lambda n, p, i, f: ref.generate_batch(n, p, i, f),
-            _generate_batch_cases(),
-            GENERATE_BATCH_MISTAKES,
-            compare=_stat_compare(_independent_stats),
-        )
-        + "; statistics of the draws agree"
+    return _generator_check(
+        learner,
+        lambda n, p, i, f: ref.generate_batch(n, p, i, f),
+        _generate_batch_cases(),
+        GENERATE_BATCH_MISTAKES,
+        pairs=False,
     )
 
 
@@ -312,29 +391,23 @@ def _pair_cases(max_density: float) -> list[Case]:
 
 @exercise("1.6", "generate_correlated_batch")
 def generate_correlated_batch(learner) -> str:
-    return (
-        compare_function(
-            learner,
-            lambda n, p, i, k: ref.generate_correlated_batch(n, p, i, k),
-            _pair_cases(1.0),
-            CORRELATED_MISTAKES,
-            compare=_stat_compare(_pair_stats),
-        )
-        + "; statistics of the draws agree"
+    return _generator_check(
+        learner,
+        lambda n, p, i, k: ref.generate_correlated_batch(n, p, i, k),
+        _pair_cases(1.0),
+        CORRELATED_MISTAKES,
+        pairs=True,
     )
 
 
 @exercise("1.7", "generate_anticorrelated_batch")
 def generate_anticorrelated_batch(learner) -> str:
-    return (
-        compare_function(
-            learner,
-            lambda n, p, i, k: ref.generate_anticorrelated_batch(n, p, i, k),
-            _pair_cases(0.5),
-            ANTICORRELATED_MISTAKES,
-            compare=_stat_compare(_pair_stats),
-        )
-        + "; statistics of the draws agree"
+    return _generator_check(
+        learner,
+        lambda n, p, i, k: ref.generate_anticorrelated_batch(n, p, i, k),
+        _pair_cases(0.5),
+        ANTICORRELATED_MISTAKES,
+        pairs=True,
     )
 
 
@@ -377,6 +450,17 @@ def _run_model(cls: Callable, reference_cls: type, signed: bool = False) -> Call
         for name, param in params:
             scale = 0.3 if name.startswith("b") else 1.0
             _load(model, name, scale * torch.randn(param.shape, generator=g), cls.__name__)
+        x = _input(g, n_instances, n_features, n_batch, x_kind)
+        out = model(x)
+        result = {"output": out}
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            (out * torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)).sum().backward()
+        for name, _ in params:
+            grad = getattr(model, name).grad
+            result[GRAD_PREFIX + name] = None if grad is None else grad.detach().clone()
+        return result
+
+    def _input(g, n_instances, n_features, n_batch, x_kind):
         if x_kind == "zeros":
             x = torch.zeros(n_batch, n_instances, n_features)
         elif x_kind == "one active feature":
@@ -385,8 +469,7 @@ def _run_model(cls: Callable, reference_cls: type, signed: bool = False) -> Call
         else:
             gen = ref.generate_signed_batch if signed else ref.generate_batch
             x = gen(n_batch, 0.4, n_instances, n_features, generator=g)
-        with torch.no_grad():
-            return model(x)
+        return x
 
     return run
 
@@ -416,9 +499,9 @@ def _model_check(
         _run_model(reference_cls, reference_cls, signed),
         _model_cases(shapes),
         lifted_mistakes(mistakes, lambda cls: _run_model(cls, reference_cls, signed)),
-        atol=1e-5,
+        compare=gradient_compare(atol=1e-5, rtol=1e-4),
     )
-    return "forward " + summary
+    return "forward " + summary + ", and gradients reach every weight"
 
 
 def _h(model, x):
@@ -626,8 +709,15 @@ def _mse_cases() -> list[Case]:
 
 @exercise("1.3", "importance_weighted_mse")
 def importance_weighted_mse(learner) -> str:
-    return compare_function(
-        learner, ref.importance_weighted_mse, _mse_cases(), MSE_MISTAKES, atol=1e-5
+    return (
+        compare_function(
+            with_gradients(learner, {"x_hat": 0}),
+            with_gradients(ref.importance_weighted_mse, {"x_hat": 0}),
+            _mse_cases(),
+            lifted_mistakes(MSE_MISTAKES, lambda f: with_gradients(f, {"x_hat": 0})),
+            compare=gradient_compare(atol=1e-5),
+        )
+        + ", and the loss stays differentiable in x_hat"
     )
 
 
@@ -637,35 +727,44 @@ TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR, TRAIN_WARMUP = 300, 256, 1e-2, 0.1
 
 
 def _run_train(train_fn: Callable) -> Callable:
-    """Turn a training function into (seed) -> a summary of what training did."""
+    """Turn a training function into (seed, density, kind) -> a summary of what training did,
+    with a per-step record (lr applied, batch seen, gradient norms) of every optimizer.step()."""
 
-    def run(seed: int, density: float) -> dict[str, Any]:
+    def run(seed: int, density: float, kind: str = "toy") -> dict[str, Any]:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = ref.ToyModel(
-                4,
-                5,
-                2,
-                feature_probability=torch.tensor([1.0, density, density, density]),
-                importance=ref.geometric_importance(5, 0.9),
-            )
-            W0, b0 = model.W.detach().clone(), model.b_final.detach().clone()
+            probability = torch.tensor([1.0, density, density, density])
+            if kind == "abs":  # the target is |x|, not x: model.target(x) must be used
+                model = ref.AbsValueModel(4, 5, 6, probability, ref.geometric_importance(5, 0.8))
+            else:
+                model = ref.ToyModel(4, 5, 2, probability, ref.geometric_importance(5, 0.9))
+            start = {n: p.detach().clone() for n, p in model.named_parameters()}
             sizes: list[int] = []
+            recorder = StepRecorder({id(p): n for n, p in model.named_parameters()})
             draw = model.generate_batch
-            model.generate_batch = lambda n: (sizes.append(n), draw(n))[1]  # type: ignore[method-assign]
-            result = train_fn(
-                model,
-                n_steps=TRAIN_STEPS,
-                batch_size=TRAIN_BATCH,
-                lr=TRAIN_LR,
-                warmup_frac=TRAIN_WARMUP,
-            )
+
+            def generate_batch(n):
+                sizes.append(n)
+                return recorder.saw(draw(n))
+
+            model.generate_batch = generate_batch  # type: ignore[method-assign]
+            with recorder:
+                result = train_fn(
+                    model,
+                    n_steps=TRAIN_STEPS,
+                    batch_size=TRAIN_BATCH,
+                    lr=TRAIN_LR,
+                    warmup_frac=TRAIN_WARMUP,
+                )
             model.generate_batch = draw  # type: ignore[method-assign]
+            weight = "W1" if kind == "abs" else "W"
             return {
                 "result": result,
                 "sizes": sizes,
-                "W moved": (model.W.detach() - W0).flatten(1).norm(dim=1) > 1e-4,
-                "b moved": (model.b_final.detach() - b0).norm(dim=1) > 1e-5,
+                "steps": recorder.steps,
+                "W moved": (getattr(model, weight).detach() - start[weight]).flatten(1).norm(dim=1)
+                > 1e-4,
+                "b moved": (model.b_final.detach() - start["b_final"]).norm(dim=1) > 1e-5,
                 "eval loss": ref.evaluate(model, 4096, seed=123),
             }
 
@@ -688,6 +787,14 @@ def _train_compare(expected: dict, actual: dict) -> str | None:
         )
     want_lr = torch.as_tensor(expected["result"]["lr"], dtype=torch.float64)
     problem = mismatch(want_lr, lrs.reshape(-1), atol=1e-7, rtol=1e-5, path="result['lr']")
+    applied = step_divergence(expected["steps"], actual["steps"], scale_free=True)
+    if applied and not problem and "learning rate" in applied:
+        return (
+            "result['lr'] records the right schedule, but the rate APPLIED at optimizer.step() "
+            f"differs: {applied}. Recording the rate is not enough: set it on the optimizer"
+        )
+    if applied:
+        return applied
     if problem:
         return (
             f"the learning-rate schedule is off: {problem}. Set every param group's lr to "
@@ -804,6 +911,7 @@ def train_toy_model(learner) -> str:
     cases = [
         Case(f"4 instances (density 1 and 0.3), {TRAIN_STEPS} steps", (0, 0.3)),
         Case("another seed, density 1 and 0.1", (1, 0.1)),
+        Case("an AbsValueModel: the target |x| is not the input", (2, 0.3, "abs")),
     ]
     summary = compare_function(
         _run_train(learner),
@@ -829,7 +937,7 @@ def _pentagon(scale: float = 1.0) -> torch.Tensor:
 DIMENSIONALITY_MISTAKES = [
     Mistake(
         "W_i . W_j without normalising W_i",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2 / (torch.einsum("ihf,ihg->ifg", W, W) ** 2).sum(-1).clamp_min(1e-8)
         ),
         "the numerator is ||W_i||^2 but the denominator must use the UNIT vector W_hat_i = W_i / "
@@ -837,7 +945,7 @@ DIMENSIONALITY_MISTAKES = [
     ),
     Mistake(
         "cosine similarities (both normalised)",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2
             / (
                 torch.einsum(
@@ -853,7 +961,7 @@ DIMENSIONALITY_MISTAKES = [
     ),
     Mistake(
         "dot products not squared",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2
             / torch.einsum("ihf,ihg->ifg", W / W.norm(dim=1, keepdim=True).clamp_min(1e-8), W)
             .abs()
@@ -864,7 +972,7 @@ DIMENSIONALITY_MISTAKES = [
     ),
     Mistake(
         "no guard for unlearned features",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2
             / (torch.einsum("ihf,ihg->ifg", W / W.norm(dim=1, keepdim=True), W) ** 2).sum(-1)
         ),
@@ -873,7 +981,7 @@ DIMENSIONALITY_MISTAKES = [
     ),
     Mistake(
         "sum over j != i only",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2
             / (
                 (
@@ -901,6 +1009,11 @@ def _dimensionality_cases() -> list[Case]:
         Case("a regular pentagon (D = 2/5)", (_pentagon(1.1),)),
         Case("an unlearned feature (D = 0)", (with_zero,)),
         Case("more hidden dims than features", (torch.randn(1, 5, 3, generator=g),)),
+        # a short feature (||W_i|| = 0.05) next to a unit one: eps = 0.1 clamps its norm
+        *with_options(
+            Case("a feature shorter than eps", (torch.tensor([[[0.05, 0.0], [0.0, 1.0]]]),)),
+            eps=0.1,
+        ),
     ]
 
 
