@@ -723,7 +723,7 @@ def importance_weighted_mse(learner) -> str:
 
 # ============================================================================ 1.4 training loop
 
-TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR, TRAIN_WARMUP = 300, 256, 1e-2, 0.1
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR, TRAIN_WARMUP = 40, 64, 1e-2, 0.1
 
 
 def _run_train(train_fn: Callable) -> Callable:
@@ -842,6 +842,8 @@ def _loop(
     first_only=False,
     fixed_batch=False,
     step=True,
+    target=True,
+    importance=True,
 ):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     warmup = int(warmup_frac * n_steps)
@@ -852,7 +854,11 @@ def _loop(
         for group in opt.param_groups:
             group["lr"] = this_lr
         batch = x if fixed_batch else model.generate_batch(batch_size)
-        loss = ref.importance_weighted_mse(model(batch), model.target(batch), model.importance)
+        loss = ref.importance_weighted_mse(
+            model(batch),
+            model.target(batch) if target else batch,
+            model.importance if importance else torch.ones_like(model.importance),
+        )
         if zero_grad:
             opt.zero_grad()
         (loss[0] if first_only else loss.sum()).backward()
@@ -893,6 +899,18 @@ TRAIN_MISTAKES = [
         _loop_variant(fixed_batch=True),
         "draw a FRESH batch every step (`model.generate_batch(batch_size)` inside the loop); "
         "one fixed batch is memorised, not learned from.",
+    ),
+    Mistake(
+        "the input as the target",
+        _loop_variant(target=False),
+        "you compared model(x) with x itself; compare it with `model.target(x)` (the same as x "
+        "for the ToyModel, |x| for the AbsValueModel).",
+    ),
+    Mistake(
+        "importance ignored",
+        _loop_variant(importance=False),
+        "every feature counts equally in your loss: pass `model.importance` as the weights of "
+        "importance_weighted_mse.",
     ),
     Mistake(
         "no optimizer step",
