@@ -502,9 +502,12 @@ def with_gradients(fn: Callable, wrt: dict[str, int], presence_only: Sequence[st
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> dict[str, Any]:
         args = list(args)
-        leaves = {}
+        leaves: dict[str, Any] = {}
         for name, index in wrt.items():
-            leaf = args[index].detach().clone().requires_grad_(True)
+            if isinstance(args[index], (list, tuple)):  # a list of tensors: one leaf each
+                leaf = [t.detach().clone().requires_grad_(True) for t in args[index]]
+            else:
+                leaf = args[index].detach().clone().requires_grad_(True)
             args[index] = leaf
             leaves[name] = leaf
         with torch.enable_grad():
@@ -519,7 +522,11 @@ def with_gradients(fn: Callable, wrt: dict[str, int], presence_only: Sequence[st
         result = {"output": out}
         for name, leaf in leaves.items():
             key = GRAD_PREFIX + name + (PRESENCE if name in presence_only else "")
-            result[key] = None if leaf.grad is None else leaf.grad.detach()
+            if isinstance(leaf, list):
+                for i, t in enumerate(leaf):
+                    result[f"{key}[{i}]"] = None if t.grad is None else t.grad.detach()
+            else:
+                result[key] = None if leaf.grad is None else leaf.grad.detach()
         return result
 
     return run
@@ -536,6 +543,7 @@ def gradient_compare(atol: float = 1e-5, rtol: float = 1e-4) -> Callable[[Any, A
             if not key.startswith(GRAD_PREFIX):
                 continue
             name, got = key[len(GRAD_PREFIX) :].replace(PRESENCE, ""), actual.get(key)
+            presence = PRESENCE in key
             if want is not None and (got is None or (got == 0).all() and (want != 0).any()):
                 return (
                     f"the value is right but no gradient flows back to `{name}`: the text says "
@@ -543,7 +551,7 @@ def gradient_compare(atol: float = 1e-5, rtol: float = 1e-4) -> Callable[[Any, A
                     "cut the graph: `.item()` or `float(...)` re-wrapped in `torch.tensor`, "
                     "`.detach()`, `.numpy()`, or a `torch.no_grad()` block"
                 )
-            if want is not None and not key.endswith(PRESENCE):
+            if want is not None and not presence:
                 problem = mismatch(want, got, atol, rtol, path=f"the gradient w.r.t. `{name}`")
                 if problem:
                     return problem
