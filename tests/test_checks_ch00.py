@@ -140,9 +140,9 @@ def cosine_clamp_product(vectors, eps=1e-8):
     return (vectors @ vectors.T) / torch.outer(norms, norms).clamp_min(eps)
 
 
-def cosine_transposed_input(vectors, eps=1e-8):
-    unit = vectors.T / vectors.T.norm(dim=0, keepdim=True).clamp_min(eps)
-    return unit.T @ unit
+def cosine_no_keepdim(vectors, eps=1e-8):
+    unit = vectors / vectors.norm(dim=-1).clamp_min(eps)
+    return unit @ unit.T
 
 
 def norm_hook_keepdim(activation, hook, store):
@@ -203,7 +203,7 @@ WRONG = {
         cosine_zero_rows_special_cased,
         cosine_F_normalize_default_eps,
         cosine_clamp_product,
-        cosine_transposed_input,
+        cosine_no_keepdim,
     ],
     ch00.record_norm_hook: [
         norm_hook_keeps_grad_but_wrong_name,

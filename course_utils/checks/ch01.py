@@ -34,6 +34,7 @@ from course_utils.checks.core import (
     step_divergence,
     with_gradients,
     with_options,
+    z_for,
 )
 
 # A correct generator fails one statistical case with probability at most FALSE_ALARM per test.
@@ -70,48 +71,63 @@ def _basic_problem(expected: torch.Tensor, actual: Any, low: float = 0.0) -> str
     return None
 
 
-def _value_stats(x: torch.Tensor) -> dict[str, float]:
+Stats = dict[str, tuple[float, int]]  # name -> (value, how many draws it averages)
+
+
+def _value_stats(x: torch.Tensor) -> Stats:
     signed = x[x != 0]
     nonzero = signed.abs()
-    if nonzero.numel() < 200:
+    n = nonzero.numel()
+    if n < 200:
         return {}
     return {
-        "fraction of non-zero values that are negative": (signed < 0).float().mean().item(),
-        "fraction of non-zero values above 1 in size": (nonzero > 1).float().mean().item(),
-        "mean of the non-zero values": nonzero.mean().item(),
-        "fraction of non-zero values below 0.25": (nonzero < 0.25).float().mean().item(),
-        "fraction of non-zero values equal to 1": (nonzero == 1).float().mean().item(),
+        "fraction of non-zero values that are negative": ((signed < 0).float().mean().item(), n),
+        "fraction of non-zero values above 1 in size": ((nonzero > 1).float().mean().item(), n),
+        "mean of the non-zero values": (nonzero.mean().item(), n),
+        "fraction of non-zero values below 0.25": ((nonzero < 0.25).float().mean().item(), n),
+        "fraction of non-zero values equal to 1": ((nonzero == 1).float().mean().item(), n),
     }
 
 
-def _compare_stats(exp: dict[str, float], act: dict[str, float], tol: float) -> str | None:
-    for key, e in exp.items():
-        a = act.get(key)
+def _compare_stats(exp: Stats, act: Stats) -> str | None:
+    """Each statistic is a mean of values in [0, 1] (variance <= 1/4); the tolerance for the
+    difference of two such means is z * sqrt(1/4 (1/n_exp + 1/n_act)), with z set so that a
+    correct generator fails one of them with probability < FALSE_ALARM."""
+    z = z_for(FALSE_ALARM, max(len(exp), 1))
+    for key, (e, n_exp) in exp.items():
+        a, n_act = act.get(key, (None, 0))
+        tol = z * math.sqrt(0.25 * (1 / max(n_exp, 1) + 1 / max(n_act, 1)))
         if a is None or math.isnan(a) or abs(a - e) > tol:
             shown = "undefined" if a is None or math.isnan(a) else f"{a:.3f}"
-            return f"{key} is {shown}, expected about {e:.3f}"
+            return f"{key} is {shown}, expected about {e:.3f} (± {tol:.3f})"
     return None
 
 
-def _independent_stats(x: torch.Tensor) -> dict[str, float]:
+def _independent_stats(x: torch.Tensor) -> Stats:
     active = (x != 0).float()
     n_batch, n_inst, n_feat = x.shape
     stats = {
-        f"fraction of non-zero entries in instance {i}": active[:, i].mean().item()
+        f"fraction of non-zero entries in instance {i}": (
+            active[:, i].mean().item(),
+            n_batch * n_feat,
+        )
         for i in range(n_inst)
     }
     if n_feat > 1:
         stats["P(features 0 and 1 both non-zero), instance 0"] = (
-            (active[:, 0, 0] * active[:, 0, 1]).mean().item()
+            (active[:, 0, 0] * active[:, 0, 1]).mean().item(),
+            n_batch,
         )
     if n_inst > 1:
         stats["P(feature 0 non-zero in instances 0 and 1 at once)"] = (
-            (active[:, 0, 0] * active[:, 1, 0]).mean().item()
+            (active[:, 0, 0] * active[:, 1, 0]).mean().item(),
+            n_batch,
         )
         both = (x[:, 0] != 0) & (x[:, 1] != 0)
         if both.sum() > 50:
             stats["fraction of equal non-zero values in instances 0 and 1"] = (
-                (x[:, 0][both] == x[:, 1][both]).float().mean().item()
+                (x[:, 0][both] == x[:, 1][both]).float().mean().item(),
+                int(both.sum()),
             )
     stats.update(_value_stats(x))
     return stats
@@ -162,11 +178,11 @@ def _draw_problem(expected: torch.Tensor, actual: torch.Tensor, pair_layout: boo
 
 
 def _stat_compare(
-    stats: Callable[[torch.Tensor], dict[str, float]], low: float = 0.0, pairs: bool = False
+    stats: Callable[[torch.Tensor], Stats], low: float = 0.0, pairs: bool = False
 ) -> Callable:
-    memo: dict[int, tuple[torch.Tensor, dict[str, float]]] = {}
+    memo: dict[int, tuple[torch.Tensor, Stats]] = {}
 
-    def cached(x: torch.Tensor) -> dict[str, float]:  # diagnosis compares one answer many times
+    def cached(x: torch.Tensor) -> Stats:  # diagnosis compares one answer many times
         if id(x) not in memo or memo[id(x)][0] is not x:
             memo[id(x)] = (x, stats(x))
         return memo[id(x)][1]
@@ -177,7 +193,7 @@ def _stat_compare(
         )
         if problem or expected.shape[0] < 1000:
             return problem
-        return _compare_stats(stats(expected), cached(actual), tol=0.03) or _draw_problem(
+        return _compare_stats(stats(expected), cached(actual)) or _draw_problem(
             expected, actual, pairs
         )
 
@@ -293,24 +309,30 @@ def generate_batch(learner) -> str:
 # ---------------------------------------------------------------- 1.6 / 1.7 correlated batches
 
 
-def _pair_stats(x: torch.Tensor) -> dict[str, float]:
+def _pair_stats(x: torch.Tensor) -> Stats:
     active = x != 0
     a, b = active[..., 0::2], active[..., 1::2]
-    n_pairs = a.shape[-1]
+    n_batch, n_inst, n_pairs = a.shape
+    units = n_batch * n_pairs  # the two members of a pair are not independent draws
     stats = {
-        f"fraction of non-zero entries in instance {i}": active[:, i].float().mean().item()
-        for i in range(x.shape[1])
+        f"fraction of non-zero entries in instance {i}": (
+            active[:, i].float().mean().item(),
+            units,
+        )
+        for i in range(n_inst)
     }
-    stats["P(both members of a pair non-zero)"] = (a & b).float().mean().item()
-    stats["P(exactly one member of a pair non-zero)"] = (a ^ b).float().mean().item()
+    stats["P(both members of a pair non-zero)"] = ((a & b).float().mean().item(), units)
+    stats["P(exactly one member of a pair non-zero)"] = ((a ^ b).float().mean().item(), units)
     if n_pairs > 1:
         stats["P(pairs 0 and 1 both have an active member)"] = (
-            ((a[..., 0] | b[..., 0]) & (a[..., 1] | b[..., 1])).float().mean().item()
+            ((a[..., 0] | b[..., 0]) & (a[..., 1] | b[..., 1])).float().mean().item(),
+            n_batch,
         )
     both = a & b
     if both.sum() > 50:
         stats["fraction of pairs whose two non-zero values are equal"] = (
-            (x[..., 0::2][both] == x[..., 1::2][both]).float().mean().item()
+            (x[..., 0::2][both] == x[..., 1::2][both]).float().mean().item(),
+            int(both.sum()),
         )
     stats.update(_value_stats(x))
     return stats
