@@ -233,6 +233,21 @@ def ds_beta_not_divided_and_kl_full(new_logits, orig_logits, c, lam, d_in, new_d
     return E.kl_spliced_vs_original(new_logits, orig_logits) + E.sparsity_penalty(c, lam, d_in) + beta * mse
 
 
+def train_default_kl_coeff(model, sae, cfg, batches):
+    """Forgets to pass cfg.kl_coeff (and cfg.min_lr_frac) on: the defaults 0.5 and 0.1 are used."""
+    from dataclasses import replace
+
+    return E.train_sae(model, sae, replace(cfg, kl_coeff=0.5, min_lr_frac=0.1), batches, progress=False)
+
+
+def train_returns_nothing(model, sae, cfg, batches):
+    check._manual_loop()(model, sae, cfg, batches)
+
+
+def train_returns_tensors_of_the_graph(model, sae, cfg, batches):
+    return [torch.tensor(0.0) for _ in range(cfg.steps)] if check._manual_loop()(model, sae, cfg, batches) else None
+
+
 WRONG = {
     check.splice_sae: [splice_hook_left_behind, splice_c_detached, _splice_at_resid_post],
     check.kl_spliced_vs_original: [kl_item_rewrapped, kl_detached_new, kl_default_reduction],
@@ -245,6 +260,9 @@ WRONG = {
         check._manual_loop(clip="by value"),
         check._manual_loop(reuse_batch=True),
         _train_without_clipping_and_half_lr,
+        train_default_kl_coeff,
+        train_returns_nothing,
+        train_returns_tensors_of_the_graph,
     ],
     check.max_cosine_within: [
         lambda W_dec: (torch.nn.functional.normalize(W_dec, dim=-1) @ torch.nn.functional.normalize(W_dec, dim=-1).T).sort(-1).values[:, -2].abs(),

@@ -121,8 +121,10 @@ def _forward_cases() -> list[Case]:
     x, W_enc, b_enc, W_dec, b_dec = _params(0)
     one = _params(1, inst=1, batch=1)
     zeros = (torch.zeros_like(x), W_enc, b_enc, W_dec, b_dec)
+    long_rows = W_dec * torch.linspace(0.5, 2.0, W_dec.shape[1])[None, :, None]
     return [
         Case("seeded random with 2 instances", (x, W_enc, b_enc, W_dec, b_dec)),
+        Case("decoder rows not unit-norm (use W_dec as given)", (x, W_enc, b_enc, long_rows, b_dec)),
         Case("zero input so only biases act", zeros),
         Case("a batch of one with one instance", one),
     ]
@@ -577,6 +579,7 @@ def _mmcs_cases() -> list[Case]:
         Case("seeded random with d_sae=9 and 6 true features", (learned, true)),
         Case("dictionary contains the true features", (exact, true)),
         Case("negated features", ((-true).unsqueeze(0), true)),
+        Case("true rows not unit-norm", (learned, true * torch.linspace(0.3, 3.0, 6)[:, None])),
     ]
 
 

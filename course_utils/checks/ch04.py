@@ -538,10 +538,11 @@ def _train_config(variant: str) -> E.TrainConfig:
         HOOK,
         DOWNSTREAM,
         beta=2.5,
-        kl_coeff=0.5,
+        kl_coeff=0.7,  # not the default 0.5: a loop must pass cfg.kl_coeff on
         lr=1e-2,
         steps=TRAIN_STEPS,
         warmup_steps=2,
+        min_lr_frac=0.3,  # not the default 0.1: a loop must pass cfg.min_lr_frac on
         log_every=1,
     )
 
@@ -582,7 +583,7 @@ def _run_training(train_fn):
         recorder = StepRecorder({id(p): n for n, p in sae.named_parameters()})
         draw = _batches(20)
         with recorder:
-            train_fn(model, sae, cfg, lambda: recorder.saw(draw()))
+            returned = train_fn(model, sae, cfg, lambda: recorder.saw(draw()))
         grads = sum(p.grad is not None for p in model.parameters())
         changed = sum(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
@@ -591,6 +592,7 @@ def _run_training(train_fn):
             "model parameters with a .grad": grads,
             "model tensors changed": changed,
             "steps": (recorder.steps, cfg.grad_clip),
+            "returned losses": _losses_of(returned),
         }
 
     return run
@@ -677,6 +679,7 @@ def _spliced_target(model, sae, cfg, batches):
     """KL measured against a second spliced run instead of the clean model."""
     model.requires_grad_(False)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    losses = []
     for step in range(cfg.steps):
         tokens = batches()
         for group in opt.param_groups:
@@ -692,6 +695,8 @@ def _spliced_target(model, sae, cfg, batches):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 TRAIN_MISTAKES = [
@@ -745,15 +750,36 @@ def _train_cases() -> list[Case]:
     ]
 
 
+def _losses_of(returned) -> object:
+    """The list of per-step losses a loop returned (the library's dict of histories counts)."""
+    if isinstance(returned, dict) and "loss" in returned:
+        returned = returned["loss"]
+    if isinstance(returned, (list, tuple)) and all(
+        isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+        for v in returned
+    ):
+        return torch.tensor([float(v) for v in returned], dtype=torch.float64)
+    return returned
+
+
 def _compare_training(expected, actual) -> str | None:
     if "steps" in expected and "steps" in actual:
         (want, clip), (got, _) = expected["steps"], actual["steps"]
         problem = step_divergence(want, got, grad_clip=clip)
         if problem:
             return problem
-    want = {k: v for k, v in expected.items() if k != "steps"}
-    got = {k: v for k, v in actual.items() if k != "steps"}
-    return _mismatch(want, got, 1e-4, 1e-3)
+    want = {k: v for k, v in expected.items() if k not in ("steps", "returned losses")}
+    got = {k: v for k, v in actual.items() if k not in ("steps", "returned losses")}
+    problem = _mismatch(want, got, 1e-4, 1e-3)
+    if problem or "returned losses" not in expected:
+        return problem
+    losses = actual["returned losses"]
+    if not isinstance(losses, torch.Tensor):
+        return (
+            "train_sae trained correctly but returned "
+            f"{type(losses).__name__}: return the list of the per-step losses (floats)"
+        )
+    return _mismatch(expected["returned losses"], losses, 1e-4, 1e-3, path="the returned losses")
 
 
 @exercise("2.6", "train_sae")
