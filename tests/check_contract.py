@@ -113,7 +113,11 @@ def contract_tests(
     @pytest.mark.parametrize(
         "check_fn, alternative",
         [(c, alt) for c, alts in correct.items() for alt in alts],
-        ids=[f"{c.exercise.name}: {_label(a, i)}" for c, alts in correct.items() for i, a in enumerate(alts)],
+        ids=[
+            f"{c.exercise.name}: {_label(a, i)}"
+            for c, alts in correct.items()
+            for i, a in enumerate(alts)
+        ],
     )
     def test_correct_alternative_accepted(check_fn, alternative):
         assert outcome(check_fn, alternative) == (PASSED, "")
@@ -125,7 +129,11 @@ def contract_tests(
     @pytest.mark.parametrize(
         "check_fn, wrong_answer",
         [(c, w) for c, ws in wrong.items() for w in ws],
-        ids=[f"{c.exercise.name}: {_label(w, i)}" for c, ws in wrong.items() for i, w in enumerate(ws)],
+        ids=[
+            f"{c.exercise.name}: {_label(w, i)}"
+            for c, ws in wrong.items()
+            for i, w in enumerate(ws)
+        ],
     )
     def test_invented_wrong_answer_rejected(check_fn, wrong_answer):
         status, message = outcome(check_fn, wrong_answer)

@@ -91,7 +91,6 @@ CHECKS = [
 ]
 
 
-
 # ------------------------------------------------------------------ wrong answers not in the lists
 
 
@@ -224,9 +223,7 @@ def batch_bernoulli(n_batch, feature_probability, n_instances, n_features):
 def batch_einops_where(n_batch, feature_probability, n_instances, n_features):
     import einops
 
-    p = einops.repeat(
-        _p(feature_probability, n_instances), "i -> b i f", b=n_batch, f=n_features
-    )
+    p = einops.repeat(_p(feature_probability, n_instances), "i -> b i f", b=n_batch, f=n_features)
     values = torch.rand(n_batch, n_instances, n_features)
     return torch.where(torch.rand_like(values) < p, values, torch.zeros_like(values))
 
@@ -275,7 +272,9 @@ def _toy_forward_torch_einsum(self, x):
 
 def _neuron_forward_matmul(self, x):
     h = torch.relu((self.W.unsqueeze(0) @ x.unsqueeze(-1)).squeeze(-1))
-    return torch.relu((self.W.transpose(-1, -2).unsqueeze(0) @ h.unsqueeze(-1)).squeeze(-1) + self.b_final)
+    return torch.relu(
+        (self.W.transpose(-1, -2).unsqueeze(0) @ h.unsqueeze(-1)).squeeze(-1) + self.b_final
+    )
 
 
 def _neuron_forward_einsum(self, x):
@@ -289,7 +288,7 @@ def _abs_forward_einsum(self, x):
 
 
 def _abs_forward_matmul(self, x):
-    h = torch.relu((self.W1 @ x.permute(1, 2, 0)))  # [i, hid, b]
+    h = torch.relu(self.W1 @ x.permute(1, 2, 0))  # [i, hid, b]
     return torch.relu((self.W2 @ h).permute(2, 0, 1) + self.b_final)
 
 
@@ -523,8 +522,18 @@ def mse_weighted_by_sqrt(x_hat, x, importance):
 
 
 def _train(
-    model, n_steps, batch_size, lr, warmup_frac, *, late=False, unapplied=False, between=False,
-    target=True, importance=True, value_clip=None,
+    model,
+    n_steps,
+    batch_size,
+    lr,
+    warmup_frac,
+    *,
+    late=False,
+    unapplied=False,
+    between=False,
+    target=True,
+    importance=True,
+    value_clip=None,
 ):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     warmup = int(warmup_frac * n_steps)
@@ -562,6 +571,13 @@ def _train_variant(**kw):
     return train
 
 
+def batch_first_instance_density(n_batch, feature_probability, n_instances, n_features):
+    p = torch.as_tensor(feature_probability, dtype=torch.float32).flatten()[0]
+    return torch.rand(n_batch, n_instances, n_features) * (
+        torch.rand(n_batch, n_instances, n_features) < p
+    )
+
+
 def dimensionality_eps_ignored(W, eps=1e-8):
     return ref.feature_dimensionality(W)
 
@@ -582,6 +598,7 @@ WRONG = {
         batch_mask_shared_by_instances,
         batch_values_shared_by_instances,
         batch_p_per_feature,
+        batch_first_instance_density,
         _values_in_minus_one_one,
     ],
     check.generate_correlated_batch: [
@@ -641,6 +658,13 @@ contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 def test_training_divergence_names_step_and_cause(wrong, phrase):
     status, message = outcome(check.train_toy_model, wrong)
     assert status == FAILED and phrase in message and "step " in message, message
+    others = [m.hint for m in check.TRAIN_MISTAKES if m.impl is not wrong]
+    assert not any(hint in message for hint in others), message  # issue 13, class 8
+
+
+def test_shared_first_instance_density_is_not_told_no_feature_is_ever_zero():
+    status, message = outcome(check.generate_batch, batch_first_instance_density)
+    assert status == FAILED and "no feature is ever zero" not in message, message
 
 
 GENERATOR_CHECKS = [

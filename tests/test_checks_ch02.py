@@ -210,7 +210,9 @@ def jump_explicit(z, threshold, bandwidth, grad_output):
 
 def jump_via_rectangle(z, threshold, bandwidth, grad_output):
     k = S.rectangle((z - threshold) / bandwidth)
-    return torch.where(z > threshold, grad_output, 0.0), (-threshold * k * grad_output / bandwidth).sum(0)
+    return torch.where(z > threshold, grad_output, 0.0), (
+        -threshold * k * grad_output / bandwidth
+    ).sum(0)
 
 
 def weighted_l1_einsum(acts, W_dec):
@@ -226,7 +228,10 @@ CORRECT = {
     check.remove_parallel_grad: [parallel_einsum, parallel_projection_formula],
     check.sae_loss: [loss_functional, loss_einsum],
     check.training_step: [step_in_place_normalise, step_F_normalize],
-    check.l0: [lambda acts: (acts > 0).sum(-1).float().mean(0), lambda acts: acts.bool().sum(dim=2).float().mean(dim=0)],
+    check.l0: [
+        lambda acts: (acts > 0).sum(-1).float().mean(0),
+        lambda acts: acts.bool().sum(dim=2).float().mean(dim=0),
+    ],
     check.fvu: [
         lambda x, x_hat: (x - x_hat).pow(2).sum((0, 2)) / (x - x.mean(0)).pow(2).sum((0, 2)),
         lambda x, x_hat: ((x - x_hat) ** 2).mean((0, 2)) / x.var(0, unbiased=False).mean(-1),
@@ -388,12 +393,18 @@ WRONG = {
         _extra_training_step,
     ],
     check.l0: [l0_threshold, lambda acts: (acts > 0.5).float().sum(-1).mean(0)],
-    check.fvu: [fvu_unbiased_var, lambda x, x_hat: (x - x_hat).pow(2).sum((0, 2)) / x.var(0).sum(-1)],
+    check.fvu: [
+        fvu_unbiased_var,
+        lambda x, x_hat: (x - x_hat).pow(2).sum((0, 2)) / x.var(0).sum(-1),
+    ],
     check.dead_latents: [dead_threshold, lambda acts: acts.sum(0) < 0.1],
     check.mmcs: [mmcs_median, lambda learned, true: M.mmcs(learned, true).clamp(max=0.9)],
     check.resample_dead_latents: [resample_ignores_encoder_scale, _extra_resample],
     check.topk_activation: [topk_detached, lambda pre, k: torch.relu(pre)],
-    check.jumprelu_backward: [jump_no_sum, lambda z, th, eps, g: (g * (z > th), (g * (z > th)).sum(0))],
+    check.jumprelu_backward: [
+        jump_no_sum,
+        lambda z, th, eps, g: (g * (z > th), (g * (z > th)).sum(0)),
+    ],
     check.decoder_norm_weighted_l1: [weighted_l1_detached_norm, weighted_l1_item],
 }
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)

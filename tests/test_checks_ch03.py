@@ -107,7 +107,10 @@ def lr_min_of_ramps(step, total_steps, peak_lr, warmup_steps=0, decay_frac=0.2):
 
 
 def splice_with_hooks_context(model, sae, tokens, hook_name):
-    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, lambda a, hook: sae.decode(sae.encode(a)))]):
+    with (
+        torch.no_grad(),
+        model.hooks(fwd_hooks=[(hook_name, lambda a, hook: sae.decode(sae.encode(a)))]),
+    ):
         return model(tokens, return_type="loss").item()
 
 
@@ -135,8 +138,8 @@ def top_unravel(feature_acts, k=10):
 def ss_loop(feature_acts, proxy, threshold=0.0):
     acts, proxy = feature_acts.flatten().tolist(), proxy.flatten().tolist()
     mass = [max(a, 0.0) for a in acts]
-    spec = sum(m for m, p in zip(mass, proxy) if p) / sum(mass) if sum(mass) > 0 else 0.0
-    on_proxy = [a for a, p in zip(acts, proxy) if p]
+    spec = sum(m for m, p in zip(mass, proxy, strict=False) if p) / sum(mass) if sum(mass) > 0 else 0.0
+    on_proxy = [a for a, p in zip(acts, proxy, strict=False) if p]
     sens = sum(a > threshold for a in on_proxy) / len(on_proxy) if on_proxy else 0.0
     return spec, sens
 
@@ -231,7 +234,9 @@ def splice_skips_bos(model, sae, tokens, hook_name):
         return torch.cat([a[:, :1], out[:, 1:]], dim=1)
 
     with torch.no_grad():
-        return model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_name, hook)]).item()
+        return model.run_with_hooks(
+            tokens, return_type="loss", fwd_hooks=[(hook_name, hook)]
+        ).item()
 
 
 def top_unsorted(feature_acts, k=10):
@@ -257,8 +262,12 @@ def corr_first_dead_is_nan_skipped_wrongly(feature_acts, neuron_acts):
 
 
 WRONG = {
-    check.l1_coefficient: [l1_never_stops_with_guard, l1_returns_tensor, l1_off_by_one,
-                           CHECKS[0][3]],
+    check.l1_coefficient: [
+        l1_never_stops_with_guard,
+        l1_returns_tensor,
+        l1_off_by_one,
+        CHECKS[0][3],
+    ],
     check.lr_schedule: [lr_decay_off_by_one, lr_decay_ignores_decay_frac, CHECKS[1][3]],
     check.normalise_decoder_rows: [
         lambda W_dec: W_dec / W_dec.norm(dim=-1, keepdim=True),
@@ -310,7 +319,9 @@ def test_review_wrong_answers_get_their_hints():
 
     def no_clamp(feature_acts, proxy, threshold=0.0):
         acts, proxy = feature_acts.flatten().float(), proxy.flatten().bool()
-        return (acts[proxy].sum() / acts.sum()).item(), (acts[proxy] > threshold).float().mean().item()
+        return (acts[proxy].sum() / acts.sum()).item(), (
+            acts[proxy] > threshold
+        ).float().mean().item()
 
     def by_n_windows(feature_acts, k=10):
         values, index = feature_acts.flatten().topk(k)

@@ -71,7 +71,6 @@ CHECKS = [
 ]
 
 
-
 # ------------------------------------------------------------ correct alternatives (issue 13)
 def splice_hooks_context(model, sae, tokens, hook_name, downstream_hooks=()):
     got = {}
@@ -91,7 +90,9 @@ def splice_hooks_context(model, sae, tokens, hook_name, downstream_hooks=()):
 
 def splice_add_hook_and_reset(model, sae, tokens, hook_name, downstream_hooks=()):
     c_box, acts = [], {}
-    model.add_hook(hook_name, lambda act, hook: sae.decode(c_box.append(sae.encode(act)) or c_box[-1]))
+    model.add_hook(
+        hook_name, lambda act, hook: sae.decode(c_box.append(sae.encode(act)) or c_box[-1])
+    )
     for name in downstream_hooks:
         model.add_hook(name, lambda act, hook: acts.__setitem__(hook.name, act))
     try:
@@ -136,16 +137,28 @@ def e2e_reuse(new_logits, orig_logits, c, lam, d_in):
     return E.kl_spliced_vs_original(new_logits, orig_logits) + E.sparsity_penalty(c, lam, d_in)
 
 
-def ds_loop(new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5):
+def ds_loop(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
     mse = 0.0
-    for a_hat, a in zip(new_downstream, orig_downstream):
+    for a_hat, a in zip(new_downstream, orig_downstream, strict=False):
         mse = mse + torch.nn.functional.mse_loss(a_hat, a)
-    return kl_coeff * kl_functional(new_logits, orig_logits) + lam / d_in * c.abs().sum(-1).mean() + beta / len(new_downstream) * mse
+    return (
+        kl_coeff * kl_functional(new_logits, orig_logits)
+        + lam / d_in * c.abs().sum(-1).mean()
+        + beta / len(new_downstream) * mse
+    )
 
 
-def ds_stack(new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5):
-    mses = torch.stack([(a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream)])
-    return kl_coeff * e2e_reuse(new_logits, orig_logits, c, 0.0, d_in) + E.sparsity_penalty(c, lam, d_in) + beta * mses.mean()
+def ds_stack(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    mses = torch.stack([(a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream, strict=False)])
+    return (
+        kl_coeff * e2e_reuse(new_logits, orig_logits, c, 0.0, d_in)
+        + E.sparsity_penalty(c, lam, d_in)
+        + beta * mses.mean()
+    )
 
 
 def cos_masked(W_dec):
@@ -183,7 +196,9 @@ def splice_hook_left_behind(model, sae, tokens, hook_name, downstream_hooks=()):
         return sae.decode(store["c"])
 
     model.add_hook(hook_name, splice)
-    with model.hooks(fwd_hooks=[(n, lambda a, hook: store.__setitem__(hook.name, a)) for n in downstream_hooks]):
+    with model.hooks(
+        fwd_hooks=[(n, lambda a, hook: store.__setitem__(hook.name, a)) for n in downstream_hooks]
+    ):
         logits = model(tokens)
     return logits, store["c"], [store[n] for n in downstream_hooks]
 
@@ -220,24 +235,48 @@ def e2e_float(new_logits, orig_logits, c, lam, d_in):
     return torch.tensor(float(E.loss_e2e(new_logits, orig_logits, c, lam, d_in)))
 
 
-def ds_kl_coeff_fixed(new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5):
-    return E.loss_e2e_ds(new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta)
+def ds_kl_coeff_fixed(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    return E.loss_e2e_ds(
+        new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta
+    )
 
 
-def ds_detached_downstream(new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5):
-    return E.loss_e2e_ds(new_logits, orig_logits, c, lam, d_in, [a.detach() for a in new_downstream], orig_downstream, beta, kl_coeff)
+def ds_detached_downstream(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    return E.loss_e2e_ds(
+        new_logits,
+        orig_logits,
+        c,
+        lam,
+        d_in,
+        [a.detach() for a in new_downstream],
+        orig_downstream,
+        beta,
+        kl_coeff,
+    )
 
 
-def ds_beta_not_divided_and_kl_full(new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5):
-    mse = sum((a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream))
-    return E.kl_spliced_vs_original(new_logits, orig_logits) + E.sparsity_penalty(c, lam, d_in) + beta * mse
+def ds_beta_not_divided_and_kl_full(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    mse = sum((a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream, strict=False))
+    return (
+        E.kl_spliced_vs_original(new_logits, orig_logits)
+        + E.sparsity_penalty(c, lam, d_in)
+        + beta * mse
+    )
 
 
 def train_default_kl_coeff(model, sae, cfg, batches):
     """Forgets to pass cfg.kl_coeff (and cfg.min_lr_frac) on: the defaults 0.5 and 0.1 are used."""
     from dataclasses import replace
 
-    return E.train_sae(model, sae, replace(cfg, kl_coeff=0.5, min_lr_frac=0.1), batches, progress=False)
+    return E.train_sae(
+        model, sae, replace(cfg, kl_coeff=0.5, min_lr_frac=0.1), batches, progress=False
+    )
 
 
 def train_returns_nothing(model, sae, cfg, batches):
@@ -245,7 +284,11 @@ def train_returns_nothing(model, sae, cfg, batches):
 
 
 def train_returns_tensors_of_the_graph(model, sae, cfg, batches):
-    return [torch.tensor(0.0) for _ in range(cfg.steps)] if check._manual_loop()(model, sae, cfg, batches) else None
+    return (
+        [torch.tensor(0.0) for _ in range(cfg.steps)]
+        if check._manual_loop()(model, sae, cfg, batches)
+        else None
+    )
 
 
 WRONG = {
@@ -265,7 +308,15 @@ WRONG = {
         train_returns_tensors_of_the_graph,
     ],
     check.max_cosine_within: [
-        lambda W_dec: (torch.nn.functional.normalize(W_dec, dim=-1) @ torch.nn.functional.normalize(W_dec, dim=-1).T).sort(-1).values[:, -2].abs(),
+        lambda W_dec: (
+            (
+                torch.nn.functional.normalize(W_dec, dim=-1)
+                @ torch.nn.functional.normalize(W_dec, dim=-1).T
+            )
+            .sort(-1)
+            .values[:, -2]
+            .abs()
+        ),
         CHECKS[6][3],
     ],
 }

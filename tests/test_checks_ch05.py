@@ -8,7 +8,7 @@ import torch
 from course_utils import circuits as C
 from course_utils import transcoders as T
 from course_utils.checks import ch05 as check
-from course_utils.checks.core import FAILED, outcome
+from course_utils.checks.core import outcome
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -78,7 +78,6 @@ CHECKS = [
         lambda terms, top_k: (terms[:top_k], float(sum(t["value"] for t in terms[top_k:]))),
     ),
 ]
-
 
 
 # ------------------------------------------------------------ correct alternatives (issue 13)
@@ -278,7 +277,6 @@ contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 
 def test_keep_top_rejects_the_reviewers_input_order_answer():
     """Review P1.1: kept terms returned in input order, not largest first, used to pass."""
-    from course_utils.checks.core import outcome
 
     def keep_in_input_order(terms, top_k):
         r = sorted(terms, key=lambda t: -abs(t["value"]))

@@ -146,7 +146,10 @@ def square_loss(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 @exercise("9.2", "square_loss")
 def check_square_loss(learner) -> str:
-    cases = [Case("random", (torch.arange(3.0),)), *with_options(Case("random", (torch.ones(2),)), scale=3.0)]
+    cases = [
+        Case("random", (torch.arange(3.0),)),
+        *with_options(Case("random", (torch.ones(2),)), scale=3.0),
+    ]
     return compare_function(
         with_gradients(learner, {"x": 0}),
         with_gradients(square_loss, {"x": 0}),
@@ -162,9 +165,13 @@ def test_options_are_exercised_and_an_ignored_option_fails():
 
 
 def test_a_cut_graph_is_named():
-    status, message = outcome(check_square_loss, lambda x, scale=1.0: torch.tensor(square_loss(x, scale).item()))
+    status, message = outcome(
+        check_square_loss, lambda x, scale=1.0: torch.tensor(square_loss(x, scale).item())
+    )
     assert status == FAILED and "no gradient flows back to `x`" in message and ".item()" in message
-    status, message = outcome(check_square_loss, lambda x, scale=1.0: square_loss(x.detach(), scale))
+    status, message = outcome(
+        check_square_loss, lambda x, scale=1.0: square_loss(x.detach(), scale)
+    )
     assert status == FAILED and "no gradient flows back to `x`" in message
 
 
@@ -230,8 +237,14 @@ def test_only_the_right_hint_fires_when_two_mistakes_agree_on_the_failing_case()
 
 def test_step_divergence_names_step_and_cause():
     def rec(lr, norm, batch, big=None):
-        return {"lr applied": lr, "grad norm": norm, "max |grad|": big or norm, "grad norms": {"w": norm},
-                "batch": batch, "batch fingerprint": float(batch)}
+        return {
+            "lr applied": lr,
+            "grad norm": norm,
+            "max |grad|": big or norm,
+            "grad norms": {"w": norm},
+            "batch": batch,
+            "batch fingerprint": float(batch),
+        }
 
     want = [rec(0.1, 1.0, 0), rec(0.2, 1.0, 1), rec(0.3, 1.0, 2)]
     assert step_divergence(want, want) is None

@@ -57,7 +57,9 @@ COSINE_MISTAKES = [
     ),
     Mistake(
         "no guard against zero vectors",
-        lambda v, eps=1e-8: (v / v.norm(dim=-1, keepdim=True)) @ (v / v.norm(dim=-1, keepdim=True)).T,
+        lambda v, eps=1e-8: (
+            (v / v.norm(dim=-1, keepdim=True)) @ (v / v.norm(dim=-1, keepdim=True)).T
+        ),
         "a zero vector gives 0/0 = NaN. Clamp the norm with `.clamp_min(eps)` before dividing.",
     ),
 ]

@@ -26,8 +26,8 @@ from course_utils.checks.core import (
     dependence_problem,
     dtype_problem,
     exercise,
-    fresh_randomness_problem,
     frequency_problem,
+    fresh_randomness_problem,
     gradient_compare,
     lifted_mistakes,
     mismatch,
@@ -166,9 +166,11 @@ def _draw_problem(expected: torch.Tensor, actual: torch.Tensor, pair_layout: boo
         FALSE_ALARM,
     )
     if problem:
-        return problem + (
-            " (pairs are ADJACENT features 2k, 2k+1)" if pair_layout else ""
-        ) + "; every instance (and every feature) needs masks of its own"
+        return (
+            problem
+            + (" (pairs are ADJACENT features 2k, 2k+1)" if pair_layout else "")
+            + "; every instance (and every feature) needs masks of its own"
+        )
     problem = dependence_problem(
         "the values", expected.reshape(n, -1), actual.reshape(n, -1), coord, FALSE_ALARM
     )

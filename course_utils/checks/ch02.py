@@ -124,7 +124,9 @@ def _forward_cases() -> list[Case]:
     long_rows = W_dec * torch.linspace(0.5, 2.0, W_dec.shape[1])[None, :, None]
     return [
         Case("seeded random with 2 instances", (x, W_enc, b_enc, W_dec, b_dec)),
-        Case("decoder rows not unit-norm (use W_dec as given)", (x, W_enc, b_enc, long_rows, b_dec)),
+        Case(
+            "decoder rows not unit-norm (use W_dec as given)", (x, W_enc, b_enc, long_rows, b_dec)
+        ),
         Case("zero input so only biases act", zeros),
         Case("a batch of one with one instance", one),
     ]
@@ -135,8 +137,12 @@ def sae_forward(learner) -> str:
     if not callable(learner):
         return compare_function(learner, S.sae_forward, [], [])
     return _differentiable(
-        learner, S.sae_forward, _forward_cases(), FORWARD_MISTAKES,
-        {"W_enc": 1, "b_enc": 2, "W_dec": 3, "b_dec": 4}, "W_enc, b_enc, W_dec and b_dec",
+        learner,
+        S.sae_forward,
+        _forward_cases(),
+        FORWARD_MISTAKES,
+        {"W_enc": 1, "b_enc": 2, "W_dec": 3, "b_dec": 4},
+        "W_enc, b_enc, W_dec and b_dec",
     )
 
 
@@ -282,7 +288,11 @@ def sae_loss(learner) -> str:
     if not callable(learner):
         return compare_function(learner, S.sae_loss, [], [])
     return _differentiable(
-        learner, S.sae_loss, _loss_cases(), LOSS_MISTAKES, {"acts": 1, "x_hat": 2},
+        learner,
+        S.sae_loss,
+        _loss_cases(),
+        LOSS_MISTAKES,
+        {"acts": 1, "x_hat": 2},
         "acts and x_hat (the loss stays differentiable)",
     )
 
@@ -387,13 +397,16 @@ def training_step(learner) -> str:
     if not callable(learner):
         raise CheckFailed("pass the function itself: `check.training_step(training_step)`.")
     cases = [Case("one step", (0, 1)), Case("five steps", (1, 5)), Case("batch of one", (2, 3, 1))]
-    return compare_function(
-        _run_training(learner),
-        _run_training(S.relu_training_step),
-        cases,
-        lifted_mistakes(TRAINING_STEP_MISTAKES, _run_training),
-        compare=_compare_training,
-    ) + " (gradients at every optimizer.step() agree too)"
+    return (
+        compare_function(
+            _run_training(learner),
+            _run_training(S.relu_training_step),
+            cases,
+            lifted_mistakes(TRAINING_STEP_MISTAKES, _run_training),
+            compare=_compare_training,
+        )
+        + " (gradients at every optimizer.step() agree too)"
+    )
 
 
 # ---------------------------------------------------------------- 3.1 L0
@@ -690,8 +703,9 @@ def _resample_cases() -> list[Case]:
             "all dead on a batch of one",
             (W_enc[:1], b_enc[:1], W_dec[:1], all_dead, x[:1, :1], x_hat[:1, :1]),
         ),
-        *with_options(Case("some dead latents", (W_enc, b_enc, W_dec, dead, x, x_hat)),
-                      encoder_scale=0.7),
+        *with_options(
+            Case("some dead latents", (W_enc, b_enc, W_dec, dead, x, x_hat)), encoder_scale=0.7
+        ),
     ]
 
 
@@ -755,7 +769,11 @@ def topk_activation(learner) -> str:
     if not callable(learner):
         return compare_function(learner, S.topk_activation, [], [])
     return _differentiable(
-        learner, S.topk_activation, _topk_cases(), TOPK_MISTAKES, {"pre_acts": 0},
+        learner,
+        S.topk_activation,
+        _topk_cases(),
+        TOPK_MISTAKES,
+        {"pre_acts": 0},
         "the kept pre-activations",
     )
 
@@ -877,6 +895,10 @@ def decoder_norm_weighted_l1(learner) -> str:
     if not callable(learner):
         return compare_function(learner, S.decoder_norm_weighted_l1, [], [])
     return _differentiable(
-        learner, S.decoder_norm_weighted_l1, _weighted_cases(), WEIGHTED_L1_MISTAKES,
-        {"acts": 0, "W_dec": 1}, "acts and W_dec (the penalty shrinks decoder norms too)",
+        learner,
+        S.decoder_norm_weighted_l1,
+        _weighted_cases(),
+        WEIGHTED_L1_MISTAKES,
+        {"acts": 0, "W_dec": 1},
+        "acts and W_dec (the penalty shrinks decoder norms too)",
     )

@@ -185,8 +185,10 @@ def _normalise_cases() -> list[Case]:
         Case("seeded random with 2 instances", (torch.randn(2, 6, 4, generator=g) * 3,)),
         Case("rows already unit-norm", (torch.eye(4)[None],)),
         Case("one instance with one latent", (torch.randn(1, 1, 5, generator=g),)),
-        Case("a row of zeros (never trained)", (torch.cat([torch.zeros(1, 1, 4),
-                                                          torch.randn(1, 2, 4, generator=g)], 1),)),
+        Case(
+            "a row of zeros (never trained)",
+            (torch.cat([torch.zeros(1, 1, 4), torch.randn(1, 2, 4, generator=g)], 1),),
+        ),
     ]
 
 
@@ -252,8 +254,13 @@ SPLICE_MISTAKES = [
 def _splice_cases() -> list[Case]:
     model, sae, tokens = _tiny()
     return [
-        Case("tiny model at the layer-0 residual", (model, sae, tokens, "blocks.0.hook_resid_post")),
-        Case("tiny model at the layer-1 residual", (model, sae, tokens[:1], "blocks.1.hook_resid_post")),
+        Case(
+            "tiny model at the layer-0 residual", (model, sae, tokens, "blocks.0.hook_resid_post")
+        ),
+        Case(
+            "tiny model at the layer-1 residual",
+            (model, sae, tokens[:1], "blocks.1.hook_resid_post"),
+        ),
     ]
 
 

@@ -23,6 +23,7 @@ from course_utils.checks.core import (
     step_divergence,
     with_gradients,
 )
+from course_utils.checks.core import mismatch as _mismatch
 
 
 def _differentiable(learner, reference, cases, mistakes, wrt, what, presence=("c",)) -> str:
@@ -40,7 +41,7 @@ def _differentiable(learner, reference, cases, mistakes, wrt, what, presence=("c
         )
         + f", and gradients reach {what}"
     )
-from course_utils.checks.core import mismatch as _mismatch
+
 
 HOOK = "blocks.1.hook_resid_pre"
 DOWNSTREAM = ("blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
@@ -326,7 +327,11 @@ def _kl_cases() -> list[Case]:
 @exercise("2.2", "kl_spliced_vs_original")
 def kl_spliced_vs_original(learner) -> str:
     return _differentiable(
-        learner, E.kl_spliced_vs_original, _kl_cases(), KL_MISTAKES, {"new_logits": 0},
+        learner,
+        E.kl_spliced_vs_original,
+        _kl_cases(),
+        KL_MISTAKES,
+        {"new_logits": 0},
         "new_logits (the KL stays differentiable)",
     )
 
@@ -443,7 +448,11 @@ def _e2e_cases() -> list[Case]:
 @exercise("2.4", "loss_e2e")
 def loss_e2e(learner) -> str:
     return _differentiable(
-        learner, E.loss_e2e, _e2e_cases(), E2E_MISTAKES, {"new_logits": 0, "c": 2},
+        learner,
+        E.loss_e2e,
+        _e2e_cases(),
+        E2E_MISTAKES,
+        {"new_logits": 0, "c": 2},
         "new_logits and c",
     )
 
@@ -521,8 +530,12 @@ def _ds_cases() -> list[Case]:
 @exercise("2.5", "loss_e2e_ds")
 def loss_e2e_ds(learner) -> str:
     return _differentiable(
-        learner, E.loss_e2e_ds, _ds_cases(), DS_MISTAKES,
-        {"new_logits": 0, "c": 2, "new_downstream": 5}, "new_logits, c and every new_downstream",
+        learner,
+        E.loss_e2e_ds,
+        _ds_cases(),
+        DS_MISTAKES,
+        {"new_logits": 0, "c": 2, "new_downstream": 5},
+        "new_logits, c and every new_downstream",
     )
 
 

@@ -6,6 +6,7 @@ References live in :mod:`course_utils.transcoders` and :mod:`course_utils.circui
 from __future__ import annotations
 
 import functools
+
 import torch
 
 from course_utils import circuits as C
@@ -132,8 +133,12 @@ def _forward_cases() -> list[Case]:
 @exercise("1.1", "transcoder_forward")
 def transcoder_forward(learner) -> str:
     return _differentiable(
-        learner, T.transcoder_forward, _forward_cases(), FORWARD_MISTAKES,
-        {"W_enc": 1, "b_enc": 2, "W_dec": 3, "b_dec": 4}, "every weight and bias",
+        learner,
+        T.transcoder_forward,
+        _forward_cases(),
+        FORWARD_MISTAKES,
+        {"W_enc": 1, "b_enc": 2, "W_dec": 3, "b_dec": 4},
+        "every weight and bias",
     )
 
 
@@ -211,8 +216,12 @@ def _loss_cases() -> list[Case]:
 @exercise("1.2", "transcoder_loss")
 def transcoder_loss(learner) -> str:
     return _differentiable(
-        learner, T.transcoder_loss, _loss_cases(), LOSS_MISTAKES,
-        {"W_enc": 2, "b_enc": 3, "W_dec": 4, "b_dec": 5}, "every weight and bias",
+        learner,
+        T.transcoder_loss,
+        _loss_cases(),
+        LOSS_MISTAKES,
+        {"W_enc": 2, "b_enc": 3, "W_dec": 4, "b_dec": 5},
+        "every weight and bias",
     )
 
 
@@ -269,8 +278,12 @@ def _skip_cases() -> list[Case]:
 @exercise("1.3", "skip_transcoder_forward")
 def skip_transcoder_forward(learner) -> str:
     return _differentiable(
-        learner, T.skip_transcoder_forward, _skip_cases(), SKIP_MISTAKES,
-        {"W_enc": 1, "W_dec": 3, "W_skip": 5}, "W_enc, W_dec and W_skip",
+        learner,
+        T.skip_transcoder_forward,
+        _skip_cases(),
+        SKIP_MISTAKES,
+        {"W_enc": 1, "W_dec": 3, "W_skip": 5},
+        "W_enc, W_dec and W_skip",
     )
 
 

@@ -370,9 +370,10 @@ def _only_hint(
     passed: Sequence[tuple[Case, Any]],
     compare: Callable[[Any, Any], str | None],
 ) -> str | None:
-    """One hint, never a wrong one: when several mistakes fit with different hints, keep those
-    that also agree with the reference on the cases the learner passed; if still ambiguous, none."""
-    if len({m.hint for m in candidates}) > 1:
+    """One hint, never a wrong one: a mistake that fits this case must also agree with the
+    reference on the cases the learner passed (else the learner's code is not that mistake);
+    if mistakes with different hints remain, give none."""
+    if candidates:
         kept = []
         for mistake in candidates:
             fits = True
@@ -460,7 +461,9 @@ def with_options(case: Case, **options: Any) -> list[Case]:
     ]
 
 
-_recorded: contextvars.ContextVar[list | None] = contextvars.ContextVar("course_check_calls", default=None)
+_recorded: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "course_check_calls", default=None
+)
 
 
 def record_reference_calls() -> contextvars.Token:
@@ -487,7 +490,9 @@ def _probe_weights(t: torch.Tensor) -> torch.Tensor:
 PRESENCE = " (only that one arrives)"
 
 
-def with_gradients(fn: Callable, wrt: dict[str, int], presence_only: Sequence[str] = ()) -> Callable:
+def with_gradients(
+    fn: Callable, wrt: dict[str, int], presence_only: Sequence[str] = ()
+) -> Callable:
     """Turn ``fn`` into one that also returns the gradients of its output w.r.t. named inputs.
 
     ``wrt`` maps a name the learner knows (``"x_hat"``) to a positional index. The output's
@@ -583,7 +588,9 @@ def _probe_input(module: torch.nn.Module) -> torch.Tensor | None:
 
 def model_snapshot(module: torch.nn.Module) -> dict:
     """What a clean forward pass of ``module`` depends on: its tensors, and its logits on a probe."""
-    snap: dict[str, Any] = {"state": {k: v.detach().clone() for k, v in module.state_dict().items()}}
+    snap: dict[str, Any] = {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()}
+    }
     probe = _probe_input(module)
     if probe is not None:
         with torch.no_grad():
@@ -739,8 +746,19 @@ def dtype_problem(expected: torch.Tensor, actual: Any, path: str = "output") -> 
 def fingerprint(batch: Any) -> float:
     """A number that identifies a batch (same batch, same number)."""
     tensors = [t for t in _tensors_in(batch) if t.numel()]
-    return float(sum(t.double().flatten()[: 4096].mul(torch.arange(1, min(t.numel(), 4096) + 1,
-                 dtype=torch.float64)).sum() for t in tensors)) if tensors else 0.0
+    return (
+        float(
+            sum(
+                t.double()
+                .flatten()[:4096]
+                .mul(torch.arange(1, min(t.numel(), 4096) + 1, dtype=torch.float64))
+                .sum()
+                for t in tensors
+            )
+        )
+        if tensors
+        else 0.0
+    )
 
 
 class StepRecorder:
@@ -908,11 +926,16 @@ def step_divergence(
                 message += " (larger: are gradients accumulating? zero_grad() before backward())"
             worst = max(
                 want["grad norms"],
-                key=lambda k: abs(got["grad norms"].get(k, 0.0) - scale * want["grad norms"][k])
-                / (abs(want["grad norms"][k]) + 1e-12),
+                key=lambda k: (
+                    abs(got["grad norms"].get(k, 0.0) - scale * want["grad norms"][k])
+                    / (abs(want["grad norms"][k]) + 1e-12)
+                ),
             )
             if not _close(
-                got["grad norms"].get(worst, 0.0), scale * want["grad norms"][worst], grad_rtol, 1e-9
+                got["grad norms"].get(worst, 0.0),
+                scale * want["grad norms"][worst],
+                grad_rtol,
+                1e-9,
             ):
                 message += (
                     f"; the gradient of `{worst}` differs most ({got['grad norms'].get(worst, 0.0):.4g}"
