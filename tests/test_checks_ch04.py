@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from course_utils import e2e_saes as E
 from course_utils.checks import ch04 as check
+from course_utils.checks.core import FAILED, outcome
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -68,4 +70,269 @@ CHECKS = [
     ),
 ]
 
-contract_tests(check, CHECKS, globals())
+
+# ------------------------------------------------------------ correct alternatives (issue 13)
+def splice_hooks_context(model, sae, tokens, hook_name, downstream_hooks=()):
+    got = {}
+
+    def splice(act, hook):
+        got["c"] = sae.encode(act)
+        return sae.decode(got["c"])
+
+    def keep(act, hook):
+        got[hook.name] = act
+
+    hooks = [(hook_name, splice)] + [(name, keep) for name in downstream_hooks]
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(tokens)
+    return logits, got["c"], [got[name] for name in downstream_hooks]
+
+
+def splice_add_hook_and_reset(model, sae, tokens, hook_name, downstream_hooks=()):
+    c_box, acts = [], {}
+    model.add_hook(
+        hook_name, lambda act, hook: sae.decode(c_box.append(sae.encode(act)) or c_box[-1])
+    )
+    for name in downstream_hooks:
+        model.add_hook(name, lambda act, hook: acts.__setitem__(hook.name, act))
+    try:
+        logits = model(tokens)
+    finally:
+        model.reset_hooks()
+    return logits, c_box[-1], [acts[n] for n in downstream_hooks]
+
+
+def kl_functional(new_logits, orig_logits):
+    vocab = new_logits.shape[-1]
+    return torch.nn.functional.kl_div(
+        new_logits.log_softmax(-1).reshape(-1, vocab),
+        orig_logits.log_softmax(-1).reshape(-1, vocab),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+def kl_einsum(new_logits, orig_logits):
+    log_p = torch.log_softmax(orig_logits, dim=-1)
+    log_q = torch.log_softmax(new_logits, dim=-1)
+    per_token = torch.einsum("btv,btv->bt", log_p.exp(), log_p - log_q)
+    return per_token.sum() / per_token.numel()
+
+
+def local_functional(x, x_hat, c, lam):
+    return torch.nn.functional.mse_loss(x_hat, x) + lam / x.shape[-1] * c.norm(p=1, dim=-1).mean()
+
+
+def local_flat(x, x_hat, c, lam):
+    d = x.shape[-1]
+    c2 = c.reshape(-1, c.shape[-1])
+    return ((x - x_hat) ** 2).sum() / x.numel() + (lam / d) * c2.abs().sum() / c2.shape[0]
+
+
+def e2e_manual(new_logits, orig_logits, c, lam, d_in):
+    return kl_einsum(new_logits, orig_logits) + lam / d_in * c.abs().sum(-1).mean()
+
+
+def e2e_reuse(new_logits, orig_logits, c, lam, d_in):
+    return E.kl_spliced_vs_original(new_logits, orig_logits) + E.sparsity_penalty(c, lam, d_in)
+
+
+def ds_loop(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    mse = 0.0
+    for a_hat, a in zip(new_downstream, orig_downstream, strict=False):
+        mse = mse + torch.nn.functional.mse_loss(a_hat, a)
+    return (
+        kl_coeff * kl_functional(new_logits, orig_logits)
+        + lam / d_in * c.abs().sum(-1).mean()
+        + beta / len(new_downstream) * mse
+    )
+
+
+def ds_stack(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    mses = torch.stack([(a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream, strict=False)])
+    return (
+        kl_coeff * e2e_reuse(new_logits, orig_logits, c, 0.0, d_in)
+        + E.sparsity_penalty(c, lam, d_in)
+        + beta * mses.mean()
+    )
+
+
+def cos_masked(W_dec):
+    unit = torch.nn.functional.normalize(W_dec, dim=-1)
+    cos = unit @ unit.T
+    eye = torch.eye(len(W_dec), dtype=torch.bool)
+    return cos.masked_fill(eye, float("-inf")).amax(dim=1)
+
+
+def cos_loop(W_dec):
+    out = []
+    for i in range(len(W_dec)):
+        others = torch.cat([W_dec[:i], W_dec[i + 1 :]])
+        out.append(torch.nn.functional.cosine_similarity(W_dec[i : i + 1], others, dim=-1).max())
+    return torch.stack(out)
+
+
+CORRECT = {
+    check.splice_sae: [splice_hooks_context, splice_add_hook_and_reset],
+    check.kl_spliced_vs_original: [kl_functional, kl_einsum],
+    check.loss_local: [local_functional, local_flat],
+    check.loss_e2e: [e2e_manual, e2e_reuse],
+    check.loss_e2e_ds: [ds_loop, ds_stack],
+    check.train_sae: [check._manual_loop(), check._reference_train],
+    check.max_cosine_within: [cos_masked, cos_loop],
+}
+
+
+# ------------------------------------------------- wrong answers a learner writes (issue 13)
+def splice_hook_left_behind(model, sae, tokens, hook_name, downstream_hooks=()):
+    store = {}
+
+    def splice(act, hook):
+        store["c"] = sae.encode(act)
+        return sae.decode(store["c"])
+
+    model.add_hook(hook_name, splice)
+    with model.hooks(
+        fwd_hooks=[(n, lambda a, hook: store.__setitem__(hook.name, a)) for n in downstream_hooks]
+    ):
+        logits = model(tokens)
+    return logits, store["c"], [store[n] for n in downstream_hooks]
+
+
+def splice_c_detached(model, sae, tokens, hook_name, downstream_hooks=()):
+    logits, c, ds = E.splice_sae(model, sae, tokens, hook_name, downstream_hooks)
+    return logits, c.detach(), ds
+
+
+def kl_item_rewrapped(new_logits, orig_logits):
+    return torch.tensor(E.kl_spliced_vs_original(new_logits, orig_logits).item())
+
+
+def kl_detached_new(new_logits, orig_logits):
+    return E.kl_spliced_vs_original(new_logits.detach(), orig_logits)
+
+
+def kl_default_reduction(new_logits, orig_logits):
+    return torch.nn.functional.kl_div(
+        new_logits.log_softmax(-1), orig_logits.log_softmax(-1), log_target=True, reduction="mean"
+    )
+
+
+def local_detached(x, x_hat, c, lam):
+    return E.loss_local(x, x_hat.detach(), c, lam)
+
+
+def e2e_no_grad(new_logits, orig_logits, c, lam, d_in):
+    with torch.no_grad():
+        return E.loss_e2e(new_logits, orig_logits, c, lam, d_in)
+
+
+def e2e_float(new_logits, orig_logits, c, lam, d_in):
+    return torch.tensor(float(E.loss_e2e(new_logits, orig_logits, c, lam, d_in)))
+
+
+def ds_kl_coeff_fixed(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    return E.loss_e2e_ds(
+        new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta
+    )
+
+
+def ds_detached_downstream(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    return E.loss_e2e_ds(
+        new_logits,
+        orig_logits,
+        c,
+        lam,
+        d_in,
+        [a.detach() for a in new_downstream],
+        orig_downstream,
+        beta,
+        kl_coeff,
+    )
+
+
+def ds_beta_not_divided_and_kl_full(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    mse = sum((a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream, strict=False))
+    return (
+        E.kl_spliced_vs_original(new_logits, orig_logits)
+        + E.sparsity_penalty(c, lam, d_in)
+        + beta * mse
+    )
+
+
+def train_default_kl_coeff(model, sae, cfg, batches):
+    """Forgets to pass cfg.kl_coeff (and cfg.min_lr_frac) on: the defaults 0.5 and 0.1 are used."""
+    from dataclasses import replace
+
+    return E.train_sae(
+        model, sae, replace(cfg, kl_coeff=0.5, min_lr_frac=0.1), batches, progress=False
+    )
+
+
+def train_returns_nothing(model, sae, cfg, batches):
+    check._manual_loop()(model, sae, cfg, batches)
+
+
+def train_returns_tensors_of_the_graph(model, sae, cfg, batches):
+    return (
+        [torch.tensor(0.0) for _ in range(cfg.steps)]
+        if check._manual_loop()(model, sae, cfg, batches)
+        else None
+    )
+
+
+WRONG = {
+    check.splice_sae: [splice_hook_left_behind, splice_c_detached, _splice_at_resid_post],
+    check.kl_spliced_vs_original: [kl_item_rewrapped, kl_detached_new, kl_default_reduction],
+    check.loss_local: [local_detached, CHECKS[2][3]],
+    check.loss_e2e: [e2e_no_grad, e2e_float, CHECKS[3][3]],
+    check.loss_e2e_ds: [ds_kl_coeff_fixed, ds_detached_downstream, ds_beta_not_divided_and_kl_full],
+    check.train_sae: [
+        check._manual_loop(late_lr=True),
+        check._manual_loop(zero_grad_between=True),
+        check._manual_loop(clip="by value"),
+        check._manual_loop(reuse_batch=True),
+        _train_without_clipping_and_half_lr,
+        train_default_kl_coeff,
+        train_returns_nothing,
+        train_returns_tensors_of_the_graph,
+    ],
+    check.max_cosine_within: [
+        lambda W_dec: (
+            (
+                torch.nn.functional.normalize(W_dec, dim=-1)
+                @ torch.nn.functional.normalize(W_dec, dim=-1).T
+            )
+            .sort(-1)
+            .values[:, -2]
+            .abs()
+        ),
+        CHECKS[6][3],
+    ],
+}
+contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
+
+
+@pytest.mark.parametrize(
+    "wrong, phrase",
+    [
+        (check._manual_loop(late_lr=True), "one step late"),
+        (check._manual_loop(zero_grad_between=True), "between backward() and step()"),
+        (check._manual_loop(clip="by value"), "by VALUE"),
+        (check._manual_loop(reuse_batch=True), "reused"),
+    ],
+    ids=["lr one step late", "zero_grad between", "clip by value", "batch reused"],
+)
+def test_training_divergence_names_step_and_cause(wrong, phrase):
+    status, message = outcome(check.train_sae, wrong)
+    assert status == FAILED and phrase in message and "step " in message, message

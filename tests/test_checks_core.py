@@ -123,3 +123,177 @@ def test_cmp_reports_exact_and_approximate(capsys):
     cmp("shapes", a, a[:2])
     out = capsys.readouterr().out.splitlines()
     assert "exact: True " in out[0] and "approximate: False" in out[1] and "shapes differ" in out[2]
+
+
+# ------------------------------------------------------------------ issue 13 helpers
+
+from course_utils.checks.core import (  # noqa: E402
+    StepRecorder,
+    dependence_problem,
+    frequency_problem,
+    fresh_randomness_problem,
+    gradient_compare,
+    hooks_left,
+    step_divergence,
+    with_gradients,
+    with_options,
+)
+
+
+def square_loss(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return scale * (x**2).sum()
+
+
+@exercise("9.2", "square_loss")
+def check_square_loss(learner) -> str:
+    cases = [
+        Case("random", (torch.arange(3.0),)),
+        *with_options(Case("random", (torch.ones(2),)), scale=3.0),
+    ]
+    return compare_function(
+        with_gradients(learner, {"x": 0}),
+        with_gradients(square_loss, {"x": 0}),
+        cases,
+        compare=gradient_compare(),
+    )
+
+
+def test_options_are_exercised_and_an_ignored_option_fails():
+    assert outcome(check_square_loss, square_loss) == (PASSED, "")
+    status, message = outcome(check_square_loss, lambda x, scale=1.0: (x**2).sum())
+    assert status == FAILED and "scale=3.0" in message
+
+
+def test_a_cut_graph_is_named():
+    status, message = outcome(
+        check_square_loss, lambda x, scale=1.0: torch.tensor(square_loss(x, scale).item())
+    )
+    assert status == FAILED and "no gradient flows back to `x`" in message and ".item()" in message
+    status, message = outcome(
+        check_square_loss, lambda x, scale=1.0: square_loss(x.detach(), scale)
+    )
+    assert status == FAILED and "no gradient flows back to `x`" in message
+
+
+def test_a_wrong_signature_survives_the_gradient_wrapper():
+    status, message = outcome(check_square_loss, lambda y: (y**2).sum())
+    assert status == FAILED and "wrong signature" in message
+
+
+def linear_out(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return layer(x).detach()
+
+
+@exercise("9.3", "linear_out")
+def check_linear_out(learner) -> str:
+    layer = torch.nn.Linear(3, 2)
+    return compare_function(learner, linear_out, [Case("one", (layer, torch.ones(1, 3)))])
+
+
+def test_hooks_left_behind_and_changed_weights_are_caught():
+    assert outcome(check_linear_out, linear_out) == (PASSED, "")
+
+    def leaves_hook(layer, x):
+        layer.register_forward_hook(lambda m, i, o: o * 2)
+        return linear_out(layer, x)
+
+    status, message = outcome(check_linear_out, leaves_hook)
+    assert status == FAILED and "left a hook" in message
+
+    def changes_weight(layer, x):
+        out = linear_out(layer, x)
+        with torch.no_grad():
+            layer.weight.zero_()
+        return out
+
+    status, message = outcome(check_linear_out, changes_weight)
+    assert status == FAILED and "changed the model's `weight`" in message
+    layer = torch.nn.Linear(2, 2)
+    handle = layer.register_forward_pre_hook(lambda m, i: None)
+    assert hooks_left(layer) == ["Linear"]
+    handle.remove()
+    assert hooks_left(layer) == []
+
+
+def test_only_the_right_hint_fires_when_two_mistakes_agree_on_the_failing_case():
+    cases = [Case("ones", (torch.ones(2),)), Case("zeros", (torch.zeros(2),))]
+    mistakes = [
+        Mistake("plus one", lambda x: x + 1, "HINT-PLUS"),  # differs from 2x on ones
+        Mistake("times two plus one", lambda x: 2 * x + 1, "HINT-AFFINE"),
+    ]
+
+    def learner(x):  # right on 'ones', gives 1 on 'zeros'
+        return 2 * x + (x == 0).float()
+
+    @exercise("9.4", "double2")
+    def check(learner):
+        return compare_function(learner, double, cases, mistakes)
+
+    status, message = outcome(check, learner)
+    # on 'zeros' both mistakes give 1, like the learner; on 'ones', which the learner passed,
+    # "plus one" gives 2 (right) but "times two plus one" gives 3: only the first can be it
+    assert status == FAILED and "HINT-PLUS" in message and "HINT-AFFINE" not in message
+
+
+def test_step_divergence_names_step_and_cause():
+    def rec(lr, norm, batch, big=None):
+        return {
+            "lr applied": lr,
+            "grad norm": norm,
+            "max |grad|": big or norm,
+            "grad norms": {"w": norm},
+            "batch": batch,
+            "batch fingerprint": float(batch),
+        }
+
+    want = [rec(0.1, 1.0, 0), rec(0.2, 1.0, 1), rec(0.3, 1.0, 2)]
+    assert step_divergence(want, want) is None
+    late = [rec(0.9, 1.0, 0), rec(0.1, 1.0, 1), rec(0.2, 1.0, 2)]
+    assert "one step late" in step_divergence(want, late)
+    reused = [rec(0.1, 1.0, 0), rec(0.2, 1.0, 0), rec(0.3, 1.0, 0)]
+    assert "reused" in step_divergence(want, reused)
+    zeroed = [rec(0.1, 0.0, 0)] + want[1:]
+    assert "between backward() and step()" in step_divergence(want, zeroed)
+    clipped = [rec(0.1, 0.5, 0)] + want[1:]
+    by_value = [rec(0.1, 1.4, 0, big=0.5)] + want[1:]
+    assert "by VALUE" in step_divergence([clipped[0]] + want[1:], by_value, grad_clip=0.5)
+    assert "not clipped" in step_divergence(clipped, want, grad_clip=0.5)
+    assert "never called" in step_divergence(want, [])
+
+
+def test_step_recorder_sees_every_optimizer_step():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.5)
+    recorder = StepRecorder({id(w): "w"})
+    with recorder:
+        for t in range(2):
+            x = recorder.saw(torch.full((3,), float(t + 1)))
+            opt.zero_grad()
+            (w * x).sum().backward()
+            opt.step()
+    assert [s["batch"] for s in recorder.steps] == [0, 1]
+    assert abs(recorder.steps[1]["grad norms"]["w"] - 2 * 3**0.5) < 1e-6
+    opt.step()  # outside the recorder: not recorded
+    assert len(recorder.steps) == 2
+
+
+def test_statistical_helpers():
+    n = 10_000
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(n, 4, generator=g) < 0.3).double()
+    b = (torch.rand(n, 4, generator=g) < 0.3).double()
+    assert frequency_problem("f", a.mean(0), b.mean(0), n, n_expected=n) is None
+    assert "f at [0]" in frequency_problem("f", a.mean(0) * 0 + 0.5, b.mean(0), n, n_expected=n)
+    shared = a[:, :1].expand(n, 4)
+    assert dependence_problem("masks", b, a, str) is None
+    assert "correlation" in dependence_problem("masks", b, shared, str)
+    assert fresh_randomness_problem(lambda k: torch.rand(k), 5) is None
+    assert "same batch" in fresh_randomness_problem(
+        lambda k: torch.rand(k, generator=torch.Generator().manual_seed(0)), 5
+    )
+
+
+def test_mismatch_names_dtype_and_shape():
+    message = mismatch(torch.zeros(2, 3), torch.ones(2, 3), 1e-6, 0)
+    assert "(2, 3)" in message and "float32" in message
+    assert "float" in mismatch(torch.zeros(2), torch.zeros(2, dtype=torch.long), 1e-6, 0)

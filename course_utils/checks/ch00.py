@@ -15,6 +15,7 @@ from course_utils.checks.core import (
     exercise,
     lifted_mistakes,
     mismatch,
+    with_options,
 )
 from course_utils.hooks import ablation_loss_change as ref_ablation_loss_change
 from course_utils.hooks import record_norm_hook as ref_record_norm_hook
@@ -26,12 +27,12 @@ from course_utils.models import random_tokens, tiny_random_model
 COSINE_MISTAKES = [
     Mistake(
         "dot products, not normalised",
-        lambda v: v @ v.T,
+        lambda v, eps=1e-8: v @ v.T,
         "these are raw dot products. Divide each row by its L2 norm first.",
     ),
     Mistake(
         "normalised along the wrong dimension",
-        lambda v: (
+        lambda v, eps=1e-8: (
             (v / v.norm(dim=0, keepdim=True).clamp_min(1e-8))
             @ (v / v.norm(dim=0, keepdim=True).clamp_min(1e-8)).T
         ),
@@ -39,15 +40,26 @@ COSINE_MISTAKES = [
     ),
     Mistake(
         "L1 norm instead of L2",
-        lambda v: (
+        lambda v, eps=1e-8: (
             (v / v.abs().sum(-1, keepdim=True).clamp_min(1e-8))
             @ (v / v.abs().sum(-1, keepdim=True).clamp_min(1e-8)).T
         ),
         "you divided by the L1 norm (sum of |x|); cosine similarity uses the L2 norm.",
     ),
     Mistake(
+        "eps ignored",
+        lambda v, eps=1e-8: (
+            (v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+            @ (v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)).T
+        ),
+        "your result ignores the `eps` you were given: divide by `max(norm, eps)` with the "
+        "argument `eps` (`.clamp_min(eps)`), not a constant of your own.",
+    ),
+    Mistake(
         "no guard against zero vectors",
-        lambda v: (v / v.norm(dim=-1, keepdim=True)) @ (v / v.norm(dim=-1, keepdim=True)).T,
+        lambda v, eps=1e-8: (
+            (v / v.norm(dim=-1, keepdim=True)) @ (v / v.norm(dim=-1, keepdim=True)).T
+        ),
         "a zero vector gives 0/0 = NaN. Clamp the norm with `.clamp_min(eps)` before dividing.",
     ),
 ]
@@ -62,6 +74,10 @@ def _cosine_cases() -> list[Case]:
         Case("orthonormal basis", (unit,)),
         Case("one zero vector", (torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0]]),)),
         Case("a single vector", (torch.randn(1, 4, generator=g),)),
+        # norms 0.5, 0.1 and 2: with eps=1 the two short rows are divided by 1, not their norm
+        *with_options(
+            Case("short rows", (torch.tensor([[0.3, 0.4], [0.1, 0.0], [0.0, 2.0]]),)), eps=1.0
+        ),
     ]
 
 

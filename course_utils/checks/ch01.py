@@ -17,14 +17,28 @@ import torch
 
 from course_utils import toy_models as ref
 from course_utils.checks.core import (
+    GRAD_PREFIX,
     Case,
     CheckFailed,
     Mistake,
+    StepRecorder,
     compare_function,
+    dependence_problem,
+    dtype_problem,
     exercise,
+    frequency_problem,
+    fresh_randomness_problem,
+    gradient_compare,
     lifted_mistakes,
     mismatch,
+    step_divergence,
+    with_gradients,
+    with_options,
+    z_for,
 )
+
+# A correct generator fails one statistical case with probability at most FALSE_ALARM per test.
+FALSE_ALARM = 1e-6
 
 # ============================================================================ random generators
 
@@ -57,61 +71,154 @@ def _basic_problem(expected: torch.Tensor, actual: Any, low: float = 0.0) -> str
     return None
 
 
-def _value_stats(x: torch.Tensor) -> dict[str, float]:
+Stats = dict[str, tuple[float, int]]  # name -> (value, how many draws it averages)
+
+
+def _value_stats(x: torch.Tensor) -> Stats:
     signed = x[x != 0]
     nonzero = signed.abs()
-    if nonzero.numel() < 200:
+    n = nonzero.numel()
+    if n < 200:
         return {}
     return {
-        "fraction of non-zero values that are negative": (signed < 0).float().mean().item(),
-        "fraction of non-zero values above 1 in size": (nonzero > 1).float().mean().item(),
-        "mean of the non-zero values": nonzero.mean().item(),
-        "fraction of non-zero values below 0.25": (nonzero < 0.25).float().mean().item(),
-        "fraction of non-zero values equal to 1": (nonzero == 1).float().mean().item(),
+        "fraction of non-zero values that are negative": ((signed < 0).float().mean().item(), n),
+        "fraction of non-zero values above 1 in size": ((nonzero > 1).float().mean().item(), n),
+        "mean of the non-zero values": (nonzero.mean().item(), n),
+        "fraction of non-zero values below 0.25": ((nonzero < 0.25).float().mean().item(), n),
+        "fraction of non-zero values equal to 1": ((nonzero == 1).float().mean().item(), n),
     }
 
 
-def _compare_stats(exp: dict[str, float], act: dict[str, float], tol: float) -> str | None:
-    for key, e in exp.items():
-        a = act.get(key)
+def _compare_stats(exp: Stats, act: Stats) -> str | None:
+    """Each statistic is a mean of values in [0, 1] (variance <= 1/4); the tolerance for the
+    difference of two such means is z * sqrt(1/4 (1/n_exp + 1/n_act)), with z set so that a
+    correct generator fails one of them with probability < FALSE_ALARM."""
+    z = z_for(FALSE_ALARM, max(len(exp), 1))
+    for key, (e, n_exp) in exp.items():
+        a, n_act = act.get(key, (None, 0))
+        tol = z * math.sqrt(0.25 * (1 / max(n_exp, 1) + 1 / max(n_act, 1)))
         if a is None or math.isnan(a) or abs(a - e) > tol:
             shown = "undefined" if a is None or math.isnan(a) else f"{a:.3f}"
-            return f"{key} is {shown}, expected about {e:.3f}"
+            return f"{key} is {shown}, expected about {e:.3f} (± {tol:.3f})"
     return None
 
 
-def _independent_stats(x: torch.Tensor) -> dict[str, float]:
+def _independent_stats(x: torch.Tensor) -> Stats:
     active = (x != 0).float()
     n_batch, n_inst, n_feat = x.shape
     stats = {
-        f"fraction of non-zero entries in instance {i}": active[:, i].mean().item()
+        f"fraction of non-zero entries in instance {i}": (
+            active[:, i].mean().item(),
+            n_batch * n_feat,
+        )
         for i in range(n_inst)
     }
     if n_feat > 1:
         stats["P(features 0 and 1 both non-zero), instance 0"] = (
-            (active[:, 0, 0] * active[:, 0, 1]).mean().item()
+            (active[:, 0, 0] * active[:, 0, 1]).mean().item(),
+            n_batch,
         )
     if n_inst > 1:
         stats["P(feature 0 non-zero in instances 0 and 1 at once)"] = (
-            (active[:, 0, 0] * active[:, 1, 0]).mean().item()
+            (active[:, 0, 0] * active[:, 1, 0]).mean().item(),
+            n_batch,
         )
         both = (x[:, 0] != 0) & (x[:, 1] != 0)
         if both.sum() > 50:
             stats["fraction of equal non-zero values in instances 0 and 1"] = (
-                (x[:, 0][both] == x[:, 1][both]).float().mean().item()
+                (x[:, 0][both] == x[:, 1][both]).float().mean().item(),
+                int(both.sum()),
             )
     stats.update(_value_stats(x))
     return stats
 
 
-def _stat_compare(stats: Callable[[torch.Tensor], dict[str, float]], low: float = 0.0) -> Callable:
+def _draw_problem(expected: torch.Tensor, actual: torch.Tensor, pair_layout: bool) -> str | None:
+    """Per-coordinate marginals and pairwise (in)dependence, each with a stated false-alarm rate.
+
+    Two samples are compared (the reference's and the learner's): the frequency with which each
+    [instance, feature] coordinate is non-zero, the correlations of those activity indicators
+    between every two coordinates (masks shared across instances or features, pairs laid out
+    wrongly, a coupling lost), and the correlations of the values themselves (values shared).
+    """
+    n, n_inst, n_feat = expected.shape
+    act_exp, act_got = (expected != 0).double(), (actual != 0).double()
+
+    def coord(i: int) -> str:
+        return f"[instance {i // n_feat}, feature {i % n_feat}]"
+
+    p_exp = act_exp.mean(0)
+    problem = frequency_problem(
+        "the fraction of draws in which [instance, feature] {index} is non-zero",
+        act_got.mean(0),
+        p_exp,
+        n,
+        FALSE_ALARM,
+        n_expected=n,
+    )
+    if problem:
+        return problem
+    problem = dependence_problem(
+        "which features are non-zero together",
+        act_exp.reshape(n, -1),
+        act_got.reshape(n, -1),
+        coord,
+        FALSE_ALARM,
+    )
+    if problem:
+        return (
+            problem
+            + (" (pairs are ADJACENT features 2k, 2k+1)" if pair_layout else "")
+            + "; every instance (and every feature) needs masks of its own"
+        )
+    problem = dependence_problem(
+        "the values", expected.reshape(n, -1), actual.reshape(n, -1), coord, FALSE_ALARM
+    )
+    if problem:
+        return problem + "; draw a separate value for every entry"
+    return None
+
+
+def _stat_compare(
+    stats: Callable[[torch.Tensor], Stats], low: float = 0.0, pairs: bool = False
+) -> Callable:
+    memo: dict[int, tuple[torch.Tensor, Stats]] = {}
+
+    def cached(x: torch.Tensor) -> Stats:  # diagnosis compares one answer many times
+        if id(x) not in memo or memo[id(x)][0] is not x:
+            memo[id(x)] = (x, stats(x))
+        return memo[id(x)][1]
+
     def compare(expected: torch.Tensor, actual: Any) -> str | None:
-        problem = _basic_problem(expected, actual, low)
+        problem = _basic_problem(expected, actual, low) or dtype_problem(
+            expected, actual, "the batch"
+        )
         if problem or expected.shape[0] < 1000:
             return problem
-        return _compare_stats(stats(expected), stats(actual), tol=0.03)
+        return _compare_stats(stats(expected), cached(actual)) or _draw_problem(
+            expected, actual, pairs
+        )
 
     return compare
+
+
+def _generator_check(learner: Callable, reference: Callable, cases, mistakes, pairs: bool) -> str:
+    summary = compare_function(
+        learner,
+        reference,
+        cases,
+        mistakes,
+        compare=_stat_compare(_pair_stats if pairs else _independent_stats, pairs=pairs),
+    )
+    problem = fresh_randomness_problem(learner, 2000, 0.5, 2, 4)
+    if problem:
+        raise CheckFailed(problem + ".")
+    return (
+        summary
+        + "; per-coordinate frequencies, (in)dependence across instances and features, values "
+        "and dtype agree, and every call draws fresh randomness (each statistical test false-"
+        f"alarms with probability < {FALSE_ALARM:g})"
+    )
 
 
 def _masked(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -180,51 +287,54 @@ GENERATE_BATCH_MISTAKES = [
 
 def _generate_batch_cases() -> list[Case]:
     return [
-        Case("density 0.3, 4 instances x 6 features", (20_000, 0.3, 4, 6)),
+        Case("density 0.3, 4 instances x 6 features", (10_000, 0.3, 4, 6)),
         Case(
-            "one density per instance [1, 0.5, 0.1]", (20_000, torch.tensor([1.0, 0.5, 0.1]), 3, 3)
+            "one density per instance [1, 0.5, 0.1]", (10_000, torch.tensor([1.0, 0.5, 0.1]), 3, 3)
         ),
         Case("dense (S = 0)", (5_000, 1.0, 2, 5)),
-        Case("one instance, one feature", (20_000, 0.25, 1, 1)),
+        Case("one instance, one feature", (10_000, 0.25, 1, 1)),
         Case("a batch of one", (1, 0.5, 2, 3)),
     ]
 
 
 @exercise("1.1", "generate_batch")
 def generate_batch(learner) -> str:
-    return (
-        compare_function(
-            learner,
-            lambda n, p, i, f: ref.generate_batch(n, p, i, f),
-            _generate_batch_cases(),
-            GENERATE_BATCH_MISTAKES,
-            compare=_stat_compare(_independent_stats),
-        )
-        + "; statistics of the draws agree"
+    return _generator_check(
+        learner,
+        lambda n, p, i, f: ref.generate_batch(n, p, i, f),
+        _generate_batch_cases(),
+        GENERATE_BATCH_MISTAKES,
+        pairs=False,
     )
 
 
 # ---------------------------------------------------------------- 1.6 / 1.7 correlated batches
 
 
-def _pair_stats(x: torch.Tensor) -> dict[str, float]:
+def _pair_stats(x: torch.Tensor) -> Stats:
     active = x != 0
     a, b = active[..., 0::2], active[..., 1::2]
-    n_pairs = a.shape[-1]
+    n_batch, n_inst, n_pairs = a.shape
+    units = n_batch * n_pairs  # the two members of a pair are not independent draws
     stats = {
-        f"fraction of non-zero entries in instance {i}": active[:, i].float().mean().item()
-        for i in range(x.shape[1])
+        f"fraction of non-zero entries in instance {i}": (
+            active[:, i].float().mean().item(),
+            units,
+        )
+        for i in range(n_inst)
     }
-    stats["P(both members of a pair non-zero)"] = (a & b).float().mean().item()
-    stats["P(exactly one member of a pair non-zero)"] = (a ^ b).float().mean().item()
+    stats["P(both members of a pair non-zero)"] = ((a & b).float().mean().item(), units)
+    stats["P(exactly one member of a pair non-zero)"] = ((a ^ b).float().mean().item(), units)
     if n_pairs > 1:
         stats["P(pairs 0 and 1 both have an active member)"] = (
-            ((a[..., 0] | b[..., 0]) & (a[..., 1] | b[..., 1])).float().mean().item()
+            ((a[..., 0] | b[..., 0]) & (a[..., 1] | b[..., 1])).float().mean().item(),
+            n_batch,
         )
     both = a & b
     if both.sum() > 50:
         stats["fraction of pairs whose two non-zero values are equal"] = (
-            (x[..., 0::2][both] == x[..., 1::2][both]).float().mean().item()
+            (x[..., 0::2][both] == x[..., 1::2][both]).float().mean().item(),
+            int(both.sum()),
         )
     stats.update(_value_stats(x))
     return stats
@@ -303,38 +413,32 @@ ANTICORRELATED_MISTAKES = [
 
 def _pair_cases(max_density: float) -> list[Case]:
     return [
-        Case("density 0.2, 3 instances x 2 pairs", (20_000, 0.2, 3, 2)),
-        Case("one density per instance", (20_000, torch.tensor([max_density, 0.1]), 2, 3)),
-        Case("one pair", (20_000, 0.3, 1, 1)),
+        Case("density 0.2, 3 instances x 2 pairs", (10_000, 0.2, 3, 2)),
+        Case("one density per instance", (10_000, torch.tensor([max_density, 0.1]), 2, 3)),
+        Case("one pair", (10_000, 0.3, 1, 1)),
         Case("a batch of one", (1, 0.3, 2, 2)),
     ]
 
 
 @exercise("1.6", "generate_correlated_batch")
 def generate_correlated_batch(learner) -> str:
-    return (
-        compare_function(
-            learner,
-            lambda n, p, i, k: ref.generate_correlated_batch(n, p, i, k),
-            _pair_cases(1.0),
-            CORRELATED_MISTAKES,
-            compare=_stat_compare(_pair_stats),
-        )
-        + "; statistics of the draws agree"
+    return _generator_check(
+        learner,
+        lambda n, p, i, k: ref.generate_correlated_batch(n, p, i, k),
+        _pair_cases(1.0),
+        CORRELATED_MISTAKES,
+        pairs=True,
     )
 
 
 @exercise("1.7", "generate_anticorrelated_batch")
 def generate_anticorrelated_batch(learner) -> str:
-    return (
-        compare_function(
-            learner,
-            lambda n, p, i, k: ref.generate_anticorrelated_batch(n, p, i, k),
-            _pair_cases(0.5),
-            ANTICORRELATED_MISTAKES,
-            compare=_stat_compare(_pair_stats),
-        )
-        + "; statistics of the draws agree"
+    return _generator_check(
+        learner,
+        lambda n, p, i, k: ref.generate_anticorrelated_batch(n, p, i, k),
+        _pair_cases(0.5),
+        ANTICORRELATED_MISTAKES,
+        pairs=True,
     )
 
 
@@ -377,6 +481,17 @@ def _run_model(cls: Callable, reference_cls: type, signed: bool = False) -> Call
         for name, param in params:
             scale = 0.3 if name.startswith("b") else 1.0
             _load(model, name, scale * torch.randn(param.shape, generator=g), cls.__name__)
+        x = _input(g, n_instances, n_features, n_batch, x_kind)
+        out = model(x)
+        result = {"output": out}
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            (out * torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)).sum().backward()
+        for name, _ in params:
+            grad = getattr(model, name).grad
+            result[GRAD_PREFIX + name] = None if grad is None else grad.detach().clone()
+        return result
+
+    def _input(g, n_instances, n_features, n_batch, x_kind):
         if x_kind == "zeros":
             x = torch.zeros(n_batch, n_instances, n_features)
         elif x_kind == "one active feature":
@@ -385,8 +500,7 @@ def _run_model(cls: Callable, reference_cls: type, signed: bool = False) -> Call
         else:
             gen = ref.generate_signed_batch if signed else ref.generate_batch
             x = gen(n_batch, 0.4, n_instances, n_features, generator=g)
-        with torch.no_grad():
-            return model(x)
+        return x
 
     return run
 
@@ -416,9 +530,9 @@ def _model_check(
         _run_model(reference_cls, reference_cls, signed),
         _model_cases(shapes),
         lifted_mistakes(mistakes, lambda cls: _run_model(cls, reference_cls, signed)),
-        atol=1e-5,
+        compare=gradient_compare(atol=1e-5, rtol=1e-4),
     )
-    return "forward " + summary
+    return "forward " + summary + ", and gradients reach every weight"
 
 
 def _h(model, x):
@@ -626,46 +740,63 @@ def _mse_cases() -> list[Case]:
 
 @exercise("1.3", "importance_weighted_mse")
 def importance_weighted_mse(learner) -> str:
-    return compare_function(
-        learner, ref.importance_weighted_mse, _mse_cases(), MSE_MISTAKES, atol=1e-5
+    return (
+        compare_function(
+            with_gradients(learner, {"x_hat": 0}),
+            with_gradients(ref.importance_weighted_mse, {"x_hat": 0}),
+            _mse_cases(),
+            lifted_mistakes(MSE_MISTAKES, lambda f: with_gradients(f, {"x_hat": 0})),
+            compare=gradient_compare(atol=1e-5),
+        )
+        + ", and the loss stays differentiable in x_hat"
     )
 
 
 # ============================================================================ 1.4 training loop
 
-TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR, TRAIN_WARMUP = 300, 256, 1e-2, 0.1
+# every argument differs from the notebook's defaults (2000, 512, 1e-2, 0.05)
+TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR, TRAIN_WARMUP = 40, 64, 2e-2, 0.1
 
 
 def _run_train(train_fn: Callable) -> Callable:
-    """Turn a training function into (seed) -> a summary of what training did."""
+    """Turn a training function into (seed, density, kind) -> a summary of what training did,
+    with a per-step record (lr applied, batch seen, gradient norms) of every optimizer.step()."""
 
-    def run(seed: int, density: float) -> dict[str, Any]:
+    def run(seed: int, density: float, kind: str = "toy") -> dict[str, Any]:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = ref.ToyModel(
-                4,
-                5,
-                2,
-                feature_probability=torch.tensor([1.0, density, density, density]),
-                importance=ref.geometric_importance(5, 0.9),
-            )
-            W0, b0 = model.W.detach().clone(), model.b_final.detach().clone()
+            probability = torch.tensor([1.0, density, density, density])
+            if kind == "abs":  # the target is |x|, not x: model.target(x) must be used
+                model = ref.AbsValueModel(4, 5, 6, probability, ref.geometric_importance(5, 0.8))
+            else:
+                model = ref.ToyModel(4, 5, 2, probability, ref.geometric_importance(5, 0.9))
+            start = {n: p.detach().clone() for n, p in model.named_parameters()}
             sizes: list[int] = []
+            recorder = StepRecorder({id(p): n for n, p in model.named_parameters()})
             draw = model.generate_batch
-            model.generate_batch = lambda n: (sizes.append(n), draw(n))[1]  # type: ignore[method-assign]
-            result = train_fn(
-                model,
-                n_steps=TRAIN_STEPS,
-                batch_size=TRAIN_BATCH,
-                lr=TRAIN_LR,
-                warmup_frac=TRAIN_WARMUP,
-            )
+
+            def generate_batch(n):
+                sizes.append(n)
+                return recorder.saw(draw(n))
+
+            model.generate_batch = generate_batch  # type: ignore[method-assign]
+            with recorder:
+                result = train_fn(
+                    model,
+                    n_steps=TRAIN_STEPS,
+                    batch_size=TRAIN_BATCH,
+                    lr=TRAIN_LR,
+                    warmup_frac=TRAIN_WARMUP,
+                )
             model.generate_batch = draw  # type: ignore[method-assign]
+            weight = "W1" if kind == "abs" else "W"
             return {
                 "result": result,
                 "sizes": sizes,
-                "W moved": (model.W.detach() - W0).flatten(1).norm(dim=1) > 1e-4,
-                "b moved": (model.b_final.detach() - b0).norm(dim=1) > 1e-5,
+                "steps": recorder.steps,
+                "W moved": (getattr(model, weight).detach() - start[weight]).flatten(1).norm(dim=1)
+                > 1e-4,
+                "b moved": (model.b_final.detach() - start["b_final"]).norm(dim=1) > 1e-5,
                 "eval loss": ref.evaluate(model, 4096, seed=123),
             }
 
@@ -688,6 +819,14 @@ def _train_compare(expected: dict, actual: dict) -> str | None:
         )
     want_lr = torch.as_tensor(expected["result"]["lr"], dtype=torch.float64)
     problem = mismatch(want_lr, lrs.reshape(-1), atol=1e-7, rtol=1e-5, path="result['lr']")
+    applied = step_divergence(expected["steps"], actual["steps"], scale_free=True)
+    if applied and not problem and "learning rate" in applied:
+        return (
+            "result['lr'] records the right schedule, but the rate APPLIED at optimizer.step() "
+            f"differs: {applied}. Recording the rate is not enough: set it on the optimizer"
+        )
+    if applied:
+        return applied
     if problem:
         return (
             f"the learning-rate schedule is off: {problem}. Set every param group's lr to "
@@ -735,6 +874,8 @@ def _loop(
     first_only=False,
     fixed_batch=False,
     step=True,
+    target=True,
+    importance=True,
 ):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     warmup = int(warmup_frac * n_steps)
@@ -745,7 +886,11 @@ def _loop(
         for group in opt.param_groups:
             group["lr"] = this_lr
         batch = x if fixed_batch else model.generate_batch(batch_size)
-        loss = ref.importance_weighted_mse(model(batch), model.target(batch), model.importance)
+        loss = ref.importance_weighted_mse(
+            model(batch),
+            model.target(batch) if target else batch,
+            model.importance if importance else torch.ones_like(model.importance),
+        )
         if zero_grad:
             opt.zero_grad()
         (loss[0] if first_only else loss.sum()).backward()
@@ -788,6 +933,18 @@ TRAIN_MISTAKES = [
         "one fixed batch is memorised, not learned from.",
     ),
     Mistake(
+        "the input as the target",
+        _loop_variant(target=False),
+        "you compared model(x) with x itself; compare it with `model.target(x)` (the same as x "
+        "for the ToyModel, |x| for the AbsValueModel).",
+    ),
+    Mistake(
+        "importance ignored",
+        _loop_variant(importance=False),
+        "every feature counts equally in your loss: pass `model.importance` as the weights of "
+        "importance_weighted_mse.",
+    ),
+    Mistake(
         "no optimizer step",
         _loop_variant(step=False),
         "the weights never change: call `optimizer.step()` after `backward()`.",
@@ -804,6 +961,7 @@ def train_toy_model(learner) -> str:
     cases = [
         Case(f"4 instances (density 1 and 0.3), {TRAIN_STEPS} steps", (0, 0.3)),
         Case("another seed, density 1 and 0.1", (1, 0.1)),
+        Case("an AbsValueModel: the target |x| is not the input", (2, 0.3, "abs")),
     ]
     summary = compare_function(
         _run_train(learner),
@@ -829,7 +987,7 @@ def _pentagon(scale: float = 1.0) -> torch.Tensor:
 DIMENSIONALITY_MISTAKES = [
     Mistake(
         "W_i . W_j without normalising W_i",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2 / (torch.einsum("ihf,ihg->ifg", W, W) ** 2).sum(-1).clamp_min(1e-8)
         ),
         "the numerator is ||W_i||^2 but the denominator must use the UNIT vector W_hat_i = W_i / "
@@ -837,7 +995,7 @@ DIMENSIONALITY_MISTAKES = [
     ),
     Mistake(
         "cosine similarities (both normalised)",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2
             / (
                 torch.einsum(
@@ -853,7 +1011,7 @@ DIMENSIONALITY_MISTAKES = [
     ),
     Mistake(
         "dot products not squared",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2
             / torch.einsum("ihf,ihg->ifg", W / W.norm(dim=1, keepdim=True).clamp_min(1e-8), W)
             .abs()
@@ -864,7 +1022,7 @@ DIMENSIONALITY_MISTAKES = [
     ),
     Mistake(
         "no guard for unlearned features",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2
             / (torch.einsum("ihf,ihg->ifg", W / W.norm(dim=1, keepdim=True), W) ** 2).sum(-1)
         ),
@@ -873,7 +1031,7 @@ DIMENSIONALITY_MISTAKES = [
     ),
     Mistake(
         "sum over j != i only",
-        lambda W: (
+        lambda W, eps=1e-8: (
             W.norm(dim=1) ** 2
             / (
                 (
@@ -901,6 +1059,11 @@ def _dimensionality_cases() -> list[Case]:
         Case("a regular pentagon (D = 2/5)", (_pentagon(1.1),)),
         Case("an unlearned feature (D = 0)", (with_zero,)),
         Case("more hidden dims than features", (torch.randn(1, 5, 3, generator=g),)),
+        # a short feature (||W_i|| = 0.05) next to a unit one: eps = 0.1 clamps its norm
+        *with_options(
+            Case("a feature shorter than eps", (torch.tensor([[[0.05, 0.0], [0.0, 1.0]]]),)),
+            eps=0.1,
+        ),
     ]
 
 

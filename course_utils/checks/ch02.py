@@ -14,10 +14,34 @@ from course_utils.checks.core import (
     Case,
     CheckFailed,
     Mistake,
+    StepRecorder,
     compare_function,
     exercise,
+    gradient_compare,
     lifted_mistakes,
+    mismatch,
+    step_divergence,
+    with_gradients,
+    with_options,
 )
+
+
+def _differentiable(
+    learner, reference, cases, mistakes, wrt: dict[str, int], what: str, presence=("acts",)
+) -> str:
+    """compare_function, also comparing the gradients that reach the inputs named in ``wrt``
+    (for ``acts`` only that a gradient arrives: |a| and a agree on ReLU outputs, their
+    subgradients at 0 do not)."""
+    return (
+        compare_function(
+            with_gradients(learner, wrt, presence),
+            with_gradients(reference, wrt, presence),
+            cases,
+            lifted_mistakes(mistakes, lambda f: with_gradients(f, wrt, presence)),
+            compare=gradient_compare(),
+        )
+        + f", and gradients reach {what}"
+    )
 
 
 def _g(seed: int) -> torch.Generator:
@@ -97,8 +121,12 @@ def _forward_cases() -> list[Case]:
     x, W_enc, b_enc, W_dec, b_dec = _params(0)
     one = _params(1, inst=1, batch=1)
     zeros = (torch.zeros_like(x), W_enc, b_enc, W_dec, b_dec)
+    long_rows = W_dec * torch.linspace(0.5, 2.0, W_dec.shape[1])[None, :, None]
     return [
         Case("seeded random with 2 instances", (x, W_enc, b_enc, W_dec, b_dec)),
+        Case(
+            "decoder rows not unit-norm (use W_dec as given)", (x, W_enc, b_enc, long_rows, b_dec)
+        ),
         Case("zero input so only biases act", zeros),
         Case("a batch of one with one instance", one),
     ]
@@ -106,7 +134,16 @@ def _forward_cases() -> list[Case]:
 
 @exercise("2.1", "sae_forward")
 def sae_forward(learner) -> str:
-    return compare_function(learner, S.sae_forward, _forward_cases(), FORWARD_MISTAKES)
+    if not callable(learner):
+        return compare_function(learner, S.sae_forward, [], [])
+    return _differentiable(
+        learner,
+        S.sae_forward,
+        _forward_cases(),
+        FORWARD_MISTAKES,
+        {"W_enc": 1, "b_enc": 2, "W_dec": 3, "b_dec": 4},
+        "W_enc, b_enc, W_dec and b_dec",
+    )
 
 
 # ---------------------------------------------------------------- 2.2 remove the parallel gradient
@@ -248,7 +285,16 @@ def _loss_cases() -> list[Case]:
 
 @exercise("2.3", "sae_loss")
 def sae_loss(learner) -> str:
-    return compare_function(learner, S.sae_loss, _loss_cases(), LOSS_MISTAKES)
+    if not callable(learner):
+        return compare_function(learner, S.sae_loss, [], [])
+    return _differentiable(
+        learner,
+        S.sae_loss,
+        _loss_cases(),
+        LOSS_MISTAKES,
+        {"acts": 1, "x_hat": 2},
+        "acts and x_hat (the loss stays differentiable)",
+    )
 
 
 # ---------------------------------------------------------------- 2.4 training step
@@ -265,12 +311,15 @@ def _step_no_zero_grad(sae, optimizer, x, l1_coeff):
     return loss.detach()
 
 
-def _step_variant(remove_parallel: bool = True, renormalise: bool = True):
+def _step_variant(remove_parallel: bool = True, renormalise: bool = True, late_zero: bool = False):
     def step(sae, optimizer, x, l1_coeff):
         acts, x_hat = sae(x)
         loss = S.sae_loss(x, acts, x_hat, l1_coeff)
-        optimizer.zero_grad()
+        if not late_zero:
+            optimizer.zero_grad()
         loss.sum().backward()
+        if late_zero:
+            optimizer.zero_grad()
         if remove_parallel:
             sae.W_dec.grad = S.remove_parallel_grad(sae.W_dec.data, sae.W_dec.grad)
         optimizer.step()
@@ -283,6 +332,12 @@ def _step_variant(remove_parallel: bool = True, renormalise: bool = True):
 
 
 TRAINING_STEP_MISTAKES = [
+    Mistake(
+        "zero_grad between backward and step",
+        _step_variant(late_zero=True),
+        "`optimizer.zero_grad()` after `backward()` throws the gradients away (they are None "
+        "now): call it BEFORE `loss.backward()`, so that step() sees this step's gradients.",
+    ),
     Mistake(
         "no zero_grad",
         _step_no_zero_grad,
@@ -310,17 +365,31 @@ def _run_training(step_fn):
         g = _g(seed + 100)
         l1 = torch.tensor([0.05, 0.5])
         losses = []
-        for _ in range(n_steps):
-            x = torch.rand(batch, 2, 5, generator=g)
-            losses.append(step_fn(sae, optimizer, x, l1))
-            if losses[-1] is None:
-                return {"losses": None}
+        recorder = StepRecorder({id(p): n for n, p in sae.named_parameters()})
+        with recorder:
+            for _ in range(n_steps):
+                x = recorder.saw(torch.rand(batch, 2, 5, generator=g))
+                losses.append(step_fn(sae, optimizer, x, l1))
+                if losses[-1] is None:
+                    return {"losses": None}
         out = {"losses": torch.stack([torch.as_tensor(v).detach() for v in losses])}
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             out[name] = getattr(sae, name).detach().clone()
+        out["steps"] = recorder.steps
         return out
 
     return run
+
+
+def _compare_training(expected: dict, actual: dict) -> str | None:
+    if actual.get("losses") is None:
+        return "your step returned None: return the per-instance loss (detached)"
+    problem = step_divergence(expected["steps"], actual["steps"])
+    if problem:
+        return problem
+    want = {k: v for k, v in expected.items() if k != "steps"}
+    got = {k: v for k, v in actual.items() if k != "steps"}
+    return mismatch(want, got, 1e-4, 1e-4)
 
 
 @exercise("2.4", "training_step")
@@ -328,12 +397,15 @@ def training_step(learner) -> str:
     if not callable(learner):
         raise CheckFailed("pass the function itself: `check.training_step(training_step)`.")
     cases = [Case("one step", (0, 1)), Case("five steps", (1, 5)), Case("batch of one", (2, 3, 1))]
-    return compare_function(
-        _run_training(learner),
-        _run_training(S.relu_training_step),
-        cases,
-        lifted_mistakes(TRAINING_STEP_MISTAKES, _run_training),
-        atol=1e-4,
+    return (
+        compare_function(
+            _run_training(learner),
+            _run_training(S.relu_training_step),
+            cases,
+            lifted_mistakes(TRAINING_STEP_MISTAKES, _run_training),
+            compare=_compare_training,
+        )
+        + " (gradients at every optimizer.step() agree too)"
     )
 
 
@@ -372,11 +444,14 @@ def _acts_cases() -> list[Case]:
     single[:, :, 3] = 1.5
     weak = torch.zeros(3, 1, 4)
     weak[1, 0, 2] = 0.01  # fires once, weakly: still alive, still counted by L0
+    tiny = torch.zeros(2, 2, 3)
+    tiny[0, 1, 0] = 1e-7  # tiny but non-zero: alive (a threshold like > 1e-6 is wrong)
     return [
         Case("seeded random ReLU latents", (acts,)),
         Case("all zero", (torch.zeros(5, 2, 6),)),
         Case("a single active latent", (single,)),
         Case("a latent that fires once (weakly)", (weak,)),
+        Case("a latent that fires at 1e-7", (tiny,)),
         Case("a batch of one", (acts[:1],)),
     ]
 
@@ -517,6 +592,7 @@ def _mmcs_cases() -> list[Case]:
         Case("seeded random with d_sae=9 and 6 true features", (learned, true)),
         Case("dictionary contains the true features", (exact, true)),
         Case("negated features", ((-true).unsqueeze(0), true)),
+        Case("true rows not unit-norm", (learned, true * torch.linspace(0.3, 3.0, 6)[:, None])),
     ]
 
 
@@ -627,6 +703,9 @@ def _resample_cases() -> list[Case]:
             "all dead on a batch of one",
             (W_enc[:1], b_enc[:1], W_dec[:1], all_dead, x[:1, :1], x_hat[:1, :1]),
         ),
+        *with_options(
+            Case("some dead latents", (W_enc, b_enc, W_dec, dead, x, x_hat)), encoder_scale=0.7
+        ),
     ]
 
 
@@ -687,7 +766,16 @@ def _topk_cases() -> list[Case]:
 
 @exercise("7.1", "topk_activation")
 def topk_activation(learner) -> str:
-    return compare_function(learner, S.topk_activation, _topk_cases(), TOPK_MISTAKES)
+    if not callable(learner):
+        return compare_function(learner, S.topk_activation, [], [])
+    return _differentiable(
+        learner,
+        S.topk_activation,
+        _topk_cases(),
+        TOPK_MISTAKES,
+        {"pre_acts": 0},
+        "the kept pre-activations",
+    )
 
 
 # ---------------------------------------------------------------- 7.2 JumpReLU backward
@@ -804,6 +892,13 @@ def _weighted_cases() -> list[Case]:
 
 @exercise("7.3", "decoder_norm_weighted_l1")
 def decoder_norm_weighted_l1(learner) -> str:
-    return compare_function(
-        learner, S.decoder_norm_weighted_l1, _weighted_cases(), WEIGHTED_L1_MISTAKES
+    if not callable(learner):
+        return compare_function(learner, S.decoder_norm_weighted_l1, [], [])
+    return _differentiable(
+        learner,
+        S.decoder_norm_weighted_l1,
+        _weighted_cases(),
+        WEIGHTED_L1_MISTAKES,
+        {"acts": 0, "W_dec": 1},
+        "acts and W_dec (the penalty shrinks decoder norms too)",
     )

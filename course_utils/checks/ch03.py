@@ -11,7 +11,7 @@ import torch
 
 from course_utils import lm_saes as L
 from course_utils import saes as S
-from course_utils.checks.core import Case, Mistake, compare_function, exercise
+from course_utils.checks.core import Case, Mistake, compare_function, exercise, mismatch
 
 
 def _g(seed: int) -> torch.Generator:
@@ -30,9 +30,27 @@ L1_MISTAKES = [
     Mistake(
         "warm-up never stops",
         lambda step, total_steps, final_coeff, warmup_frac=0.05: (
-            final_coeff * step / (warmup_frac * total_steps)
+            final_coeff * step / (warmup_frac * total_steps) if warmup_frac else final_coeff
         ),
         "after the warm-up the coefficient stays at final_coeff: clip the ramp with min(1, ...).",
+    ),
+    Mistake(
+        "no guard for warmup_frac=0",
+        lambda step, total_steps, final_coeff, warmup_frac=0.05: (
+            final_coeff * min(1.0, step / (warmup_frac * total_steps))
+        ),
+        "with warmup_frac=0 there is no warm-up: return final_coeff straight away instead of "
+        "dividing by warmup_frac * total_steps = 0.",
+    ),
+    Mistake(
+        "warm-up length rounded to whole steps",
+        lambda step, total_steps, final_coeff, warmup_frac=0.05: (
+            final_coeff * min(1.0, step / int(warmup_frac * total_steps))
+            if int(warmup_frac * total_steps)
+            else float(final_coeff)
+        ),
+        "the warm-up lasts warmup_frac * total_steps steps, which need not be a whole number: "
+        "do not round it with int() (here 0.0125 * 1000 = 12.5 steps).",
     ),
     Mistake(
         "ramp over the whole run",
@@ -50,12 +68,21 @@ def _l1_cases() -> list[Case]:
         Case("after the warm-up", (700, 1000, 2.0)),
         Case("a 10% warm-up", (30, 1000, 0.5, 0.1)),
         Case("no warm-up (warmup_frac=0)", (10, 1000, 2.0, 0.0)),
+        Case("a warm-up of 12.5 steps", (6, 1000, 1.0, 0.0125)),
     ]
+
+
+def _python_float(expected, actual) -> str | None:
+    if isinstance(actual, torch.Tensor) or not isinstance(actual, (float, int)):
+        return f"return a Python float (the text asks for one), got {type(actual).__name__}"
+    return mismatch(expected, actual, 1e-9, 1e-9)
 
 
 @exercise("1.1", "l1_coefficient")
 def l1_coefficient(learner) -> str:
-    return compare_function(learner, L.l1_coefficient, _l1_cases(), L1_MISTAKES)
+    return compare_function(
+        learner, L.l1_coefficient, _l1_cases(), L1_MISTAKES, compare=_python_float
+    )
 
 
 # ---------------------------------------------------------------- 1.2 learning-rate schedule
@@ -79,7 +106,22 @@ def _warmup_from_zero(step, total_steps, peak_lr, warmup_steps=0, decay_frac=0.2
     return L.lr_schedule(step, total_steps, peak_lr, 0, decay_frac)
 
 
+def _decay_rounded(step, total_steps, peak_lr, warmup_steps=0, decay_frac=0.2):
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    decay = int(decay_frac * total_steps)
+    if decay > 0 and step >= total_steps - decay:
+        return peak_lr * (total_steps - step) / decay
+    return peak_lr
+
+
 LR_MISTAKES = [
+    Mistake(
+        "decay length rounded to whole steps",
+        _decay_rounded,
+        "the decay lasts decay_frac * total_steps steps, which need not be a whole number "
+        "(here 0.2 * 999 = 199.8): do not round it with int(); use the formula as it is.",
+    ),
     Mistake(
         "no decay",
         _no_decay,
@@ -105,6 +147,8 @@ def _lr_cases() -> list[Case]:
         Case("start of the decay", (800, 1000, 1e-3, 100)),
         Case("deep in the decay", (950, 1000, 1e-3, 100)),
         Case("no warm-up and a 50% decay", (600, 1000, 3e-4, 0, 0.5)),
+        Case("a decay of 199.8 steps", (900, 999, 1e-3, 10, 0.2)),
+        Case("the first step of a 199.8-step decay", (800, 999, 1e-3, 10)),
     ]
 
 
@@ -141,8 +185,10 @@ def _normalise_cases() -> list[Case]:
         Case("seeded random with 2 instances", (torch.randn(2, 6, 4, generator=g) * 3,)),
         Case("rows already unit-norm", (torch.eye(4)[None],)),
         Case("one instance with one latent", (torch.randn(1, 1, 5, generator=g),)),
-        Case("a row of zeros (never trained)", (torch.cat([torch.zeros(1, 1, 4),
-                                                          torch.randn(1, 2, 4, generator=g)], 1),)),
+        Case(
+            "a row of zeros (never trained)",
+            (torch.cat([torch.zeros(1, 1, 4), torch.randn(1, 2, 4, generator=g)], 1),),
+        ),
     ]
 
 
@@ -208,8 +254,13 @@ SPLICE_MISTAKES = [
 def _splice_cases() -> list[Case]:
     model, sae, tokens = _tiny()
     return [
-        Case("tiny model at the layer-0 residual", (model, sae, tokens, "blocks.0.hook_resid_post")),
-        Case("tiny model at the layer-1 residual", (model, sae, tokens[:1], "blocks.1.hook_resid_post")),
+        Case(
+            "tiny model at the layer-0 residual", (model, sae, tokens, "blocks.0.hook_resid_post")
+        ),
+        Case(
+            "tiny model at the layer-1 residual",
+            (model, sae, tokens[:1], "blocks.1.hook_resid_post"),
+        ),
     ]
 
 
@@ -475,7 +526,22 @@ def _unbiased_z(feature_acts, neuron_acts):
     return value.item(), int(index)
 
 
+def _nan_for_dead(feature_acts, neuron_acts):
+    f = feature_acts.flatten().float()
+    n = neuron_acts.reshape(-1, neuron_acts.shape[-1]).float()
+    fc, nc = f - f.mean(), n - n.mean(0)
+    value, index = ((fc @ nc) / (fc.norm() * nc.norm(dim=0))).max(0)
+    return value.item(), int(index)
+
+
 CORR_MISTAKES = [
+    Mistake(
+        "NaN for a dead neuron",
+        _nan_for_dead,
+        "a neuron that never changes (dead) has zero variance, so its correlation is 0/0 = NaN, "
+        "and max() returns the NaN. Give such neurons correlation 0 (e.g. "
+        "`torch.where(denom > 0, corr, 0)` or `.nan_to_num(0.0)`) before taking the max.",
+    ),
     Mistake(
         "cosine, not correlation",
         _cosine,
@@ -503,10 +569,13 @@ def _corr_cases() -> list[Case]:
     neurons = torch.randn(50, 6, generator=g)
     feature = torch.relu(0.3 * neurons[:, 2] + torch.randn(50, generator=g)) + 0.5
     anti = -3 * neurons[:, 4] + 0.1 * neurons[:, 1] + 2.0
+    dead = neurons.clone()
+    dead[:, 0] = 0.0  # never fires: its correlation is 0/0; it must not become NaN (or win)
     return [
         Case("seeded random", (feature, neurons)),
         Case("an anti-correlated neuron", (anti, neurons)),
         Case("feature = a scaled neuron", (2 * neurons[:, 3] + 5, neurons)),
+        Case("a dead (constant) neuron", (feature, dead)),
     ]
 
 

@@ -15,11 +15,33 @@ from course_utils.checks.core import (
     Case,
     CheckFailed,
     Mistake,
+    StepRecorder,
     compare_function,
     exercise,
+    gradient_compare,
     lifted_mistakes,
+    step_divergence,
+    with_gradients,
 )
 from course_utils.checks.core import mismatch as _mismatch
+
+
+def _differentiable(learner, reference, cases, mistakes, wrt, what, presence=("c",)) -> str:
+    """compare_function that also compares the gradients reaching the inputs named in ``wrt``
+    (for the codes c only that one arrives: |c| and c agree on ReLU codes, not at 0)."""
+    if not callable(learner):
+        return compare_function(learner, reference, [], [])
+    return (
+        compare_function(
+            with_gradients(learner, wrt, presence),
+            with_gradients(reference, wrt, presence),
+            cases,
+            lifted_mistakes(mistakes, lambda f: with_gradients(f, wrt, presence)),
+            compare=gradient_compare(),
+        )
+        + f", and gradients reach {what}"
+    )
+
 
 HOOK = "blocks.1.hook_resid_pre"
 DOWNSTREAM = ("blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
@@ -249,7 +271,18 @@ def _kl_raw_logits(new_logits, orig_logits):
     return (p * (orig_logits - new_logits)).sum(-1).mean()
 
 
+def _kl_softmax_log(new_logits, orig_logits):
+    p, q = orig_logits.softmax(-1), new_logits.softmax(-1)
+    return (p * (p.log() - q.log())).sum(-1).mean()
+
+
 KL_MISTAKES = [
+    Mistake(
+        "softmax then log",
+        _kl_softmax_log,
+        "with confident logits softmax underflows to exactly 0, and log(0) = -inf turns the KL "
+        "into NaN/inf. Use `log_softmax(-1)` (as the text says): it stays finite.",
+    ),
     Mistake(
         "wrong direction",
         _kl_reversed,
@@ -287,12 +320,20 @@ def _kl_cases() -> list[Case]:
         Case("one changed logit", (shifted, orig)),
         Case("batch of one", (new[:1], orig[:1])),
         Case("identical logits", (orig, orig)),
+        Case("confident logits (softmax underflows)", (new * 60, orig * 60)),
     ]
 
 
 @exercise("2.2", "kl_spliced_vs_original")
 def kl_spliced_vs_original(learner) -> str:
-    return compare_function(learner, E.kl_spliced_vs_original, _kl_cases(), KL_MISTAKES)
+    return _differentiable(
+        learner,
+        E.kl_spliced_vs_original,
+        _kl_cases(),
+        KL_MISTAKES,
+        {"new_logits": 0},
+        "new_logits (the KL stays differentiable)",
+    )
 
 
 # ---------------------------------------------------------------- 2.3 local loss
@@ -358,7 +399,9 @@ def _local_cases() -> list[Case]:
 
 @exercise("2.3", "loss_local")
 def loss_local(learner) -> str:
-    return compare_function(learner, E.loss_local, _local_cases(), LOCAL_MISTAKES)
+    return _differentiable(
+        learner, E.loss_local, _local_cases(), LOCAL_MISTAKES, {"x_hat": 1, "c": 2}, "x_hat and c"
+    )
 
 
 # ---------------------------------------------------------------- 2.4 e2e loss
@@ -404,7 +447,14 @@ def _e2e_cases() -> list[Case]:
 
 @exercise("2.4", "loss_e2e")
 def loss_e2e(learner) -> str:
-    return compare_function(learner, E.loss_e2e, _e2e_cases(), E2E_MISTAKES)
+    return _differentiable(
+        learner,
+        E.loss_e2e,
+        _e2e_cases(),
+        E2E_MISTAKES,
+        {"new_logits": 0, "c": 2},
+        "new_logits and c",
+    )
 
 
 # ---------------------------------------------------------------- 2.5 e2e + downstream loss
@@ -479,7 +529,14 @@ def _ds_cases() -> list[Case]:
 
 @exercise("2.5", "loss_e2e_ds")
 def loss_e2e_ds(learner) -> str:
-    return compare_function(learner, E.loss_e2e_ds, _ds_cases(), DS_MISTAKES)
+    return _differentiable(
+        learner,
+        E.loss_e2e_ds,
+        _ds_cases(),
+        DS_MISTAKES,
+        {"new_logits": 0, "c": 2, "new_downstream": 5},
+        "new_logits, c and every new_downstream",
+    )
 
 
 # ---------------------------------------------------------------- 2.6 training loop
@@ -494,10 +551,11 @@ def _train_config(variant: str) -> E.TrainConfig:
         HOOK,
         DOWNSTREAM,
         beta=2.5,
-        kl_coeff=0.5,
+        kl_coeff=0.7,  # not the default 0.5: a loop must pass cfg.kl_coeff on
         lr=1e-2,
         steps=TRAIN_STEPS,
         warmup_steps=2,
+        min_lr_frac=0.3,  # not the default 0.1: a loop must pass cfg.min_lr_frac on
         log_every=1,
     )
 
@@ -535,11 +593,20 @@ def _run_training(train_fn):
         if special == CLIP_CASE:
             # so small that clipping freezes Adam's updates (the gradients fall below its eps)
             cfg = replace(cfg, grad_clip=1e-9)
-        train_fn(model, sae, cfg, _batches(20))
+        recorder = StepRecorder({id(p): n for n, p in sae.named_parameters()})
+        draw = _batches(20)
+        with recorder:
+            returned = train_fn(model, sae, cfg, lambda: recorder.saw(draw()))
         grads = sum(p.grad is not None for p in model.parameters())
         changed = sum(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-        return {**state, "model parameters with a .grad": grads, "model tensors changed": changed}
+        return {
+            **state,
+            "model parameters with a .grad": grads,
+            "model tensors changed": changed,
+            "steps": (recorder.steps, cfg.grad_clip),
+            "returned losses": _losses_of(returned),
+        }
 
     return run
 
@@ -562,28 +629,46 @@ def _not_frozen(model, sae, cfg, batches):
         E._assert_frozen = original_assert  # type: ignore[assignment]
 
 
-def _manual_loop(zero_grad=True, schedule=True, clip="before step", nan_check=True):
+def _manual_loop(
+    zero_grad=True,
+    schedule=True,
+    clip="before step",
+    nan_check=True,
+    late_lr=False,
+    zero_grad_between=False,
+    reuse_batch=False,
+):
     def train(model, sae, cfg, batches):
         model.requires_grad_(False)
         opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+        tokens = batches() if reuse_batch else None
+        losses = []
         for step in range(cfg.steps):
-            tokens = batches()
-            if schedule:
+            tokens = tokens if reuse_batch else batches()
+            rate = E.lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
+            if schedule and not late_lr:
                 for group in opt.param_groups:
-                    group["lr"] = E.lr_at(
-                        step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac
-                    )
+                    group["lr"] = rate
             loss, _ = E.sae_loss(model, sae, tokens, cfg)
             if nan_check and not torch.isfinite(loss):
                 raise E.TrainingDiverged(f"the loss became {loss.item()} at step {step}")
-            if zero_grad:
+            if zero_grad and not zero_grad_between:
                 opt.zero_grad()
             loss.backward()
+            if zero_grad_between:
+                opt.zero_grad()
             if clip == "before step":
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            elif clip == "by value":
+                torch.nn.utils.clip_grad_value_(sae.parameters(), cfg.grad_clip)
             opt.step()
             if clip == "after step":
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            if late_lr:
+                for group in opt.param_groups:
+                    group["lr"] = rate
+            losses.append(loss.item())
+        return losses
 
     return train
 
@@ -607,6 +692,7 @@ def _spliced_target(model, sae, cfg, batches):
     """KL measured against a second spliced run instead of the clean model."""
     model.requires_grad_(False)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    losses = []
     for step in range(cfg.steps):
         tokens = batches()
         for group in opt.param_groups:
@@ -622,6 +708,8 @@ def _spliced_target(model, sae, cfg, batches):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 TRAIN_MISTAKES = [
@@ -675,6 +763,38 @@ def _train_cases() -> list[Case]:
     ]
 
 
+def _losses_of(returned) -> object:
+    """The list of per-step losses a loop returned (the library's dict of histories counts)."""
+    if isinstance(returned, dict) and "loss" in returned:
+        returned = returned["loss"]
+    if isinstance(returned, (list, tuple)) and all(
+        isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+        for v in returned
+    ):
+        return torch.tensor([float(v) for v in returned], dtype=torch.float64)
+    return returned
+
+
+def _compare_training(expected, actual) -> str | None:
+    if "steps" in expected and "steps" in actual:
+        (want, clip), (got, _) = expected["steps"], actual["steps"]
+        problem = step_divergence(want, got, grad_clip=clip)
+        if problem:
+            return problem
+    want = {k: v for k, v in expected.items() if k not in ("steps", "returned losses")}
+    got = {k: v for k, v in actual.items() if k not in ("steps", "returned losses")}
+    problem = _mismatch(want, got, 1e-4, 1e-3)
+    if problem or "returned losses" not in expected:
+        return problem
+    losses = actual["returned losses"]
+    if not isinstance(losses, torch.Tensor):
+        return (
+            "train_sae trained correctly but returned "
+            f"{type(losses).__name__}: return the list of the per-step losses (floats)"
+        )
+    return _mismatch(expected["returned losses"], losses, 1e-4, 1e-3, path="the returned losses")
+
+
 @exercise("2.6", "train_sae")
 def train_sae(learner) -> str:
     if not callable(learner):
@@ -685,8 +805,7 @@ def train_sae(learner) -> str:
             _run_training(_reference_train),
             _train_cases(),
             lifted_mistakes(TRAIN_MISTAKES, _run_training),
-            atol=1e-4,
-            rtol=1e-3,
+            compare=_compare_training,
         )
         + f"; {TRAIN_STEPS} steps each on a tiny model, which stayed frozen"
     )

@@ -6,13 +6,37 @@ References live in :mod:`course_utils.transcoders` and :mod:`course_utils.circui
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
 
 import torch
 
 from course_utils import circuits as C
 from course_utils import transcoders as T
-from course_utils.checks.core import Case, Mistake, compare_function, exercise
+from course_utils.checks.core import (
+    Case,
+    Mistake,
+    compare_function,
+    exercise,
+    gradient_compare,
+    lifted_mistakes,
+    with_gradients,
+)
+
+
+def _differentiable(learner, reference, cases, mistakes, wrt, what) -> str:
+    """compare_function that also compares the gradients reaching the inputs named in ``wrt``
+    (training back-propagates through these functions)."""
+    if not callable(learner):
+        return compare_function(learner, reference, [], [])
+    return (
+        compare_function(
+            with_gradients(learner, wrt),
+            with_gradients(reference, wrt),
+            cases,
+            lifted_mistakes(mistakes, lambda f: with_gradients(f, wrt)),
+            compare=gradient_compare(),
+        )
+        + f", and gradients reach {what}"
+    )
 
 
 def _g(seed: int) -> torch.Generator:
@@ -108,7 +132,14 @@ def _forward_cases() -> list[Case]:
 
 @exercise("1.1", "transcoder_forward")
 def transcoder_forward(learner) -> str:
-    return compare_function(learner, T.transcoder_forward, _forward_cases(), FORWARD_MISTAKES)
+    return _differentiable(
+        learner,
+        T.transcoder_forward,
+        _forward_cases(),
+        FORWARD_MISTAKES,
+        {"W_enc": 1, "b_enc": 2, "W_dec": 3, "b_dec": 4},
+        "every weight and bias",
+    )
 
 
 # ---------------------------------------------------------------- 1.2 transcoder loss
@@ -184,7 +215,14 @@ def _loss_cases() -> list[Case]:
 
 @exercise("1.2", "transcoder_loss")
 def transcoder_loss(learner) -> str:
-    return compare_function(learner, T.transcoder_loss, _loss_cases(), LOSS_MISTAKES)
+    return _differentiable(
+        learner,
+        T.transcoder_loss,
+        _loss_cases(),
+        LOSS_MISTAKES,
+        {"W_enc": 2, "b_enc": 3, "W_dec": 4, "b_dec": 5},
+        "every weight and bias",
+    )
 
 
 # ---------------------------------------------------------------- 1.3 skip transcoder
@@ -239,7 +277,14 @@ def _skip_cases() -> list[Case]:
 
 @exercise("1.3", "skip_transcoder_forward")
 def skip_transcoder_forward(learner) -> str:
-    return compare_function(learner, T.skip_transcoder_forward, _skip_cases(), SKIP_MISTAKES)
+    return _differentiable(
+        learner,
+        T.skip_transcoder_forward,
+        _skip_cases(),
+        SKIP_MISTAKES,
+        {"W_enc": 1, "W_dec": 3, "W_skip": 5},
+        "W_enc, W_dec and W_skip",
+    )
 
 
 # ---------------------------------------------------------------- 1.4 the hook pair
@@ -536,12 +581,16 @@ def head_attribution(learner) -> str:
 # ---------------------------------------------------------------- 3.4 de-embedding
 
 
-def _fake_model(seed: int, d_vocab: int = 12, d_model: int = 8) -> SimpleNamespace:
-    g = _g(seed)
-    return SimpleNamespace(
-        W_E=torch.randn(d_vocab, d_model, generator=g) + 0.5,
-        W_U=torch.randn(d_model, d_vocab, generator=g),
-    )
+def _embedding_model(seed: int):
+    """A real tiny HookedTransformer, so that every spelling of its API works (model.W_E,
+    model.embed.W_E, model.unembed.W_U, model.embed(tokens) ...); its embedding is shifted off
+    zero mean so that forgetting to centre f_enc shows."""
+    from course_utils.models import tiny_random_model
+
+    model = tiny_random_model(seed=seed)
+    with torch.no_grad():
+        model.embed.W_E.add_(0.5 + 0.3 * torch.randn(model.cfg.d_model, generator=_g(seed)))
+    return model
 
 
 DE_EMBEDDING_MISTAKES = [
@@ -572,8 +621,8 @@ def _de_embedding_reference(model, tc, feature):
 
 def _de_embedding_cases() -> list[Case]:
     return [
-        Case("seeded random", (_fake_model(30), _random_tc(31), 2)),
-        Case("last feature", (_fake_model(32), _random_tc(33), 5)),
+        Case("seeded random", (_embedding_model(30), _random_tc(31, d_model=32), 2)),
+        Case("last feature", (_embedding_model(32), _random_tc(33, d_model=32), 5)),
     ]
 
 
