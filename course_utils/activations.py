@@ -98,6 +98,10 @@ def corpus_stream(tokenizer, split: str) -> Int[Tensor, " n_tokens"]:
     """The split as one token stream: each file is preceded by the end-of-text token."""
     from course_utils import corpus
 
+    if getattr(tokenizer, "truncation", None) or getattr(tokenizer, "padding", None):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(_plain_tokenizer_json(tokenizer))  # never cut files short
     eot = tokenizer.token_to_id(corpus.END_OF_TEXT)
     if eot is None:
         raise ValueError(f"the tokenizer has no {corpus.END_OF_TEXT!r} token.")

@@ -9,7 +9,7 @@ import torch
 
 from course_utils import bilinear as ref
 from course_utils.checks import ch08 as check
-from course_utils.checks.core import FAILED, PASSED, outcome
+from course_utils.checks.core import FAILED, outcome
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -71,7 +71,6 @@ CHECKS = [
     ),
     (check.logit_hessian, ref.logit_hessian, check.HESSIAN_MISTAKES, _hessian_finite_difference),
 ]
-contract_tests(check, CHECKS, globals())
 
 
 # ------------------------------------------------------------------ second correct implementations
@@ -158,29 +157,116 @@ def _hessian_jacfwd(model, x, c):
     return torch.func.jacfwd(torch.func.jacrev(f))(x)
 
 
-SECOND_CORRECT = [
-    (check.bilinear_tensor, _tensor_by_loops),
-    (check.bilinear_tensor, _tensor_by_broadcast),
-    (check.interaction_matrix, _interaction_by_matmul),
-    (check.interaction_matrix, _interaction_by_tensordot),
-    (check.eigen_decompose, _eig_with_loop),
-    (check.eigen_decompose, _eig_via_svd_sign),
-    (check.truncated_logits, _truncated_loop),
-    (check.truncated_logits, _truncated_via_lowrank_Q),
-    (check.effective_rank, _rank_norms),
-    (check.effective_rank, _rank_normalised),
-    (check.logit_hessian, _hessian_autograd),
-    (check.logit_hessian, _hessian_jacfwd),
-]
+CORRECT = {
+    check.bilinear_tensor: [_tensor_by_loops, _tensor_by_broadcast],
+    check.interaction_matrix: [_interaction_by_matmul, _interaction_by_tensordot],
+    check.eigen_decompose: [_eig_with_loop, _eig_via_svd_sign],
+    check.truncated_logits: [_truncated_loop, _truncated_via_lowrank_Q],
+    check.effective_rank: [_rank_norms, _rank_normalised],
+    check.logit_hessian: [_hessian_autograd, _hessian_jacfwd],
+}
 
 
-@pytest.mark.parametrize(
-    "check_fn, impl",
-    SECOND_CORRECT,
-    ids=[f"{c.exercise.name}: {i.__name__}" for c, i in SECOND_CORRECT],
-)
-def test_other_correct_implementations_pass(check_fn, impl):
-    assert outcome(check_fn, impl) == (PASSED, "")
+# ------------------------------------------------- wrong answers a learner writes (issue 13)
+
+
+def _tensor_mean_over_hidden(W1, W2, P):
+    return torch.einsum("oa,ai,aj->oij", P, W1, W2) / W1.shape[0]
+
+
+def _tensor_P_detached(W1, W2, P):
+    return torch.einsum("oa,ai,aj->oij", P.detach(), W1, W2)
+
+
+def _tensor_summed_P(W1, W2, P):
+    return P.sum(1)[:, None, None] * (W1.T @ W2)[None]
+
+
+def _interaction_mean(B, u):
+    return ref.symmetrize(torch.einsum("o,oij->ij", u, B)) / u.shape[0]
+
+
+def _interaction_u_detached(B, u):
+    M = torch.einsum("o,oij->ij", u.detach(), B)
+    return (M + M.T) / 2
+
+
+def _interaction_M_MT(B, u):
+    M = torch.einsum("o,oij->ij", u, B)
+    return M @ M.T / 2
+
+
+def _eig_abs_ascending(Q):
+    values, vectors = torch.linalg.eigh(Q)
+    order = values.abs().argsort(dim=-1)
+    return values.gather(-1, order), vectors.gather(-1, order.unsqueeze(-2).expand_as(vectors))
+
+
+def _eig_svd(Q):
+    U, S, _ = torch.linalg.svd(Q)
+    return S, U
+
+
+def _eig_vectors_unnormalised(Q):
+    values, vectors = ref.eigen_decompose(Q)
+    return values, vectors * values.abs().clamp_min(1e-3).unsqueeze(-2)
+
+
+def _truncated_square_after_weighting(values, vectors, x, k):
+    proj = torch.einsum("bd,cdk->bck", x, vectors[..., :k])
+    return torch.einsum("bck,ck->bc", proj, values[..., :k]).pow(2)
+
+
+def _truncated_mean_over_k(values, vectors, x, k):
+    return ref.truncated_logits(values, vectors, x, k) / max(k, 1)
+
+
+def _truncated_all_kept(values, vectors, x, k):
+    return ref.truncated_logits(values, vectors, x, values.shape[-1])
+
+
+def _rank_l2_not_squared(values):
+    l1, l2 = values.abs().sum(-1), values.pow(2).sum(-1).sqrt()
+    return torch.nan_to_num(l1**2 / l2)
+
+
+def _rank_flattened(values):
+    l1, l2 = values.abs().sum(), values.norm()
+    return torch.nan_to_num((l1 / l2) ** 2).expand(values.shape[:-1])
+
+
+def _rank_count_nonzero(values):
+    return (values != 0).sum(-1).float()
+
+
+def _hessian_at_zero(model, x, c):
+    return ref.logit_hessian(model, torch.zeros_like(x), c)
+
+
+def _hessian_diagonal_only(model, x, c):
+    return torch.diag(torch.diagonal(ref.logit_hessian(model, x, c)))
+
+
+def _hessian_relative_logit(model, x, c):
+    f = lambda z: (lambda out: out[0, c] - out[0].mean())(model(z[None]))  # noqa: E731
+    return torch.func.hessian(f)(x)
+
+
+WRONG = {
+    check.bilinear_tensor: [_tensor_mean_over_hidden, _tensor_P_detached, _tensor_summed_P,
+                            _tensor_detached],  # fmt: skip
+    check.interaction_matrix: [_interaction_mean, _interaction_u_detached, _interaction_M_MT,
+                               CHECKS[1][3]],  # fmt: skip
+    check.eigen_decompose: [_eig_abs_ascending, _eig_svd, _eig_vectors_unnormalised,
+                            _eig_descending_by_signed_then_abs],  # fmt: skip
+    check.truncated_logits: [_truncated_square_after_weighting, _truncated_mean_over_k,
+                             _truncated_all_kept, _truncated_k_as_fraction],  # fmt: skip
+    check.effective_rank: [_rank_l2_not_squared, _rank_flattened, _rank_count_nonzero,
+                           CHECKS[4][3]],  # fmt: skip
+    check.logit_hessian: [_hessian_at_zero, _hessian_diagonal_only, _hessian_relative_logit,
+                          _hessian_finite_difference],  # fmt: skip
+}
+contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 
 
 # ------------------------------------------------------------------ targeted messages
@@ -188,7 +274,7 @@ def test_other_correct_implementations_pass(check_fn, impl):
 
 def test_detached_tensor_gets_the_gradient_message():
     status, message = outcome(check.bilinear_tensor, _tensor_detached)
-    assert status == FAILED and "carries no gradient" in message
+    assert status == FAILED and "no gradient flows back to `W1`" in message
 
 
 def test_hessian_that_leaves_gradients_in_the_model_is_rejected():

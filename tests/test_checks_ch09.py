@@ -9,7 +9,7 @@ from torch import nn
 
 from course_utils import polytopes as P
 from course_utils.checks import ch09 as check
-from course_utils.checks.core import FAILED, PASSED, outcome
+from course_utils.checks.core import FAILED, outcome
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -66,9 +66,6 @@ CHECKS = [
     (check.cluster_purity, P.cluster_purity, check.PURITY_MISTAKES, _purity_of_biggest_cluster),
 ]
 
-contract_tests(check, CHECKS, globals())
-
-
 # ------------------------------------------------------------- a second correct answer each
 
 
@@ -101,6 +98,10 @@ def _codes_from_activations(model, x):
 
 def _spline_by_hooks(model, x):
     return torch.cat(_codes_by_forward_hooks(model, x), dim=1)
+
+
+def _spline_from_activations(model, x):
+    return torch.cat(_codes_from_activations(model, x), -1)
 
 
 def _affine_by_jacobian(model, x):
@@ -184,29 +185,110 @@ def _purity_sklearn(labels, clusters):
     return float(table.max(axis=0).sum() / table.sum())
 
 
-ALTERNATIVES = [
-    (check.layer_codes, _codes_by_forward_hooks),
-    (check.layer_codes, _codes_from_activations),
-    (check.spline_code, _spline_by_hooks),
-    (check.spline_code, lambda model, x: torch.cat(_codes_from_activations(model, x), -1)),
-    (check.local_affine_map, _affine_by_jacobian),
-    (check.local_affine_map, _affine_by_masked_weights),
-    (check.code_changes_along_path, _changes_by_unique),
-    (check.code_changes_along_path, _changes_loop),
-    (check.hyperplane_crossings, _crossings_loop),
-    (check.hyperplane_crossings, _crossings_where),
-    (check.cluster_purity, _purity_loop),
-    (check.cluster_purity, _purity_sklearn),
-]
+CORRECT = {
+    check.layer_codes: [_codes_by_forward_hooks, _codes_from_activations],
+    check.spline_code: [_spline_by_hooks, _spline_from_activations],
+    check.local_affine_map: [_affine_by_jacobian, _affine_by_masked_weights],
+    check.code_changes_along_path: [_changes_by_unique, _changes_loop],
+    check.hyperplane_crossings: [_crossings_loop, _crossings_where],
+    check.cluster_purity: [_purity_loop, _purity_sklearn],
+}
 
 
-@pytest.mark.parametrize(
-    "check_fn, impl",
-    ALTERNATIVES,
-    ids=[f"{c.exercise.name}: {i.__name__}" for c, i in ALTERNATIVES],
-)
-def test_other_correct_answers_pass(check_fn, impl):
-    assert outcome(check_fn, impl) == (PASSED, "")
+# ------------------------------------------------- wrong answers a learner writes (issue 13)
+
+
+def _codes_sigmoid_half(model, x):
+    """Thresholds the ReLU OUTPUT at a small positive value: misses barely-on neurons."""
+    out, h = [], x
+    for layer in P.linear_layers(model)[:-1]:
+        h = torch.relu(layer(h))
+        out.append(h > 1e-2)
+    return out
+
+
+def _codes_input_not_relu(model, x):
+    """Feeds the next layer the codes (0/1) instead of the activations."""
+    out, h = [], x
+    for layer in P.linear_layers(model)[:-1]:
+        z = layer(h)
+        out.append(z > 0)
+        h = (z > 0).to(z.dtype)
+    return out
+
+
+def _spline_stack_not_cat(model, x):
+    return torch.stack([c.any(-1) for c in P.layer_codes(model, x)], dim=-1)
+
+
+def _spline_thresholded_output(model, x):
+    return torch.cat(_codes_sigmoid_half(model, x), dim=-1)
+
+
+def _affine_first_layer_only(model, x):
+    layers = P.linear_layers(model)
+    W, b = layers[0].weight, layers[0].bias
+    return W.expand(x.shape[0], -1, -1).detach(), b.expand(x.shape[0], -1).detach()
+
+
+def _affine_mask_after_weight(model, x):
+    """Masks the rows of the NEXT layer's output instead of the current layer's."""
+    layers = P.linear_layers(model)
+    codes = P.layer_codes(model, x)
+    A = layers[0].weight.expand(x.shape[0], -1, -1)
+    c = layers[0].bias.expand(x.shape[0], -1)
+    for code, layer in zip(codes, layers[1:], strict=True):
+        A = layer.weight @ A
+        c = c @ layer.weight.T + layer.bias
+        if A.shape[1] == code.shape[1]:
+            A = A * code[:, :, None]
+            c = c * code
+    return A.detach(), c.detach()
+
+
+def _changes_linspace_n_steps_minus_one(model, x0, x1, n_steps):
+    return P.code_changes_along_path(model, x0, x1, max(n_steps - 1, 1))
+
+
+def _changes_total_over_batch(model, x0, x1, n_steps):
+    return P.code_changes_along_path(model, x0, x1, n_steps).sum().expand(x0.shape[0])
+
+
+def _crossings_closed_interval(W, b, x0, x1):
+    z0, slope = W @ x0 + b, W @ (x1 - x0)
+    moving = slope != 0
+    t = -z0[moving] / slope[moving]
+    return torch.sort(t[(t >= 0) & (t <= 1)]).values
+
+
+def _crossings_descending(W, b, x0, x1):
+    return P.hyperplane_crossings(W, b, x0, x1).flip(0)
+
+
+def _purity_mode_of_all(labels, clusters):
+    return (labels == labels.mode().values).float().mean().item()
+
+
+def _purity_n_clusters(labels, clusters):
+    total = 0
+    for c in clusters.unique():
+        total += labels[clusters == c].bincount().max().item()
+    return total / clusters.unique().numel() / 100
+
+
+WRONG = {
+    check.layer_codes: [_codes_sigmoid_half, _codes_input_not_relu, _codes_of_a_shifted_input,
+                        _codes_float],  # fmt: skip
+    check.spline_code: [_spline_stack_not_cat, _spline_thresholded_output, CHECKS[1][3]],
+    check.local_affine_map: [_affine_first_layer_only, _affine_mask_after_weight,
+                             _affine_no_bias_at_all],  # fmt: skip
+    check.code_changes_along_path: [_changes_linspace_n_steps_minus_one, _changes_total_over_batch,
+                                    _changes_per_unit_length],  # fmt: skip
+    check.hyperplane_crossings: [_crossings_closed_interval, _crossings_descending,
+                                 _crossings_points],  # fmt: skip
+    check.cluster_purity: [_purity_mode_of_all, _purity_n_clusters, _purity_of_biggest_cluster],
+}
+contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 
 
 def test_hooks_left_behind_do_not_matter_but_are_not_left_by_the_alternative():

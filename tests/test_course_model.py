@@ -276,3 +276,14 @@ def test_token_streams_match_the_model_card(model):
     backend = model.tokenizer.backend_tokenizer
     for split in ("train", "validation"):
         assert len(corpus_stream(backend, split)) == card[split], split
+
+
+def test_token_streams_ignore_truncation_left_on_the_shared_tokenizer(model):
+    """model.to_tokens switches truncation on in the backend tokenizer; the corpus stays whole."""
+    from course_utils.activations import corpus_stream
+
+    model.to_tokens("x = 1")
+    backend = model.tokenizer.backend_tokenizer
+    assert len(corpus_stream(backend, "validation")) == cm.read_metadata()["corpus"]["tokens"][
+        "validation"
+    ]

@@ -1,7 +1,8 @@
 """Checks for chapter 06, intervening on features.
 
 References live in :mod:`course_utils.interventions`. Every check of hook-using code runs it on
-a tiny random model with a tiny SAELens SAE and fails when a hook is left attached afterwards.
+a tiny random model with a tiny SAELens SAE; compare_function fails any case after which a hook is
+left attached (or the model changed), so no chapter-specific "hook left" Mistake is needed.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ import torch
 from course_utils import interventions as I
 from course_utils.checks.core import (
     Case,
-    CheckFailed,
     Mistake,
     compare_function,
     exercise,
-    lifted_mistakes,
 )
-from course_utils.checks.core import mismatch as _mismatch
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -62,55 +60,11 @@ def _tiny():
     return copy.deepcopy(model), copy.deepcopy(sae), tokens.clone()
 
 
-def _with_hooks_left(fn):
-    """Run ``fn(model, ...)`` and return (its output, the hooks it left on the model)."""
-
-    def run(model, *args, **kwargs):
-        out = fn(model, *args, **kwargs)
-        return out, I.hooks_left(model)
-
-    run.__name__ = getattr(fn, "__name__", "learner")
-    run.__wrapped__ = fn
-    return run
-
-
-def _compare_with_hooks(atol: float = 1e-4, rtol: float = 1e-4):
-    def compare(expected, actual) -> str | None:
-        if not isinstance(actual, tuple) or len(actual) != 2:
-            return "the function did not return"
-        (want, want_left), (got, left) = expected, actual
-        problem = _mismatch(want, got, atol, rtol)
-        if problem:
-            return problem
-        if sorted(left) != sorted(want_left):  # the reference leaves none; a Mistake may
-            if not left:
-                return "no hook left behind (unlike the answer it is compared with)"
-            return (
-                f"the values are right, but a hook is still attached to {left[0]!r} after your "
-                "function returned: every later forward pass would be edited too. Use "
-                "model.run_with_hooks(..., fwd_hooks=[...]) or `with model.hooks(...)`, which "
-                "remove their hooks (or call model.reset_hooks())."
-            )
-        return None
-
-    return compare
-
-
 def _hooked_check(learner, reference, cases, mistakes, atol=1e-4, rtol=1e-4) -> str:
-    if not callable(learner):
-        raise CheckFailed(
-            f"expected a function, got {type(learner).__name__}: pass the function itself."
-        )
-    wrapped = _with_hooks_left(learner)
-    functools.update_wrapper(wrapped, learner)
+    """compare_function itself fails any case after which the learner's code left a hook on the
+    model (or changed it), with its own message; here only the values are compared."""
     return (
-        compare_function(
-            wrapped,
-            _with_hooks_left(reference),
-            cases,
-            lifted_mistakes(mistakes, _with_hooks_left),
-            compare=_compare_with_hooks(atol, rtol),
-        )
+        compare_function(learner, reference, cases, mistakes, atol=atol, rtol=rtol)
         + "; no hook left behind"
     )
 
@@ -231,11 +185,6 @@ def _error_sign(model, sae, tokens, hook_name, edit, keep_error=True):
     return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook)])
 
 
-def _hook_left(model, sae, tokens, hook_name, edit, keep_error=True):
-    model.add_hook(hook_name, I.feature_edit_hook(sae, edit, keep_error))
-    return model(tokens)
-
-
 def _hook_returns_none(model, sae, tokens, hook_name, edit, keep_error=True):
     def hook(a, hook):
         f = sae.encode(a)
@@ -267,12 +216,6 @@ SPLICE_MISTAKES = [
         "error subtracted",
         _error_sign,
         "the error is a - dec(f), and it is ADDED: dec(f') + (a - dec(f)) equals a when f' = f.",
-    ),
-    Mistake(
-        "hook left attached",
-        _hook_left,
-        "model.add_hook keeps the hook for every later forward pass: use model.run_with_hooks or "
-        "`with model.hooks(fwd_hooks=...)`.",
     ),
     Mistake(
         "hook returns None",
@@ -430,11 +373,6 @@ def _steer_last_only(model, tokens, hook_name, direction, coeff):
     return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook)])
 
 
-def _steer_hook_left(model, tokens, hook_name, direction, coeff):
-    model.add_hook(hook_name, I.steering_hook(direction, coeff))
-    return model(tokens)
-
-
 def _steer_subtract(model, tokens, hook_name, direction, coeff):
     return I.run_with_steering(model, tokens, hook_name, direction, -coeff)
 
@@ -456,11 +394,6 @@ STEER_MISTAKES = [
         _steer_last_only,
         "steer every position after BOS (1:), not only the last: earlier positions feed the "
         "last one through attention.",
-    ),
-    Mistake(
-        "hook left attached",
-        _steer_hook_left,
-        "model.add_hook keeps steering every later forward pass: use model.run_with_hooks.",
     ),
     Mistake(
         "subtracted",
@@ -579,11 +512,6 @@ def _atp_gradient_only(model, sae, tokens, hook_name, metric):
     return f, -grad
 
 
-def _atp_hook_left(model, sae, tokens, hook_name, metric):
-    model.add_hook(hook_name, lambda a, hook: a)
-    return I.attribution_patching(model, sae, tokens, hook_name, metric)
-
-
 ATP_MISTAKES = [
     Mistake(
         "mean over the batch",
@@ -607,12 +535,6 @@ ATP_MISTAKES = [
         _atp_gradient_only,
         "multiply the gradient by the change the ablation makes, -f: a large gradient on a "
         "feature that is 0 means nothing for its ablation.",
-    ),
-    Mistake(
-        "hook left attached",
-        _atp_hook_left,
-        "a hook added with model.add_hook stays: use run_with_hooks (it removes forward and "
-        "backward hooks when the pass ends).",
     ),
 ]
 

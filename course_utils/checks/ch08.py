@@ -23,59 +23,15 @@ from course_utils.checks.core import (
     Mistake,
     compare_function,
     exercise,
+    gradient_compare,
     lifted_mistakes,
     mismatch,
+    with_gradients,
 )
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _with_grads(fn: Callable, n_inputs: int) -> Callable:
-    """``fn`` -> a function returning (output, gradient of <output, R> w.r.t. each of the first
-    ``n_inputs`` arguments), R a fixed random tensor: compares the backward pass too."""
-
-    def run(*args: Any) -> tuple:
-        inputs = [a.detach().clone().requires_grad_(True) for a in args[:n_inputs]]
-        out = fn(*inputs, *args[n_inputs:])
-        if not isinstance(out, torch.Tensor):
-            return (out,)
-        if not out.requires_grad:
-            raise CheckFailed(
-                "your output carries no gradient: the inputs require grad but the result does "
-                "not depend on them through torch operations. Stay in torch (no `.numpy()`, "
-                "`.item()`, `.detach()` or `torch.no_grad()`), so the layer can be trained."
-            )
-        weight = torch.randn(out.shape, generator=_gen(99), dtype=out.dtype)
-        grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
-        return (
-            out.detach(),
-            *[torch.zeros_like(a) if g is None else g for a, g in zip(inputs, grads, strict=True)],
-        )
-
-    return run
-
-
-def _grad_compare(atol: float = 1e-5, rtol: float = 1e-4) -> Callable:
-    names = [
-        "output",
-        "gradient w.r.t. the 1st input",
-        "gradient w.r.t. the 2nd input",
-        "gradient w.r.t. the 3rd input",
-    ]
-
-    def compare(expected: tuple, actual: tuple) -> str | None:
-        problem = mismatch(expected[0], actual[0], atol, rtol, "output")
-        if problem:
-            return problem
-        for i in range(1, len(expected)):
-            problem = mismatch(expected[i], actual[i], atol, rtol, names[i])
-            if problem:
-                return problem + " (the output matches, but its gradient does not)"
-        return None
-
-    return compare
 
 
 # ---------------------------------------------------------------- 8.1 bilinear_tensor
@@ -140,15 +96,18 @@ def _tensor_cases() -> list[Case]:
     ]
 
 
+_TENSOR_WRT = {"W1": 0, "W2": 1, "P": 2}
+
+
 @exercise("8.1", "bilinear_tensor")
 def bilinear_tensor(learner) -> str:
     return (
         compare_function(
-            _with_grads(learner, 3),
-            _with_grads(ref.bilinear_tensor, 3),
+            with_gradients(learner, _TENSOR_WRT),
+            with_gradients(ref.bilinear_tensor, _TENSOR_WRT),
             _tensor_cases(),
-            lifted_mistakes(BILINEAR_TENSOR_MISTAKES, lambda m: _with_grads(m, 3)),
-            compare=_grad_compare(),
+            lifted_mistakes(BILINEAR_TENSOR_MISTAKES, lambda m: with_gradients(m, _TENSOR_WRT)),
+            compare=gradient_compare(),
         )
         + "; gradients flow to W1, W2 and P"
     )
@@ -204,15 +163,18 @@ def _interaction_cases() -> list[Case]:
     ]
 
 
+_INTERACTION_WRT = {"B": 0, "u": 1}
+
+
 @exercise("8.2", "interaction_matrix")
 def interaction_matrix(learner) -> str:
     return (
         compare_function(
-            _with_grads(learner, 2),
-            _with_grads(ref.interaction_matrix, 2),
+            with_gradients(learner, _INTERACTION_WRT),
+            with_gradients(ref.interaction_matrix, _INTERACTION_WRT),
             _interaction_cases(),
-            lifted_mistakes(INTERACTION_MISTAKES, lambda m: _with_grads(m, 2)),
-            compare=_grad_compare(),
+            lifted_mistakes(INTERACTION_MISTAKES, lambda m: with_gradients(m, _INTERACTION_WRT)),
+            compare=gradient_compare(),
         )
         + "; gradients flow to B and u"
     )

@@ -426,6 +426,15 @@ def _cross_cases() -> list[Case]:
             "a neuron parallel to the path, one never reached",
             (Wp, bp, torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])),
         ),
+        Case(
+            "hyperplanes through the endpoints (t = 0 and t = 1 are not inside)",
+            (
+                torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0], [1.0, -1.0]]),
+                torch.tensor([-1.0, 0.0, -1.0, 0.3]),
+                torch.tensor([0.0, 0.0]),
+                torch.tensor([1.0, 1.0]),
+            ),
+        ),
     ]
 
 
