@@ -37,6 +37,9 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("03", "saes_on_a_language_model", "SAEs on a language model", "4-5 h", 480),
     Chapter("04", "end_to_end_saes", "End-to-end SAEs", "3-4 h", 480),
     Chapter("05", "transcoders_and_circuits", "Transcoders and feature circuits", "4 h", 480),
+    Chapter(
+        "07", "attribution_graphs", "Attribution graphs with cross-layer transcoders", "4 h", 480
+    ),
 )
 
 
