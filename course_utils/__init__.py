@@ -18,6 +18,10 @@ Where things live (one module per idea):
 - ``transcoders``, ``circuits``  chapter 05: transcoders, paired activations, splicing, the
                  transcoder-vs-SAE sweep, SAELens export; exact feature-circuit decompositions,
                  greedy path search and path graphs
+- ``clt``, ``attribution_graphs``  chapter 07: cross-layer transcoders (JumpReLU, tanh penalty,
+                 training, replacement-model evaluation, files, the ``build-clt`` sweep); the local
+                 replacement model, attribution graphs, influence, pruning, scores, interventions,
+                 circuit-tracer-style JSON and a plotly graph view
 - ``widgets``    sliders that degrade to a static figure when no front end is attached
 - ``build``      solution notebook -> exercise notebook
 - ``grading``    ``course check``: run a learner's notebook and tabulate its exercises

@@ -45,7 +45,9 @@ def check_prompt(model: HookedTransformer, tokens: Tensor) -> Int[Tensor, " pos"
     if tokens.ndim == 2 and tokens.shape[0] == 1:
         tokens = tokens[0]
     if tokens.ndim != 1:
-        raise ValueError(f"an attribution graph is for ONE prompt; got tokens of shape {tuple(tokens.shape)}.")
+        raise ValueError(
+            f"an attribution graph is for ONE prompt; got tokens of shape {tuple(tokens.shape)}."
+        )
     if len(tokens) < 2:
         raise ValueError("the prompt needs at least 2 tokens (BOS and one more).")
     if len(tokens) > model.cfg.n_ctx:
@@ -75,13 +77,13 @@ def check_target_tokens(model: HookedTransformer, target_tokens) -> list[int]:
 
 
 def _ln_names(n_layers: int) -> list[str]:
-    return [f"blocks.{l}.{ln}.hook_scale" for l in range(n_layers) for ln in ("ln1", "ln2")] + [
+    return [f"blocks.{i}.{ln}.hook_scale" for i in range(n_layers) for ln in ("ln1", "ln2")] + [
         "ln_final.hook_scale"
     ]
 
 
 def _pattern_names(n_layers: int) -> list[str]:
-    return [f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)]
+    return [f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)]
 
 
 @torch.no_grad()
@@ -95,12 +97,16 @@ def clean_run(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> dict:
         "logits": logits[0],
         "cache": {k: v[0] for k, v in cache.items()},
         "x": stack_layers([cache[T.hook_pair(layer)[0]][0] for layer in range(L)]),  # [pos, L, d]
-        "mlp_out": torch.stack([cache[T.hook_pair(layer)[1]][0] for layer in range(L)]),  # [L, pos, d]
+        "mlp_out": torch.stack(
+            [cache[T.hook_pair(layer)[1]][0] for layer in range(L)]
+        ),  # [L, pos, d]
         "embed": cache["blocks.0.hook_resid_pre"][0],  # [pos, d]
     }
 
 
-def freeze_hooks(model: HookedTransformer, cache: dict, attention: bool = True, layernorm: bool = True) -> list:
+def freeze_hooks(
+    model: HookedTransformer, cache: dict, attention: bool = True, layernorm: bool = True
+) -> list:
     """Hooks that replace attention patterns and/or LayerNorm scales by their cached (clean)
     values, broadcast over any batch of copies of the prompt."""
     L = model.cfg.n_layers
@@ -110,7 +116,11 @@ def freeze_hooks(model: HookedTransformer, cache: dict, attention: bool = True, 
         frozen = cache[name].detach()
 
         def hook(value, hook):
-            return frozen.expand_as(value).clone() if frozen.ndim < value.ndim else frozen.expand_as(value)
+            return (
+                frozen.expand_as(value).clone()
+                if frozen.ndim < value.ndim
+                else frozen.expand_as(value)
+            )
 
         return hook
 
@@ -307,7 +317,10 @@ def attribute(
         chunk = targets[start : start + batch_size]
         B = len(chunk)
         resid0 = run["embed"][None].expand(B, -1, -1).clone().requires_grad_(True)
-        mlps = [run["mlp_out"][layer][None].expand(B, -1, -1).clone().requires_grad_(True) for layer in range(L)]
+        mlps = [
+            run["mlp_out"][layer][None].expand(B, -1, -1).clone().requires_grad_(True)
+            for layer in range(L)
+        ]
         ln2: list[Tensor] = []
         logits = _frozen_forward(model, run, tokens, resid0, mlps, ln2)
         h = torch.stack(ln2, 1)  # [B, L, pos, d]
@@ -361,7 +374,9 @@ def attribute(
 def completeness_residual(graph: Graph) -> float:
     """max |sum of incoming edges + bias - value| over feature and logit nodes (float error)."""
     s = graph.slices()
-    keep = torch.cat([torch.arange(graph.n_features), torch.arange(s["logits"].start, graph.n_nodes)])
+    keep = torch.cat(
+        [torch.arange(graph.n_features), torch.arange(s["logits"].start, graph.n_nodes)]
+    )
     total = graph.adjacency[keep].sum(1) + graph.bias[keep]
     return float((total - graph.values[keep]).abs().max())
 
@@ -420,7 +435,9 @@ def prune_nodes(influence: Tensor, is_feature: Tensor, threshold: float) -> Tens
     return keep
 
 
-def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> tuple[Tensor, Tensor]:
+def prune_graph(
+    graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98
+) -> tuple[Tensor, Tensor]:
     """(node_mask, edge_mask): influence-based node pruning (features only: embeddings, errors and
     logits are kept, as in the paper), then edge pruning on the pruned graph (edge score =
     normalised weight x the target's influence, logit targets weighted by their probability)."""
@@ -544,8 +561,12 @@ def demeaned(logits_last: Tensor, token_ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def top_contexts(
-    model: HookedTransformer, clt: CrossLayerTranscoder, windows: Tensor, features: list[tuple[int, int]],
-    k: int = 3, width: int = 6,
+    model: HookedTransformer,
+    clt: CrossLayerTranscoder,
+    windows: Tensor,
+    features: list[tuple[int, int]],
+    k: int = 3,
+    width: int = 6,
 ) -> dict[tuple[int, int], list[str]]:
     """For each (layer, feature): its ``k`` top-activating tokens in ``windows`` with ``width``
     tokens of context before them (the token itself in [brackets])."""
@@ -606,8 +627,14 @@ def node_position(graph: Graph, index: int) -> tuple[int, float]:
     return graph.n_pos - 1, graph.n_layers + 1
 
 
-def to_json(graph: Graph, node_mask: Tensor, edge_mask: Tensor, token_str, slug: str = "graph",
-            contexts: dict | None = None) -> dict:
+def to_json(
+    graph: Graph,
+    node_mask: Tensor,
+    edge_mask: Tensor,
+    token_str,
+    slug: str = "graph",
+    contexts: dict | None = None,
+) -> dict:
     """The pruned graph as a dict in circuit-tracer's graph-file layout (``metadata``, ``qParams``,
     ``nodes``, ``links``; node ids as theirs: feature ``{layer}_{feature}_{pos}``, error
     ``0_{layer}_{pos}``, embedding ``E_{token}_{pos}``, logit ``{L+1}_{token}_{pos}``)."""
@@ -619,7 +646,11 @@ def to_json(graph: Graph, node_mask: Tensor, edge_mask: Tensor, token_str, slug:
         p, _ = node_position(graph, i)
         if kind == "feature":
             layer, _, f = graph.active[i].tolist()
-            nid, ftype, act = f"{layer}_{f}_{p}", "cross layer transcoder", float(graph.activations[i])
+            nid, ftype, act = (
+                f"{layer}_{f}_{p}",
+                "cross layer transcoder",
+                float(graph.activations[i]),
+            )
         elif kind == "error":
             layer = (i - s["errors"].start) // graph.n_pos
             nid, ftype, act = f"0_{layer}_{p}", "mlp reconstruction error", None
@@ -627,7 +658,11 @@ def to_json(graph: Graph, node_mask: Tensor, edge_mask: Tensor, token_str, slug:
             nid, ftype, act = f"E_{int(graph.tokens[p])}_{p}", "embedding", None
         else:
             k = i - s["logits"].start
-            nid, ftype, act = f"{graph.n_layers + 1}_{int(graph.logit_tokens[k])}_{p}", "logit", None
+            nid, ftype, act = (
+                f"{graph.n_layers + 1}_{int(graph.logit_tokens[k])}_{p}",
+                "logit",
+                None,
+            )
         ids[i] = nid
         node = {
             "node_id": nid, "feature_type": ftype, "ctx_idx": p, "influence": float(infl[i]),
@@ -679,7 +714,6 @@ def plot_graph(graph_json: dict, n_layers: int, title: str, max_edges: int = 400
         offsets[key] = k + 1
         coords[nid] = (n["ctx_idx"] + 0.12 * ((k % 5) - 2), y + 0.11 * (k // 5))
     links = sorted(graph_json["links"], key=lambda e: -abs(e["weight"]))[:max_edges]
-    wmax = max((abs(e["weight"]) for e in links), default=1.0) or 1.0
     fig = go.Figure()
     for sign, colour, name in ((1, "rgba(31,119,180,0.45)", "excitatory edge"),
                                (-1, "rgba(214,39,40,0.45)", "inhibitory edge")):  # fmt: skip
@@ -723,7 +757,7 @@ def plot_graph(graph_json: dict, n_layers: int, title: str, max_edges: int = 400
         xaxis={"title": "token position", "tickmode": "array", "tickvals": list(range(len(tokens))),
                "ticktext": [t.replace("\n", "\\n") for t in tokens], "tickangle": -60},
         yaxis={"title": "layer", "tickmode": "array", "tickvals": list(range(n_layers + 2)),
-               "ticktext": ["embeddings", *[f"layer {l}" for l in range(n_layers)], "logits"]},
+               "ticktext": ["embeddings", *[f"layer {i}" for i in range(n_layers)], "logits"]},
         legend={"orientation": "h", "y": -0.35}, margin={"b": 140},
     )  # fmt: skip
     return fig

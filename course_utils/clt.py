@@ -65,7 +65,9 @@ class _JumpReLU(torch.autograd.Function):
         pre, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         on = (pre > theta).to(grad.dtype)
-        window = ((pre - theta).abs() < eps / 2).to(grad.dtype)  # rectangle kernel K((pre-theta)/eps)
+        window = ((pre - theta).abs() < eps / 2).to(
+            grad.dtype
+        )  # rectangle kernel K((pre-theta)/eps)
         grad_theta = -(theta / eps) * window * grad
         # theta broadcasts over the batch: sum the pseudo-gradient back to its shape
         while grad_theta.ndim > theta.ndim:
@@ -160,7 +162,9 @@ class CrossLayerTranscoder(nn.Module):
         self.c, self.bandwidth, self.preact_coeff = float(c), float(bandwidth), float(preact_coeff)
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         bound = 1 / math.sqrt(d_model)
-        self.W_enc = nn.Parameter((torch.rand(n_layers, d_model, d_sae, generator=g) * 2 - 1) * bound)
+        self.W_enc = nn.Parameter(
+            (torch.rand(n_layers, d_model, d_sae, generator=g) * 2 - 1) * bound
+        )
         self.b_enc = nn.Parameter(torch.zeros(n_layers, d_sae))
         self.threshold = nn.Parameter(torch.full((n_layers, d_sae), float(threshold_init)))
         # each decoder vector starts with norm 0.1 / sqrt(number of target layers)
@@ -209,7 +213,9 @@ class CrossLayerTranscoder(nn.Module):
             )
 
     # -- forward
-    def pre_acts(self, x: Float[Tensor, "... n_layers d_in"]) -> Float[Tensor, "... n_layers d_sae"]:
+    def pre_acts(
+        self, x: Float[Tensor, "... n_layers d_in"]
+    ) -> Float[Tensor, "... n_layers d_sae"]:
         self._check(x)
         return torch.einsum("...ld,lds->...ls", x, self.W_enc) + self.b_enc
 
@@ -223,7 +229,9 @@ class CrossLayerTranscoder(nn.Module):
             y = y + acts[..., s, :] @ self.W_dec[s][:, layer - s]
         return y
 
-    def decode(self, acts: Float[Tensor, "... n_layers d_sae"]) -> Float[Tensor, "... n_layers d_out"]:
+    def decode(
+        self, acts: Float[Tensor, "... n_layers d_sae"]
+    ) -> Float[Tensor, "... n_layers d_out"]:
         return torch.stack([self.decode_layer(acts, t) for t in range(self.n_layers)], dim=-2)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -359,7 +367,9 @@ def evaluate_replacement(
     replaced_logits = model.run_with_hooks(tokens, fwd_hooks=replacement_hooks(clt))
     zero = model.run_with_hooks(
         tokens,
-        fwd_hooks=[(T.hook_pair(layer)[1], lambda v, hook: torch.zeros_like(v)) for layer in range(L)],
+        fwd_hooks=[
+            (T.hook_pair(layer)[1], lambda v, hook: torch.zeros_like(v)) for layer in range(L)
+        ],
     )
     clean, replaced = LS._ce(clean_logits, tokens), LS._ce(replaced_logits, tokens)
     zero_ce = LS._ce(zero, tokens)
@@ -374,7 +384,10 @@ def evaluate_replacement(
         "ce_recovered_zero": LS.ce_loss_recovered(clean, replaced, zero_ce),
         "kl": LS.kl_to_original(clean_logits, replaced_logits),
         "top1_agreement": (
-            (clean_logits[:, :-1].argmax(-1) == replaced_logits[:, :-1].argmax(-1)).float().mean().item()
+            (clean_logits[:, :-1].argmax(-1) == replaced_logits[:, :-1].argmax(-1))
+            .float()
+            .mean()
+            .item()
         ),
     }
     total_l0 = 0.0
@@ -384,7 +397,9 @@ def evaluate_replacement(
         centred = yl - yl.reshape(-1, yl.shape[-1]).mean(0)
         out[f"l0_{layer}"] = l0
         out[f"fvu_{layer}"] = ((yh - yl).pow(2).sum() / centred.pow(2).sum()).item()
-        out[f"dead_fraction_{layer}"] = (~(acts[..., layer, :] > 0).flatten(0, -2).any(0)).float().mean().item()
+        out[f"dead_fraction_{layer}"] = (
+            (~(acts[..., layer, :] > 0).flatten(0, -2).any(0)).float().mean().item()
+        )
         total_l0 += l0
     out["l0_total"] = total_l0
     return out
@@ -472,7 +487,9 @@ def load_clt(folder=None) -> CrossLayerTranscoder:
         )
     cfg = json.loads((folder / CFG_FILE).read_text())
     if cfg.get("architecture") != "cross_layer_transcoder":
-        raise ValueError(f"{folder} holds a {cfg.get('architecture')!r}, not a cross-layer transcoder.")
+        raise ValueError(
+            f"{folder} holds a {cfg.get('architecture')!r}, not a cross-layer transcoder."
+        )
     clt = CrossLayerTranscoder(
         cfg["n_layers"], cfg["d_model"], cfg["d_sae"], l1_coeff=cfg["l1_coeff"], c=cfg["c"],
         bandwidth=cfg["bandwidth"], preact_coeff=cfg["preact_coeff"], seed=None,
@@ -499,6 +516,7 @@ def asset_dir() -> Path:
     from course_utils.assets import ASSETS_DIR
 
     return ASSETS_DIR / "clt"
+
 
 SWEEP_TABLE = "clt_sweep.csv"
 #: Recipe of ``python -m course_utils.assets build-clt``: CLTs at several lambdas and per-layer
@@ -589,7 +607,9 @@ def build_reference_clt(out_root, recipe: dict | None = None, log=print, threads
     target = rows[-1]["l0_total"]  # the shipped per-layer transcoders' total L0
     lam = min(clts, key=lambda k: abs(clts[k][1]["l0_total"] - target))
     clt, ev = clts[lam]
-    log(f"shipping the CLT of lambda {lam} (total L0 {ev['l0_total']:.1f}; shipped PLTs {target:.1f})")
+    log(
+        f"shipping the CLT of lambda {lam} (total L0 {ev['l0_total']:.1f}; shipped PLTs {target:.1f})"
+    )
     metadata = {
         "model_name": "course-2l",
         "course_recipe": recipe,
@@ -621,6 +641,10 @@ def read_sweep_table(path=None) -> list[dict]:
         path = asset_dir() / SWEEP_TABLE
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `python -m course_utils.assets build-clt`.")
+        raise FileNotFoundError(
+            f"{path} does not exist: run `python -m course_utils.assets build-clt`."
+        )
     with path.open() as f:
-        return [{k: (v if k == "family" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [
+            {k: (v if k == "family" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)
+        ]

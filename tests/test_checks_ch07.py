@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _fwd_loop(x, W_enc, b_enc, threshold, W_dec, b_dec):
     L = W_enc.shape[0]
     acts = torch.stack(
-        [torch.where(x[:, l] @ W_enc[l] + b_enc[l] > threshold[l], x[:, l] @ W_enc[l] + b_enc[l], 0.0)
-         for l in range(L)], 1)  # fmt: skip
+        [torch.where(x[:, i] @ W_enc[i] + b_enc[i] > threshold[i], x[:, i] @ W_enc[i] + b_enc[i], 0.0)
+         for i in range(L)], 1)  # fmt: skip
     outs = []
     for t in range(L):
         y = sum(acts[:, s] @ W_dec[s][:, t - s] for s in range(t + 1))
@@ -157,11 +157,16 @@ ALTERNATIVES = [
     (check.normalise_adjacency, [_norm_where, _norm_loop]),
     (check.indirect_influence, [_infl_series, _infl_inv]),
     (check.prune_nodes, [_prune_loop, _prune_threshold_fn]),
-    (check.graph_scores, [_scores_dense, lambda graph, node_mask=None: AG.graph_scores(graph, node_mask)]),
+    (
+        check.graph_scores,
+        [_scores_dense, lambda graph, node_mask=None: AG.graph_scores(graph, node_mask)],
+    ),
 ]
 
 
-@pytest.mark.parametrize("check_fn, answers", ALTERNATIVES, ids=[c.exercise.name for c, _ in ALTERNATIVES])
+@pytest.mark.parametrize(
+    "check_fn, answers", ALTERNATIVES, ids=[c.exercise.name for c, _ in ALTERNATIVES]
+)
 def test_other_correct_answers_pass(check_fn, answers):
     for answer in answers:
         assert outcome(check_fn, answer) == (PASSED, ""), answer.__name__

@@ -67,11 +67,15 @@ def test_from_transcoders_reproduces_per_layer_transcoders(model):
 def test_training_reduces_the_loss(model):
     torch.manual_seed(0)
     clt = CLT.CrossLayerTranscoder(2, model.cfg.d_model, 32, l1_coeff=1e-3, seed=0)
-    tokens = torch.randint(0, model.cfg.d_vocab, (8, 16), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, model.cfg.d_vocab, (8, 16), generator=torch.Generator().manual_seed(1)
+    )
     x, y = CLT.clt_pairs(model, tokens)
     x, y = x.flatten(0, 1), y.flatten(0, 1)
     first = clt.loss(x, y)["loss"].item()
-    CLT.train_clt(clt, lambda: [x[:, 0], y[:, 0], x[:, 1], y[:, 1]], steps=60, lr=3e-3, log=lambda s: None)
+    CLT.train_clt(
+        clt, lambda: [x[:, 0], y[:, 0], x[:, 1], y[:, 1]], steps=60, lr=3e-3, log=lambda s: None
+    )
     assert clt.loss(x, y)["loss"].item() < 0.5 * first
     assert (clt.threshold >= 0).all()
 
@@ -160,3 +164,26 @@ def test_graph_json_and_plot(model, graph):
     assert {n["feature_type"] for n in js["nodes"]} >= {"embedding", "logit"}
     fig = AG.plot_graph(js, 2, "a graph")
     assert fig.layout.xaxis.title.text == "token position"
+
+
+@pytest.mark.skipif(
+    not (CLT.asset_dir() / CLT.SHIPPED_NAME / CLT.CFG_FILE).is_file(),
+    reason="no shipped CLT: python -m course_utils.assets build-clt",
+)
+def test_shipped_clt_matches_its_record_and_fits_the_asset_budget():
+    from course_utils.activations import corpus_windows
+    from course_utils.models import load_model
+
+    clt = CLT.load_clt()
+    record = clt.cfg_dict["metadata"]
+    course_model = load_model("course-2l")
+    tokens = corpus_windows(course_model, "validation")[: record["course_recipe"]["eval_windows"]]
+    ev = CLT.evaluate_replacement(course_model, tokens, clt)
+    for key in ("ce_replaced", "kl", "fvu_0", "fvu_1"):
+        assert abs(ev[key] - record["course_evaluation"][key]) < 2e-3, key
+    for key in ("l0_0", "l0_1"):
+        assert abs(ev[key] - record["course_evaluation"][key]) < 0.05, key
+    size = sum(p.stat().st_size for p in CLT.asset_dir().rglob("*") if p.is_file())
+    assert size < 1.5 * 2**20, f"the CLT assets are {size / 2**20:.2f} MB"
+    rows = CLT.read_sweep_table()
+    assert {r["family"] for r in rows} == {"clt", "plt", "plt-shipped-1024"}

@@ -24,7 +24,9 @@ def _clt_weights(seed: int, n_layers: int = 3, d_in: int = 5, d_sae: int = 7, ba
     W_enc = torch.randn(n_layers, d_in, d_sae, generator=g) / d_in**0.5
     b_enc = torch.randn(n_layers, d_sae, generator=g) * 0.3
     threshold = torch.rand(n_layers, d_sae, generator=g) * 0.5
-    W_dec = [torch.randn(d_sae, n_layers - s, d_in, generator=g) / d_sae**0.5 for s in range(n_layers)]
+    W_dec = [
+        torch.randn(d_sae, n_layers - s, d_in, generator=g) / d_sae**0.5 for s in range(n_layers)
+    ]
     b_dec = torch.randn(n_layers, d_in, generator=g) * 0.5
     return x, W_enc, b_enc, threshold, W_dec, b_dec
 
@@ -221,7 +223,9 @@ def clt_loss(learner) -> str:
     if not isinstance(out, torch.Tensor) or not out.requires_grad:
         from course_utils.checks.core import CheckFailed
 
-        raise CheckFailed("the loss must stay differentiable in W_dec (no .item(), no torch.no_grad).")
+        raise CheckFailed(
+            "the loss must stay differentiable in W_dec (no .item(), no torch.no_grad)."
+        )
     return summary + "; differentiable in W_dec"
 
 
@@ -471,7 +475,9 @@ def prune_nodes(learner) -> str:
 # ---------------------------------------------------------------- 4.4 graph scores
 
 
-def toy_graph(seed: int, n_features: int = 6, n_pos: int = 2, n_layers: int = 2, n_logits: int = 2) -> AG.Graph:
+def toy_graph(
+    seed: int, n_features: int = 6, n_pos: int = 2, n_layers: int = 2, n_logits: int = 2
+) -> AG.Graph:
     """A small random graph with the real node layout: features get inputs from embeddings, errors
     and earlier features; logits from everything before them."""
     g = _g(seed)
@@ -502,8 +508,12 @@ def _scores_with(replacement_fn=None, completeness_fn=None, respect_mask=True):
     def scores(graph, node_mask=None):
         ref = AG.graph_scores(graph, node_mask if respect_mask else None)
         return {
-            "replacement": replacement_fn(graph, node_mask) if replacement_fn else ref["replacement"],
-            "completeness": completeness_fn(graph, node_mask) if completeness_fn else ref["completeness"],
+            "replacement": replacement_fn(graph, node_mask)
+            if replacement_fn
+            else ref["replacement"],
+            "completeness": completeness_fn(graph, node_mask)
+            if completeness_fn
+            else ref["completeness"],
         }
 
     return scores
@@ -518,7 +528,9 @@ def _replacement_over_all(graph, node_mask):
 def _completeness_unweighted(graph, node_mask):
     s = graph.slices()
     A_norm = AG.normalise_adjacency(graph.adjacency)
-    rows = torch.cat([torch.arange(graph.n_features), torch.arange(s["logits"].start, graph.n_nodes)])
+    rows = torch.cat(
+        [torch.arange(graph.n_features), torch.arange(s["logits"].start, graph.n_nodes)]
+    )
     return float((1 - A_norm[rows][:, s["errors"]].sum(1)).mean())
 
 
