@@ -134,6 +134,8 @@ def clt_loss(
 class CrossLayerTranscoder(nn.Module):
     """A JumpReLU cross-layer transcoder for an ``n_layers``-layer model (see the module doc).
 
+    ``cross_layer=False`` uses only each layer's own decoder (a JumpReLU per-layer transcoder
+    trained with the same loss: the control that isolates what the cross-layer decoders buy).
     ``l1_coeff`` is the sparsity coefficient lambda of the tanh penalty; it carries chapter 05's
     name so that :func:`course_utils.transcoders.train_on_shared_batches` trains CLTs and per-layer
     transcoders side by side on the same batches.
@@ -152,8 +154,10 @@ class CrossLayerTranscoder(nn.Module):
         threshold_init: float = 0.03,
         preact_coeff: float = 3e-6,
         seed: int | None = 0,
+        cross_layer: bool = True,
     ):
         super().__init__()
+        self.cross_layer = bool(cross_layer)
         for name, v in (("n_layers", n_layers), ("d_model", d_model), ("d_sae", d_sae)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}.")
@@ -172,6 +176,8 @@ class CrossLayerTranscoder(nn.Module):
         for s in range(n_layers):
             w = torch.randn(d_sae, n_layers - s, d_model, generator=g)
             w = w / w.flatten(1).norm(dim=-1)[:, None, None] * 0.1
+            if not self.cross_layer:
+                w[:, 1:] = 0  # never used, never trained: stays zero for every other code path
             self.W_dec.append(nn.Parameter(w))
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_model))
         self.register_buffer("l1_coeff", torch.tensor([float(l1_coeff)]))
@@ -225,7 +231,7 @@ class CrossLayerTranscoder(nn.Module):
     def decode_layer(self, acts: Tensor, layer: int) -> Float[Tensor, "... d_out"]:
         """MLP ``layer``'s reconstruction from the features of layers <= ``layer`` (incl. b_dec)."""
         y = self.b_dec[layer]
-        for s in range(layer + 1):
+        for s in range(layer + 1) if self.cross_layer else [layer]:
             y = y + acts[..., s, :] @ self.W_dec[s][:, layer - s]
         return y
 
@@ -239,6 +245,8 @@ class CrossLayerTranscoder(nn.Module):
         return acts, self.decode(acts)
 
     def decoder_norms(self) -> Float[Tensor, "n_layers d_sae"]:
+        if not self.cross_layer:  # only the own-layer decoders are used (and penalised)
+            return torch.stack([w[:, 0].norm(dim=-1) for w in self.W_dec])
         return decoder_norms(list(self.W_dec))
 
     def loss(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -338,10 +346,7 @@ def replacement_hooks(clt: CrossLayerTranscoder, store: dict | None = None) -> l
             stacked = torch.stack([a for a in acts[: layer + 1]], dim=-2)
             if layer == clt.n_layers - 1:
                 store["acts"] = stacked
-            y = clt.b_dec[layer]
-            for s in range(layer + 1):
-                y = y + stacked[..., s, :] @ clt.W_dec[s][:, layer - s]
-            return y
+            return clt.decode_layer(stacked, layer)
 
         return hook
 
@@ -467,6 +472,7 @@ def save_clt(clt: CrossLayerTranscoder, folder, metadata: dict | None = None) ->
         "c": clt.c,
         "bandwidth": clt.bandwidth,
         "preact_coeff": clt.preact_coeff,
+        "cross_layer": clt.cross_layer,
         "metadata": metadata or {},
     }
     (folder / CFG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
@@ -493,6 +499,7 @@ def load_clt(folder=None) -> CrossLayerTranscoder:
     clt = CrossLayerTranscoder(
         cfg["n_layers"], cfg["d_model"], cfg["d_sae"], l1_coeff=cfg["l1_coeff"], c=cfg["c"],
         bandwidth=cfg["bandwidth"], preact_coeff=cfg["preact_coeff"], seed=None,
+        cross_layer=cfg.get("cross_layer", True),
     )  # fmt: skip
     state = load_file(str(folder / WEIGHTS_FILE))
     with torch.no_grad():
