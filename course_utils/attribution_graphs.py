@@ -700,8 +700,7 @@ def plot_graph(graph_json: dict, n_layers: int, title: str, max_edges: int = 400
 
     nodes = {n["node_id"]: n for n in graph_json["nodes"]}
     row = {"embedding": 0, "logit": n_layers + 1}
-    coords = {}
-    offsets: dict[tuple[int, float], int] = {}
+    groups: dict[tuple[int, int], list[str]] = {}
     for nid, n in nodes.items():
         if n["feature_type"] in row:
             y = row[n["feature_type"]]
@@ -709,10 +708,18 @@ def plot_graph(graph_json: dict, n_layers: int, title: str, max_edges: int = 400
             y = int(nid.split("_")[1]) + 1
         else:
             y = int(nid.split("_")[0]) + 1
-        key = (n["ctx_idx"], y)
-        k = offsets.get(key, 0)
-        offsets[key] = k + 1
-        coords[nid] = (n["ctx_idx"] + 0.12 * ((k % 5) - 2), y + 0.11 * (k // 5))
+        groups.setdefault((n["ctx_idx"], y), []).append(nid)
+    coords = {}
+    for (x, y), members in groups.items():
+        # a small grid inside the (position, layer) cell, most influential first, errors last
+        members.sort(key=lambda m: (nodes[m]["feature_type"] == "mlp reconstruction error",
+                                    -nodes[m]["influence"]))  # fmt: skip
+        cols = max(1, math.ceil(math.sqrt(len(members))))
+        rows_needed = math.ceil(len(members) / cols)
+        for k, nid in enumerate(members):
+            dx = (k % cols - (cols - 1) / 2) * (0.8 / cols)
+            dy = (k // cols - (rows_needed - 1) / 2) * (0.6 / max(rows_needed, 1))
+            coords[nid] = (x + dx, y + dy)
     links = sorted(graph_json["links"], key=lambda e: -abs(e["weight"]))[:max_edges]
     fig = go.Figure()
     for sign, colour, name in ((1, "rgba(31,119,180,0.45)", "excitatory edge"),
@@ -742,7 +749,7 @@ def plot_graph(graph_json: dict, n_layers: int, title: str, max_edges: int = 400
             for line in n.get("top_contexts", []):
                 text += "<br>" + line.replace("<", "&lt;")
             hover.append(text)
-        size = [8 + 14 * math.sqrt(max(n["influence"], 0) / imax) for n in members]
+        size = [6 + 10 * math.sqrt(max(n["influence"], 0) / imax) for n in members]
         if ftype == "logit":
             size = [10 + 20 * n.get("token_prob", 0) for n in members]
         fig.add_trace(go.Scatter(
@@ -753,12 +760,12 @@ def plot_graph(graph_json: dict, n_layers: int, title: str, max_edges: int = 400
         ))  # fmt: skip
     tokens = graph_json["metadata"]["prompt_tokens"]
     fig.update_layout(
-        title=title, height=520, autosize=True, hovermode="closest",
+        title=title, height=600, autosize=True, hovermode="closest",
         xaxis={"title": "token position", "tickmode": "array", "tickvals": list(range(len(tokens))),
                "ticktext": [t.replace("\n", "\\n") for t in tokens], "tickangle": -60},
         yaxis={"title": "layer", "tickmode": "array", "tickvals": list(range(n_layers + 2)),
                "ticktext": ["embeddings", *[f"layer {i}" for i in range(n_layers)], "logits"]},
-        legend={"orientation": "h", "y": -0.35}, margin={"b": 140},
+        legend={"orientation": "h", "y": -0.5}, margin={"b": 170},
     )  # fmt: skip
     return fig
 
