@@ -22,6 +22,10 @@ Where things live (one module per idea):
                  ablation effects, steering, attribution patching / integrated gradients against
                  true ablations, feature circuits (faithfulness), chapter 05's graph tested by
                  ablation; ``hooks_left`` proves no hook stays behind
+- ``clt``, ``attribution_graphs``  chapter 07: cross-layer transcoders (JumpReLU, tanh penalty,
+                 training, replacement-model evaluation, files, the ``build-clt`` sweep); the local
+                 replacement model, attribution graphs, influence, pruning, scores, interventions,
+                 circuit-tracer-style JSON and a plotly graph view
 - ``bilinear``   chapter 08: bilinear layers as tensors, interaction matrices and their eigenvectors,
                  digit classifiers (bilinear / ReLU / GELU) on scikit-learn's bundled 8x8 digits
 - ``polytopes``  chapter 09: polytope and spline codes of ReLU MLPs, local affine maps, region maps

@@ -39,6 +39,9 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("05", "transcoders_and_circuits", "Transcoders and feature circuits", "4 h", 480),
     Chapter("06", "intervening_on_features", "Intervening on features", "4 h", 480),
     Chapter(
+        "07", "attribution_graphs", "Attribution graphs with cross-layer transcoders", "4 h", 480
+    ),
+    Chapter(
         "08",
         "bilinear_layers",
         "Bilinear layers: an MLP you can read from its weights",

@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e|freeze-corpus``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e|build-clt|freeze-corpus``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         "--stdlib", type=Path, default=None, help="Lib/ folder (default: this Python's)"
     )
     freeze.add_argument("--out", type=Path, default=None, help="archive (default: shipped)")
+    clt = sub.add_parser(
+        "build-clt", help="retrain the shipped cross-layer transcoder and its sweep (chapter 07)"
+    )
+    clt.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
+    clt.add_argument("--steps", type=int, default=None, help="training steps (default 500)")
+    clt.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
     if args.command == "freeze-corpus":
@@ -72,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
             f"course expects the CPython {corpus.SOURCE_PYTHON} standard library"
         )
         return 0 if same else 1
+
+    if args.command == "build-clt":
+        from course_utils import clt as clt_module
+
+        out = args.out if args.out is not None else clt_module.asset_dir()
+        recipe = {} if args.steps is None else {"steps": args.steps}
+        return _timed(
+            f"{clt_module.SHIPPED_NAME} and {clt_module.SWEEP_TABLE} into {out}",
+            lambda log: clt_module.build_reference_clt(out, recipe, log=log, threads=args.threads),
+        )
 
     if args.command == "build-e2e":
         from course_utils import e2e_saes

@@ -1,0 +1,579 @@
+"""Checks for chapter 07, attribution graphs with cross-layer transcoders.
+
+References live in :mod:`course_utils.clt` and :mod:`course_utils.attribution_graphs`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from course_utils import attribution_graphs as AG
+from course_utils import clt as CLT
+from course_utils.checks.core import Case, Mistake, compare_function, exercise
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _clt_weights(seed: int, n_layers: int = 3, d_in: int = 5, d_sae: int = 7, batch: int = 6):
+    """x, W_enc, b_enc, threshold, W_dec (list), b_dec: thresholds positive and varied, biases
+    non-zero, so a forgotten threshold, bias or decoder shows."""
+    g = _g(seed)
+    x = torch.randn(batch, n_layers, d_in, generator=g)
+    W_enc = torch.randn(n_layers, d_in, d_sae, generator=g) / d_in**0.5
+    b_enc = torch.randn(n_layers, d_sae, generator=g) * 0.3
+    threshold = torch.rand(n_layers, d_sae, generator=g) * 0.5
+    W_dec = [
+        torch.randn(d_sae, n_layers - s, d_in, generator=g) / d_sae**0.5 for s in range(n_layers)
+    ]
+    b_dec = torch.randn(n_layers, d_in, generator=g) * 0.5
+    return x, W_enc, b_enc, threshold, W_dec, b_dec
+
+
+# ---------------------------------------------------------------- 1.1 CLT forward
+
+
+def _acts(x, W_enc, b_enc, threshold):
+    pre = torch.einsum("bld,lds->bls", x, W_enc) + b_enc
+    return pre * (pre > threshold)
+
+
+def _decode(acts, W_dec, b_dec, same_layer_only=False, skip_bias=False):
+    outs = []
+    for t in range(len(W_dec)):
+        y = torch.zeros_like(b_dec[t]).expand(acts.shape[0], -1) if skip_bias else b_dec[t]
+        sources = [t] if same_layer_only else range(t + 1)
+        for s in sources:
+            y = y + acts[:, s] @ W_dec[s][:, t - s]
+        outs.append(y.expand(acts.shape[0], -1))
+    return torch.stack(outs, 1)
+
+
+def _fwd_per_layer(x, W_enc, b_enc, threshold, W_dec, b_dec):
+    a = _acts(x, W_enc, b_enc, threshold)
+    return a, _decode(a, W_dec, b_dec, same_layer_only=True)
+
+
+def _fwd_relu(x, W_enc, b_enc, threshold, W_dec, b_dec):
+    a = torch.relu(torch.einsum("bld,lds->bls", x, W_enc) + b_enc)
+    return a, _decode(a, W_dec, b_dec)
+
+
+def _fwd_shifted(x, W_enc, b_enc, threshold, W_dec, b_dec):
+    a = torch.relu(torch.einsum("bld,lds->bls", x, W_enc) + b_enc - threshold)
+    return a, _decode(a, W_dec, b_dec)
+
+
+def _fwd_no_bias(x, W_enc, b_enc, threshold, W_dec, b_dec):
+    a = _acts(x, W_enc, b_enc, threshold)
+    return a, _decode(a, W_dec, b_dec, skip_bias=True)
+
+
+def _fwd_target_index(x, W_enc, b_enc, threshold, W_dec, b_dec):
+    a = _acts(x, W_enc, b_enc, threshold)
+    outs = []
+    for t in range(len(W_dec)):
+        y = b_dec[t]
+        for s in range(t + 1):
+            y = y + a[:, s] @ W_dec[s][:, t]
+        outs.append(y)
+    return a, torch.stack(outs, 1)
+
+
+def _fwd_all_sources(x, W_enc, b_enc, threshold, W_dec, b_dec):
+    """Later layers' features also write to earlier MLPs (decoder t - s read modulo its length)."""
+    a = _acts(x, W_enc, b_enc, threshold)
+    outs = []
+    for t in range(len(W_dec)):
+        y = b_dec[t]
+        for s in range(len(W_dec)):
+            y = y + a[:, s] @ W_dec[s][:, abs(t - s) % W_dec[s].shape[1]]
+        outs.append(y)
+    return a, torch.stack(outs, 1)
+
+
+FORWARD_MISTAKES = [
+    Mistake(
+        "per-layer transcoders",
+        _fwd_per_layer,
+        "MLP t's reconstruction sums the decoders of features from EVERY layer s <= t: "
+        "y_hat^t = b_dec[t] + sum_{s <= t} acts[:, s] @ W_dec[s][:, t - s]. Using only layer t's own "
+        "features is a per-layer transcoder.",
+    ),
+    Mistake(
+        "ReLU, no threshold",
+        _fwd_relu,
+        "JumpReLU keeps a pre-activation only when it exceeds its threshold: pre * (pre > threshold). "
+        "A ReLU lets every small positive value through.",
+    ),
+    Mistake(
+        "threshold subtracted",
+        _fwd_shifted,
+        "JumpReLU does not shift the value: an active feature outputs its full pre-activation "
+        "(pre * (pre > threshold)), not ReLU(pre - threshold).",
+    ),
+    Mistake(
+        "forgot the decoder bias",
+        _fwd_no_bias,
+        "each layer's reconstruction starts from its decoder bias b_dec[t].",
+    ),
+    Mistake(
+        "target layer used as the decoder index",
+        _fwd_target_index,
+        "W_dec[s] only holds decoders to layers s, s+1, ...: layer s's decoder into MLP t is "
+        "W_dec[s][:, t - s], not W_dec[s][:, t].",
+    ),
+    Mistake(
+        "later features write to earlier MLPs",
+        _fwd_all_sources,
+        "a layer-s feature cannot affect an earlier MLP: sum over s <= t only.",
+    ),
+]
+
+
+def _forward_cases() -> list[Case]:
+    x, W_enc, b_enc, threshold, W_dec, b_dec = _clt_weights(0)
+    one = _clt_weights(1, n_layers=2, d_in=4, d_sae=3, batch=1)
+    zero_theta = list(_clt_weights(2, n_layers=2))
+    zero_theta[3] = torch.zeros_like(zero_theta[3])
+    return [
+        Case("3 layers, seeded", (x, W_enc, b_enc, threshold, W_dec, b_dec)),
+        Case("zero input", (torch.zeros_like(x), W_enc, b_enc, threshold, W_dec, b_dec)),
+        Case("2 layers, batch of one", one),
+        Case("threshold 0 (a ReLU CLT)", tuple(zero_theta)),
+    ]
+
+
+@exercise("1.1", "clt_forward")
+def clt_forward(learner) -> str:
+    return compare_function(learner, CLT.clt_forward, _forward_cases(), FORWARD_MISTAKES)
+
+
+# ---------------------------------------------------------------- 1.2 CLT loss
+
+
+def _loss_with(norm_fn=None, penalty=None, mse_mean=False):
+    def loss(x, y, W_enc, b_enc, threshold, W_dec, b_dec, sparsity_coeff, c):
+        acts, y_hat = CLT.clt_forward(x, W_enc, b_enc, threshold, W_dec, b_dec)
+        err = (y_hat - y).pow(2)
+        mse = err.mean((-1, -2)).mean() if mse_mean else err.sum((-1, -2)).mean()
+        norms = norm_fn(W_dec) if norm_fn else CLT.decoder_norms(W_dec)
+        pen = penalty(c, norms, acts) if penalty else torch.tanh(c * norms * acts)
+        return mse + sparsity_coeff * pen.sum((-1, -2)).mean()
+
+    return loss
+
+
+LOSS_MISTAKES = [
+    Mistake(
+        "own-layer decoder norm only",
+        _loss_with(norm_fn=lambda W_dec: torch.stack([w[:, 0].norm(dim=-1) for w in W_dec])),
+        "||W_dec,i|| is the norm of ALL of feature i's decoder vectors concatenated (every target "
+        "layer): W_dec[s][i].flatten().norm(). A feature pays for every layer it writes to.",
+    ),
+    Mistake(
+        "sum of per-layer norms",
+        _loss_with(norm_fn=lambda W_dec: torch.stack([w.norm(dim=-1).sum(-1) for w in W_dec])),
+        "take the norm of the concatenated decoder vectors (sqrt of the summed squares), not the sum "
+        "of the per-layer norms.",
+    ),
+    Mistake(
+        "no decoder norm",
+        _loss_with(penalty=lambda c, norms, acts: torch.tanh(c * acts)),
+        "the penalty is tanh(c * ||W_dec,i|| * a_i): without the decoder norm, the CLT shrinks "
+        "activations and grows decoders to dodge it.",
+    ),
+    Mistake(
+        "L1 instead of tanh",
+        _loss_with(penalty=lambda c, norms, acts: c * norms * acts),
+        "apply tanh: tanh(c * ||W_dec,i|| * a_i) saturates at 1, so large activations are not "
+        "punished more than small ones (an L0-like penalty).",
+    ),
+    Mistake(
+        "MSE averaged over d_model and layers",
+        _loss_with(mse_mean=True),
+        "sum the squared error over d_model and over layers, then average over the batch.",
+    ),
+]
+
+
+def _loss_cases() -> list[Case]:
+    x, W_enc, b_enc, threshold, W_dec, b_dec = _clt_weights(3)
+    y = torch.randn(x.shape, generator=_g(4))
+    two = _clt_weights(5, n_layers=2, batch=1)
+    y2 = torch.randn(two[0].shape, generator=_g(6))
+    return [
+        Case("3 layers, lambda 0.7, c 2", (x, y, W_enc, b_enc, threshold, W_dec, b_dec, 0.7, 2.0)),
+        Case("lambda 0: pure reconstruction", (x, y, W_enc, b_enc, threshold, W_dec, b_dec, 0.0, 1.0)),
+        Case("2 layers, batch of one, c 0.3", (two[0], y2, *two[1:], 1.5, 0.3)),
+        Case("perfect reconstruction target", (x, CLT.clt_forward(x, W_enc, b_enc, threshold, W_dec, b_dec)[1],
+                                               W_enc, b_enc, threshold, W_dec, b_dec, 1.0, 1.0)),
+    ]  # fmt: skip
+
+
+@exercise("1.2", "clt_loss")
+def clt_loss(learner) -> str:
+    summary = compare_function(learner, CLT.clt_loss, _loss_cases(), LOSS_MISTAKES)
+    # differentiable: gradients must reach the decoders through the penalty's norm
+    x, W_enc, b_enc, threshold, W_dec, b_dec = _clt_weights(7)
+    W_dec = [w.clone().requires_grad_(True) for w in W_dec]
+    y = torch.randn(x.shape, generator=_g(8))
+    out = learner(x, y, W_enc, b_enc, threshold, W_dec, b_dec, 0.5, 1.0)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        from course_utils.checks.core import CheckFailed
+
+        raise CheckFailed(
+            "the loss must stay differentiable in W_dec (no .item(), no torch.no_grad)."
+        )
+    return summary + "; differentiable in W_dec"
+
+
+# ---------------------------------------------------------------- 3.1 feature edges
+
+
+def feature_edges_reference(grad_mlp_out, W_dec_s, activations, layer):
+    """edges[b, n] = a_n * sum_{l >= layer} W_dec_s[n, l - layer] . grad_mlp_out[b, l]."""
+    return torch.einsum("bld,nld->bn", grad_mlp_out[:, layer:], W_dec_s) * activations
+
+
+def _edges_own_layer(grad_mlp_out, W_dec_s, activations, layer):
+    return (grad_mlp_out[:, layer] @ W_dec_s[:, 0].T) * activations
+
+
+def _edges_no_activation(grad_mlp_out, W_dec_s, activations, layer):
+    return torch.einsum("bld,nld->bn", grad_mlp_out[:, layer:], W_dec_s)
+
+
+def _edges_misaligned(grad_mlp_out, W_dec_s, activations, layer):
+    n = W_dec_s.shape[1]
+    return torch.einsum("bld,nld->bn", grad_mlp_out[:, :n], W_dec_s) * activations
+
+
+EDGE_MISTAKES = [
+    Mistake(
+        "own layer's decoder only",
+        _edges_own_layer,
+        "a CLT feature writes to its own layer AND every later MLP output; its out-edge sums all of "
+        "them: sum_{l >= layer} W_dec_s[:, l - layer] . grad[:, l].",
+    ),
+    Mistake(
+        "forgot the activation",
+        _edges_no_activation,
+        "an edge is activation x weight: A_{s->t} = a_s w_{s->t}. Without a_s it is a virtual "
+        "weight, the same on every prompt.",
+    ),
+    Mistake(
+        "decoder l matched with gradient l instead of layer + l",
+        _edges_misaligned,
+        "W_dec_s[:, k] decodes into MLP layer + k, so pair it with grad_mlp_out[:, layer + k] "
+        "(grad_mlp_out[:, layer:]).",
+    ),
+]
+
+
+def _edge_case(seed: int, batch: int, n_layers: int, layer: int, n: int, d: int = 6) -> Case:
+    g = _g(seed)
+    grad = torch.randn(batch, n_layers, d, generator=g)
+    W = torch.randn(n, n_layers - layer, d, generator=g)
+    a = torch.rand(n, generator=g) * 3 + 0.1
+    return Case(f"{n_layers} layers, source layer {layer}, {n} features", (grad, W, a, layer))
+
+
+def _edge_cases() -> list[Case]:
+    return [
+        _edge_case(0, 4, 3, 0, 5),
+        _edge_case(1, 3, 3, 1, 4),
+        _edge_case(2, 1, 2, 0, 1),
+        _edge_case(3, 2, 4, 2, 3),
+    ]
+
+
+@exercise("3.1", "feature_edges")
+def feature_edges(learner) -> str:
+    return compare_function(learner, feature_edges_reference, _edge_cases(), EDGE_MISTAKES)
+
+
+# ---------------------------------------------------------------- 4.1 normalise adjacency
+
+
+def _norm_signed(A):
+    return A / A.sum(1, keepdim=True).clamp(min=1e-10)
+
+
+def _norm_columns(A):
+    W = A.abs()
+    return W / W.sum(0, keepdim=True).clamp(min=1e-10)
+
+
+def _norm_no_clamp(A):
+    W = A.abs()
+    return W / W.sum(1, keepdim=True)
+
+
+def _norm_max(A):
+    W = A.abs()
+    return W / W.max(1, keepdim=True).values.clamp(min=1e-10)
+
+
+NORMALISE_MISTAKES = [
+    Mistake("signed", _norm_signed,
+            "take absolute values first: influence counts inhibitory edges too, and signed rows can "
+            "sum to ~0."),
+    Mistake("columns", _norm_columns,
+            "normalise each ROW (a target's incoming edges; adjacency is [target, source]) to sum 1."),
+    Mistake("division by zero", _norm_no_clamp,
+            "nodes with no inputs (embeddings, errors) have all-zero rows: guard the division "
+            "(.clamp(min=1e-10)) so they stay 0 instead of NaN."),
+    Mistake("divided by the max", _norm_max,
+            "divide by the row SUM so each node's input fractions add up to 1."),
+]  # fmt: skip
+
+
+def _dag(seed: int, n: int, sources: int = 2, density: float = 0.6) -> torch.Tensor:
+    """A random signed DAG adjacency [target, source]: node j may feed node i > j; the first
+    ``sources`` nodes have no inputs."""
+    g = _g(seed)
+    A = torch.randn(n, n, generator=g) * (torch.rand(n, n, generator=g) < density)
+    A = torch.tril(A, diagonal=-1)
+    A[:sources] = 0
+    return A
+
+
+def _normalise_cases() -> list[Case]:
+    return [
+        Case("random DAG with source rows", (_dag(0, 7),)),
+        Case("all negative edges", (-_dag(1, 5).abs(),)),
+        Case("a single edge", (torch.tensor([[0.0, 0.0], [-2.0, 0.0]]),)),
+    ]
+
+
+@exercise("4.1", "normalise_adjacency")
+def normalise_adjacency(learner) -> str:
+    return compare_function(learner, AG.normalise_adjacency, _normalise_cases(), NORMALISE_MISTAKES)
+
+
+# ---------------------------------------------------------------- 4.2 indirect influence
+
+
+def _infl_no_minus_identity(A):
+    eye = torch.eye(A.shape[0])
+    return torch.linalg.inv(eye - A)
+
+
+def _infl_direct(A):
+    return A.clone()
+
+
+def _infl_two_hops(A):
+    return A + A @ A
+
+
+def _infl_plus(A):
+    eye = torch.eye(A.shape[0])
+    return torch.linalg.inv(eye + A) - eye
+
+
+INFLUENCE_MISTAKES = [
+    Mistake("kept the identity", _infl_no_minus_identity,
+            "(I - A)^-1 = I + A + A^2 + ...: subtract I, a node's influence on itself is not a path."),
+    Mistake("direct effects only", _infl_direct,
+            "indirect influence sums paths of EVERY length: A + A^2 + A^3 + ... = (I - A)^-1 - I."),
+    Mistake("paths of length <= 2", _infl_two_hops,
+            "longer paths count too (embedding -> layer 0 -> layer 1 -> logit has 3 edges): "
+            "use (I - A)^-1 - I."),
+    Mistake("I + A", _infl_plus,
+            "the geometric series sum_k A^k is (I - A)^-1, with a minus sign."),
+]  # fmt: skip
+
+
+def _influence_cases() -> list[Case]:
+    return [
+        Case("normalised DAG of 6", (AG.normalise_adjacency(_dag(2, 6)),)),
+        Case("chain of 4 (3 hops)", (torch.diag(torch.tensor([1.0, 0.5, 1.0]), -1),)),
+        Case("normalised DAG of 9", (AG.normalise_adjacency(_dag(3, 9, sources=3)),)),
+    ]
+
+
+@exercise("4.2", "indirect_influence")
+def indirect_influence(learner) -> str:
+    return compare_function(learner, AG.indirect_influence, _influence_cases(), INFLUENCE_MISTAKES)
+
+
+# ---------------------------------------------------------------- 4.3 prune nodes
+
+
+def _prune_relative_max(influence, is_feature, threshold):
+    keep = ~is_feature.clone()
+    f = influence[is_feature]
+    keep[is_feature] = f >= (1 - threshold) * f.max()
+    return keep
+
+
+def _prune_one_short(influence, is_feature, threshold):
+    keep = ~is_feature.clone()
+    f = influence[is_feature]
+    order = f.sort(descending=True)
+    cum = order.values.cumsum(0) / f.sum()
+    chosen = torch.zeros_like(f, dtype=torch.bool)
+    chosen[order.indices[cum < threshold]] = True
+    keep[is_feature] = chosen
+    return keep
+
+
+def _prune_everything(influence, is_feature, threshold):
+    all_nodes = torch.ones_like(is_feature)
+    return AG.prune_nodes(influence, all_nodes, threshold)
+
+
+def _prune_ascending(influence, is_feature, threshold):
+    keep = ~is_feature.clone()
+    f = influence[is_feature]
+    order = f.sort()
+    cum = order.values.cumsum(0) / f.sum()
+    k = int((cum < threshold).sum())
+    chosen = torch.zeros_like(f, dtype=torch.bool)
+    chosen[order.indices[: k + 1]] = True
+    keep[is_feature] = chosen
+    return keep
+
+
+PRUNE_MISTAKES = [
+    Mistake("relative to the max", _prune_relative_max,
+            "keep the smallest set of top features whose influences SUM to `threshold` of the "
+            "features' total (sort descending, cumulative sum), not those above a fraction of the max."),
+    Mistake("one node short", _prune_one_short,
+            "include the node at which the cumulative share first reaches the threshold: the kept "
+            "prefix must hold AT LEAST `threshold` of the influence."),
+    Mistake("pruned non-feature nodes", _prune_everything,
+            "only features are pruned: embeddings, errors and logits are always kept (is_feature "
+            "False -> keep True), and the threshold is a share of the FEATURES' total influence."),
+    Mistake("ascending order", _prune_ascending,
+            "sort by influence in DESCENDING order: keep the most influential features."),
+]  # fmt: skip
+
+
+def _prune_cases() -> list[Case]:
+    g = _g(9)
+    infl = torch.rand(12, generator=g) ** 3
+    is_f = torch.tensor([True] * 8 + [False] * 4)
+    infl2 = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05, 0.9, 0.2])
+    is_f2 = torch.tensor([True, True, True, True, True, False, False])
+    return [
+        Case("12 nodes, threshold 0.8", (infl, is_f, 0.8)),
+        Case("hand-made, threshold 0.8 (exactly reached)", (infl2, is_f2, 0.8)),
+        Case("threshold 0.5", (infl, is_f, 0.5)),
+        Case("threshold 1.0 keeps every feature with influence", (infl2, is_f2, 1.0)),
+    ]
+
+
+@exercise("4.3", "prune_nodes")
+def prune_nodes(learner) -> str:
+    return compare_function(learner, AG.prune_nodes, _prune_cases(), PRUNE_MISTAKES)
+
+
+# ---------------------------------------------------------------- 4.4 graph scores
+
+
+def toy_graph(
+    seed: int, n_features: int = 6, n_pos: int = 2, n_layers: int = 2, n_logits: int = 2
+) -> AG.Graph:
+    """A small random graph with the real node layout: features get inputs from embeddings, errors
+    and earlier features; logits from everything before them."""
+    g = _g(seed)
+    n_e = n_layers * n_pos
+    N = n_features + n_e + n_pos + n_logits
+    A = torch.zeros(N, N)
+    src_other = list(range(n_features, n_features + n_e + n_pos))
+    for t in range(n_features):
+        for s in list(range(t)) + src_other:
+            if torch.rand(1, generator=g) < 0.6:
+                A[t, s] = torch.randn(1, generator=g)
+    for t in range(N - n_logits, N):
+        for s in range(N - n_logits):
+            if torch.rand(1, generator=g) < 0.5:
+                A[t, s] = torch.randn(1, generator=g)
+    probs = torch.rand(n_logits, generator=g)
+    probs = probs / probs.sum() * 0.9
+    active = torch.stack([torch.zeros(n_features, dtype=torch.long),
+                          torch.arange(n_features) % n_pos, torch.arange(n_features)], 1)  # fmt: skip
+    return AG.Graph(
+        tokens=torch.arange(n_pos), active=active, activations=torch.ones(n_features), adjacency=A,
+        logit_tokens=torch.arange(n_logits), logit_probs=probs, values=torch.zeros(N),
+        bias=torch.zeros(N), n_layers=n_layers, errors=torch.zeros(n_layers, n_pos, 1),
+    )  # fmt: skip
+
+
+def _scores_with(replacement_fn=None, completeness_fn=None, respect_mask=True):
+    def scores(graph, node_mask=None):
+        ref = AG.graph_scores(graph, node_mask if respect_mask else None)
+        return {
+            "replacement": replacement_fn(graph, node_mask)
+            if replacement_fn
+            else ref["replacement"],
+            "completeness": completeness_fn(graph, node_mask)
+            if completeness_fn
+            else ref["completeness"],
+        }
+
+    return scores
+
+
+def _replacement_over_all(graph, node_mask):
+    s = graph.slices()
+    infl = AG.node_influence(AG.normalise_adjacency(graph.adjacency), graph.logit_weights())
+    return float(infl[s["embeddings"]].sum() / infl.sum())
+
+
+def _completeness_unweighted(graph, node_mask):
+    s = graph.slices()
+    A_norm = AG.normalise_adjacency(graph.adjacency)
+    rows = torch.cat(
+        [torch.arange(graph.n_features), torch.arange(s["logits"].start, graph.n_nodes)]
+    )
+    return float((1 - A_norm[rows][:, s["errors"]].sum(1)).mean())
+
+
+def _completeness_influence_only(graph, node_mask):
+    s = graph.slices()
+    A_norm = AG.normalise_adjacency(graph.adjacency)
+    infl = AG.node_influence(A_norm, graph.logit_weights())
+    rows = torch.arange(graph.n_features)
+    w = infl[rows]
+    return float(((1 - A_norm[rows][:, s["errors"]].sum(1)) * w).sum() / w.sum())
+
+
+SCORE_MISTAKES = [
+    Mistake("replacement over all nodes", _scores_with(replacement_fn=_replacement_over_all),
+            "the replacement score compares SOURCE nodes only: embedding influence / (embedding + "
+            "error influence). Feature influence is already counted inside the embeddings' paths."),
+    Mistake("unweighted completeness", _scores_with(completeness_fn=_completeness_unweighted),
+            "weight each node's non-error share by how much it matters: its logit influence plus "
+            "(for logit nodes) its probability."),
+    Mistake("logit nodes left out", _scores_with(completeness_fn=_completeness_influence_only),
+            "logit nodes have inputs too (and zero influence on themselves): weight by influence + "
+            "logit probability so they count."),
+    Mistake("pruned nodes ignored", _scores_with(respect_mask=False),
+            "with a node mask, pruned features count as ERROR nodes: drop their inputs and treat them "
+            "as error sources."),
+]  # fmt: skip
+
+
+def _score_cases() -> list[Case]:
+    g1 = toy_graph(0)
+    g2 = toy_graph(1, n_features=9, n_pos=3)
+    mask = torch.ones(g2.n_nodes, dtype=torch.bool)
+    mask[[1, 4, 7]] = False
+    no_err = toy_graph(2)
+    no_err.adjacency[:, no_err.slices()["errors"]] = 0
+    return [
+        Case("unpruned", (g1,)),
+        Case("3 of 9 features pruned", (g2, mask)),
+        Case("no error edges (scores 1)", (no_err,)),
+        Case("no features pruned, mask given", (g1, torch.ones(g1.n_nodes, dtype=torch.bool))),
+    ]
+
+
+@exercise("4.4", "graph_scores")
+def graph_scores(learner) -> str:
+    return compare_function(learner, AG.graph_scores, _score_cases(), SCORE_MISTAKES, atol=1e-5)
