@@ -13,12 +13,13 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 # (grep exits 1 when it filters everything; pip's own exit status still fails the pipeline.)
 QUIET_PIP := { grep -v -e '^WARNING: Location' -e '^$$' || true; }
 
-.PHONY: help install kernel lab lab-no-browser test check build lint clean
+.PHONY: help install kernel lab lab-no-browser test test-browser check build lint clean
 
 help:
 	@echo "make lab             install (first time), register the kernel, open JupyterLab"
 	@echo "make lab-no-browser  the same, printing the URL instead of opening a browser"
-	@echo "make test            install, then unit tests, check tests, sync check, nbval"
+	@echo "make test            install, then unit tests, check tests, browser tests, sync check, nbval"
+	@echo "make test-browser    only the JupyterLab-in-Chromium tests (screenshots in .browser-shots/)"
 	@echo "make check CH=01     grade your exercise notebook for chapter 01"
 	@echo "make build           regenerate notebooks/ from solutions/"
 	@echo "make lint            ruff"
@@ -37,11 +38,15 @@ install: $(STAMP)
 kernel: $(STAMP)
 	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "MI course (.venv)" >/dev/null
 
+# Serve the repository root, so that the file browser shows solutions/ next to notebooks/, and
+# open chapter 00. (`jupyter lab FILE` would serve FILE's folder and hide solutions/.)
+LAB_ARGS := --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/$(FIRST_NOTEBOOK)
+
 lab: kernel
-	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) $(ROOT_FLAG) $(ARGS)
+	$(BIN)/jupyter lab $(LAB_ARGS) $(ROOT_FLAG) $(ARGS)
 
 lab-no-browser: kernel
-	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) --no-browser $(ROOT_FLAG) $(ARGS)
+	$(BIN)/jupyter lab $(LAB_ARGS) --no-browser $(ROOT_FLAG) $(ARGS)
 
 # Unit tests, exercise-check tests and the notebook sync check, then every solution notebook
 # under nbval (lax: assertion cells carry the science). Offline and headless throughout.
@@ -51,6 +56,11 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 COURSE_BLOCK_NETWORK=1 $(BIN)/python -m pytest -q --nbval-lax \
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-current-env \
 		--nbval-cell-timeout=900 --nbval-kernel-startup-timeout=120 -p no:cacheprovider solutions
+
+# What a learner sees: JupyterLab driven in headless Chromium (/usr/bin/chromium; the tests skip
+# without it). `make test` runs these too, as part of tests/.
+test-browser: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_browser.py -q
 
 build: $(STAMP)
 	$(BIN)/course build

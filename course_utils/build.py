@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
@@ -30,10 +31,47 @@ from course_utils.chapters import (
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = "raise NotImplementedError()"
 SOLUTION_ONLY, KEEP_OUTPUT = "solution-only", "keep-output"
+#: Notebook metadata exactly as JupyterLab writes it after starting the course kernel (ipykernel's
+#: kernelspec and ``language_info`` for Python 3.11, the version CI runs), so that opening a
+#: notebook and saving it changes no byte (a kernel on another Python version still rewrites
+#: ``language_info.version``).
 NOTEBOOK_METADATA = {
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"},
+    "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+    "language_info": {
+        "codemirror_mode": {"name": "ipython", "version": 3},
+        "file_extension": ".py",
+        "mimetype": "text/x-python",
+        "name": "python",
+        "nbconvert_exporter": "python",
+        "pygments_lexer": "ipython3",
+        "version": "3.11.7",
+    },
 }
+
+
+def as_javascript_numbers(value: Any) -> Any:
+    """``value`` with every whole float written as an int, as a JupyterLab save round trip does.
+
+    JupyterLab parses the notebook in JavaScript, where ``0.0`` and ``0`` are the same number, and
+    sends it back as ``0``: a stored plotly figure with ``"x": 0.0`` would change on every save.
+    """
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e21:  # JavaScript prints 1e21 and up as floats
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {key: as_javascript_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_javascript_numbers(item) for item in value]
+    return value
+
+
+def notebook_text(notebook: Any) -> str:
+    """The file text JupyterLab would save for ``notebook``: kernel metadata, JavaScript numbers,
+    nbformat's sorted keys and line-split sources, a final newline."""
+    data = as_javascript_numbers(json.loads(json.dumps(notebook)))
+    data["metadata"] = {**data.get("metadata", {}), **NOTEBOOK_METADATA}
+    return nbformat.writes(nbformat.from_dict(data)) + "\n"
 
 
 class BuildError(ValueError):
@@ -93,7 +131,7 @@ def build_exercise_notebook(solution: nbformat.NotebookNode, exercise_relpath: s
         cells.append(new)
     notebook = {"cells": cells, "metadata": NOTEBOOK_METADATA, "nbformat": 4, "nbformat_minor": 5}
     # nbformat writes sources as lists of lines with sorted keys: small, stable git diffs.
-    return nbformat.writes(nbformat.from_dict(notebook)) + "\n"
+    return notebook_text(notebook)
 
 
 def _clean_outputs(outputs: list) -> list:
