@@ -35,7 +35,22 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-kernel: $(STAMP)
+# JupyterLab defaults for the course (this venv only). Offline: no news, no update checks.
+# Save widget state with the notebook, so that a saved slider reopens as a slider instead of
+# "Error displaying widget: model not found" (notebooks are stored with the empty state that
+# this writes, so opening and saving one still changes no byte).
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+define LAB_SETTINGS
+{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false},
+ "@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}}
+endef
+export LAB_SETTINGS
+
+$(LAB_OVERRIDES): Makefile | $(STAMP)
+	@mkdir -p $(dir $@)
+	@echo "$$LAB_SETTINGS" > $@
+
+kernel: $(STAMP) $(LAB_OVERRIDES)
 	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "MI course (.venv)" >/dev/null
 
 # Serve the repository root, so that the file browser shows solutions/ next to notebooks/, and

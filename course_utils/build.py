@@ -46,6 +46,15 @@ NOTEBOOK_METADATA = {
         "pygments_lexer": "ipython3",
         "version": "3.11.7",
     },
+    # What JupyterLab's widget manager saves when no widget is alive (`make lab` turns saving
+    # widget state on, so that saved sliders reopen as sliders).
+    "widgets": {
+        "application/vnd.jupyter.widget-state+json": {
+            "state": {},
+            "version_major": 2,
+            "version_minor": 0,
+        }
+    },
 }
 
 

@@ -46,6 +46,14 @@ def figure_bundle(figure: go.Figure) -> dict[str, Any]:
     return bundle
 
 
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+
+def _placeholder(figure: dict[str, Any]) -> dict[str, str]:
+    height = figure[PLOTLY_MIME].get("layout", {}).get("height") or 360  # Lab's default height
+    return {"text/html": f'<div style="height:{int(height)}px"></div>', "text/plain": ""}
+
+
 def _captured_bundle(captured: Any) -> dict[str, str] | None:
     """What ``make_figure`` printed or displayed (text, HTML), as one MIME bundle; None if nothing."""
     import html
@@ -116,6 +124,11 @@ def interactive_figure(make_figure: Callable[..., go.Figure], **controls: Any) -
             figure = {"text/plain": f"make_figure({values}) raised {type(error).__name__}: {error}"}
         if side_handle is not None:
             side_handle.update(side or {"text/plain": ""}, raw=True)
+        if PLOTLY_MIME in figure:
+            # JupyterLab hands an updated output of the same type to the renderer it already has,
+            # and plotly's renderer ignores it once a graph is drawn. An update of another type
+            # (a blank of the figure's height, so the page does not jump) makes Lab draw anew.
+            handle.update(_placeholder(figure), raw=True)
         handle.update(figure, raw=True)
 
     for control in controls.values():

@@ -85,6 +85,10 @@ class LabServer:
             # `make test` runs headless; the learner's kernel is not.
             if k not in ("COURSE_HEADLESS", "COURSE_BLOCK_NETWORK", "PYTEST_CURRENT_TEST")
         }
+        # Test-only setting: render every cell (no windowing), so the DOM holds every output.
+        tracker = state / "settings" / "@jupyterlab" / "notebook-extension"
+        tracker.mkdir(parents=True, exist_ok=True)
+        (tracker / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
         env.update(
             JUPYTER_RUNTIME_DIR=str(state / "runtime"),
             JUPYTERLAB_SETTINGS_DIR=str(state / "settings"),
@@ -164,7 +168,7 @@ class LabPage:
 
     def wait_for_notebook(self, path: str, timeout: float = 120) -> None:
         self.page.wait_for_function(
-            """(p) => { const w = window.jupyterapp.shell.currentWidget;
+            """(p) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
                  return w && w.context && w.context.path === p && w.context.isReady
                    && w.sessionContext.session && w.sessionContext.session.kernel
                    && w.sessionContext.session.kernel.status === 'idle'; }""",
@@ -260,7 +264,10 @@ class LabPage:
         return self.cell(index).locator(".jp-OutputArea").inner_text()
 
     def plots_in(self, index: int):
-        return self.cell(index).locator(".js-plotly-plot .main-svg")
+        return self.cell(index).locator(".js-plotly-plot")
+
+    def plot_title(self, index: int, which: int = 0) -> str:
+        return self.plots_in(index).nth(which).locator(".gtitle").text_content() or ""
 
     def screen_problems(self) -> list[str]:
         """Error text that a learner could see anywhere on the page."""

@@ -93,7 +93,14 @@ def test_slider_redraws_the_figure_in_place_without_an_output_widget(renderer):
     updates = _displays(moved, "update_display_data")
     figure_id = figures[0]["transient"]["display_id"]
     figure_updates = [u for u in updates if u["transient"]["display_id"] == figure_id]
-    assert len(figure_updates) == 1 and "d = 5" in _title(figure_updates[0])
+    assert "d = 5" in _title(figure_updates[-1])
+    if renderer == "plotly_mimetype":
+        # first a blank of the same height (JupyterLab's plotly renderer ignores same-type
+        # updates), then the figure
+        assert len(figure_updates) == 2
+        assert figure_updates[0]["data"]["text/html"] == '<div style="height:360px"></div>'
+    else:
+        assert len(figure_updates) == 1
     side_id = sides[0]["transient"]["display_id"]
     side_updates = [u for u in updates if u["transient"]["display_id"] == side_id]
     assert len(side_updates) == 1 and "d=5" in side_updates[0]["data"]["text/plain"]

@@ -41,11 +41,11 @@ _silent: contextvars.ContextVar[bool] = contextvars.ContextVar("course_check_sil
 #: trade this line for a NotImplementedError traceback in a figure cell further down.
 STOP_NOTE = {
     NOT_ATTEMPTED: (
-        "⏹ Run All stops at an unfinished exercise, on purpose: the cells below use your answer. "
+        "Run All stops at an unfinished exercise, on purpose: the cells below use your answer. "
         "Write it, run this check again, then run on from here."
     ),
     FAILED: (
-        "⏹ Run All stops at a failing check, on purpose: the cells below use your answer. "
+        "Run All stops at a failing check, on purpose: the cells below use your answer. "
         "Fix it (the line above says where to look), run this check again, then run on."
     ),
 }
