@@ -184,9 +184,15 @@ class LabPage:
         return self.js("() => window.jupyterapp.shell.currentWidget.content.widgets.length")
 
     def cell(self, index: int):
-        return self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell").nth(
-            index
+        """A locator for cell ``index`` of the notebook in front."""
+        self.js(
+            """(i) => { document.querySelectorAll('[data-course-cell]')
+                   .forEach(n => n.removeAttribute('data-course-cell'));
+                 window.jupyterapp.shell.currentWidget.content.widgets[i].node
+                   .setAttribute('data-course-cell', String(i)); }""",
+            index,
         )
+        return self.page.locator(f'[data-course-cell="{index}"]')
 
     def find_cell(self, text: str) -> int:
         """Index of the first cell whose source contains ``text``."""
@@ -240,6 +246,11 @@ class LabPage:
         )
 
     def close_all(self) -> None:
+        """Close every tab without saving (the tests save explicitly where they mean to)."""
+        self.js(
+            """() => { for (const w of window.jupyterapp.shell.widgets('main')) {
+                   if (w.context) { w.context.model.dirty = false; } } }"""
+        )
         self.command("application:close-all")
         self.page.wait_for_timeout(500)
 
@@ -270,8 +281,8 @@ class LabPage:
         return self.plots_in(index).nth(which).locator(".gtitle").text_content() or ""
 
     def screen_problems(self) -> list[str]:
-        """Error text that a learner could see anywhere on the page."""
-        text = self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").inner_text()
+        """Error text that a learner could see in the notebook in front."""
+        text = self.js("() => window.jupyterapp.shell.currentWidget.node.innerText")
         bad = [
             "No renderer could be found",
             "Error displaying widget",
