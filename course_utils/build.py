@@ -32,9 +32,9 @@ BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = "raise NotImplementedError()"
 SOLUTION_ONLY, KEEP_OUTPUT = "solution-only", "keep-output"
 #: Notebook metadata exactly as JupyterLab writes it after starting the course kernel (ipykernel's
-#: kernelspec and ``language_info`` for Python 3.11, the version CI runs), so that opening a
-#: notebook and saving it changes no byte (a kernel on another Python version still rewrites
-#: ``language_info.version``).
+#: kernelspec and ``language_info`` for Python 3.11.7, the version CI runs; a kernel on another
+#: Python still rewrites ``language_info.version``), so that opening a notebook and saving it
+#: changes no byte. tests/test_browser.py checks this in JupyterLab itself.
 NOTEBOOK_METADATA = {
     "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
     "language_info": {

@@ -57,7 +57,9 @@ def lab(tmp_path_factory):
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(60_000)
-            yield LabPage(page, server, shots)
+            lab = LabPage(page, server, shots)
+            lab.goto()
+            yield lab
             browser.close()
     finally:
         server.stop()
@@ -292,11 +294,9 @@ def test_chapter_00_end_to_end_with_every_check_colour_figure_and_the_slider(lab
     lab.shutdown_kernels()
     lab.open(CHAPTER_00)
     lab.scroll_to(slider_cell)
-    lab.page.wait_for_function(
-        f"""() => {{ const n = window.jupyterapp.shell.currentWidget.content.widgets[{slider_cell}].node;
-             return n.querySelector('.widget-slider') && n.querySelector('.js-plotly-plot .main-svg'); }}""",
-        timeout=60_000,
-    )
+    cell = lab.cell(slider_cell)
+    cell.locator(".js-plotly-plot .main-svg").first.wait_for()
+    cell.locator(".jupyter-widgets input, .jupyter-widgets .noUi-handle").first.wait_for()
     lab.page.wait_for_timeout(2000)
     assert "In 84 dimensions" in lab.plot_title(slider_cell)
     lab.screenshot("13_chapter_00_reopened_slider_and_figure")
