@@ -159,7 +159,15 @@ class LabPage:
         return self.page.evaluate(code, arg)
 
     def command(self, name: str, args: dict | None = None):
-        return self.js("([n, a]) => window.jupyterapp.commands.execute(n, a)", [name, args or {}])
+        # Not awaited: a command that opens a dialog would otherwise wait on it forever; every
+        # caller waits for the command's effect with a timeout instead.
+        self.js("([n, a]) => { window.jupyterapp.commands.execute(n, a); }", [name, args or {}])
+        self.page.wait_for_timeout(200)
+        if self.page.locator(".jp-Dialog").count():
+            self.screenshot(f"dialog_after_{name.replace(':', '_')}")
+            raise AssertionError(
+                f"{name} opened a dialog: {self.page.locator('.jp-Dialog').inner_text()[:300]}"
+            )
 
     def open(self, path: str) -> None:
         """Open a notebook as the file browser's double-click does, and wait for its kernel."""
