@@ -263,10 +263,15 @@ class LabPage:
         self.page.wait_for_timeout(500)
 
     def shutdown_kernels(self) -> None:
+        """Shut every kernel down (fired, then waited for with a timeout: never hangs)."""
         self.js(
-            """async () => { const m = window.jupyterapp.serviceManager;
-                 await m.sessions.refreshRunning();
-                 for (const s of [...m.sessions.running()]) { await m.sessions.shutdown(s.id); } }"""
+            """() => { const m = window.jupyterapp.serviceManager;
+                 m.sessions.refreshRunning().then(() => Promise.all(
+                   [...m.sessions.running()].map(s => m.sessions.shutdown(s.id)))); }"""
+        )
+        self.page.wait_for_function(
+            "() => [...window.jupyterapp.serviceManager.sessions.running()].length === 0",
+            timeout=60_000,
         )
 
     # -- what the learner sees ------------------------------------------------------------------
