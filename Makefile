@@ -21,12 +21,13 @@ OTHER_CPU := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 # The chapters that train (their numbers move with the CPU); 00-01 only draw and check.
 TRAINING_CHAPTERS := $(filter-out solutions/00_% solutions/01_%,$(wildcard solutions/*.ipynb))
 
-.PHONY: help install kernel lab lab-no-browser test test-other-cpu test-colab check build lint lock clean
+.PHONY: help install kernel lab lab-no-browser test test-browser test-other-cpu test-colab check build lint lock clean
 
 help:
 	@echo "make lab             install (first time), register the kernel, open JupyterLab"
 	@echo "make lab-no-browser  the same, printing the URL instead of opening a browser"
-	@echo "make test            install, then unit tests, check tests, sync check, nbval"
+	@echo "make test            install, then unit tests, check tests, browser tests, sync check, nbval"
+	@echo "make test-browser    only the JupyterLab-in-Chromium tests (screenshots in .browser-shots/)"
 	@echo "make test-other-cpu  the training chapters' notebooks again on a simulated other CPU"
 	@echo "make test-colab      (downloads ~3 GB) every notebook in a Colab-like Python 3.13 env"
 	@echo "make check CH=01     grade your exercise notebook for chapter 01"
@@ -44,14 +45,33 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 
 install: $(STAMP)
 
-kernel: $(STAMP)
+# JupyterLab defaults for the course (this venv only). Offline: no news, no update checks.
+# Save widget state with the notebook, so that a saved slider reopens as a slider instead of
+# "Error displaying widget: model not found" (notebooks are stored with the empty state that
+# this writes, so opening and saving one still changes no byte).
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+define LAB_SETTINGS
+{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false},
+ "@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}}
+endef
+export LAB_SETTINGS
+
+$(LAB_OVERRIDES): Makefile | $(STAMP)
+	@mkdir -p $(dir $@)
+	@echo "$$LAB_SETTINGS" > $@
+
+kernel: $(STAMP) $(LAB_OVERRIDES)
 	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "MI course (.venv)" >/dev/null
 
+# Serve the repository root, so that the file browser shows solutions/ next to notebooks/, and
+# open chapter 00. (`jupyter lab FILE` would serve FILE's folder and hide solutions/.)
+LAB_ARGS := --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/$(FIRST_NOTEBOOK)
+
 lab: kernel
-	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) $(ROOT_FLAG) $(ARGS)
+	$(BIN)/jupyter lab $(LAB_ARGS) $(ROOT_FLAG) $(ARGS)
 
 lab-no-browser: kernel
-	$(BIN)/jupyter lab $(FIRST_NOTEBOOK) --no-browser $(ROOT_FLAG) $(ARGS)
+	$(BIN)/jupyter lab $(LAB_ARGS) --no-browser $(ROOT_FLAG) $(ARGS)
 
 # Unit tests, exercise-check tests and the notebook sync check, then every solution notebook
 # under nbval (lax: assertion cells carry the science). Offline and headless throughout.
@@ -70,6 +90,11 @@ test-other-cpu: $(STAMP)
 # the way the notebooks' setup cell does it, then every solution notebook under nbval.
 test-colab:
 	bash scripts/colab_like.sh
+
+# What a learner sees: JupyterLab driven in headless Chromium (/usr/bin/chromium; the tests skip
+# without it). `make test` runs these too, as part of tests/.
+test-browser: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_browser.py -q
 
 build: $(STAMP)
 	$(BIN)/course build

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
@@ -30,10 +31,56 @@ from course_utils.chapters import (
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = "raise NotImplementedError()"
 SOLUTION_ONLY, KEEP_OUTPUT = "solution-only", "keep-output"
+#: Notebook metadata exactly as JupyterLab writes it after starting the course kernel (ipykernel's
+#: kernelspec and ``language_info`` for Python 3.11.7, the version CI runs; a kernel on another
+#: Python still rewrites ``language_info.version``), so that opening a notebook and saving it
+#: changes no byte. tests/test_browser.py checks this in JupyterLab itself.
 NOTEBOOK_METADATA = {
-    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-    "language_info": {"name": "python"},
+    "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+    "language_info": {
+        "codemirror_mode": {"name": "ipython", "version": 3},
+        "file_extension": ".py",
+        "mimetype": "text/x-python",
+        "name": "python",
+        "nbconvert_exporter": "python",
+        "pygments_lexer": "ipython3",
+        "version": "3.11.7",
+    },
+    # What JupyterLab's widget manager saves when no widget is alive (`make lab` turns saving
+    # widget state on, so that saved sliders reopen as sliders).
+    "widgets": {
+        "application/vnd.jupyter.widget-state+json": {
+            "state": {},
+            "version_major": 2,
+            "version_minor": 0,
+        }
+    },
 }
+
+
+def as_javascript_numbers(value: Any) -> Any:
+    """``value`` with every whole float written as an int, as a JupyterLab save round trip does.
+
+    JupyterLab parses the notebook in JavaScript, where ``0.0`` and ``0`` are the same number, and
+    sends it back as ``0``: a stored plotly figure with ``"x": 0.0`` would change on every save.
+    """
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e21:  # JavaScript prints 1e21 and up as floats
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {key: as_javascript_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_javascript_numbers(item) for item in value]
+    return value
+
+
+def notebook_text(notebook: Any) -> str:
+    """The file text JupyterLab would save for ``notebook``: kernel metadata, JavaScript numbers,
+    nbformat's sorted keys and line-split sources, a final newline."""
+    data = as_javascript_numbers(json.loads(json.dumps(notebook)))
+    data["metadata"] = {**data.get("metadata", {}), **NOTEBOOK_METADATA}
+    return nbformat.writes(nbformat.from_dict(data)) + "\n"
 
 
 class BuildError(ValueError):
@@ -65,9 +112,14 @@ def strip_solutions(source: str, where: str = "cell") -> str:
     return "\n".join(out)
 
 
+#: A Colab badge in any of the forms the course has written: [![alt](image) text](colab url).
+BADGE_PATTERN = re.compile(
+    r"\[!\[[^\]]*\]\([^)]*colab-badge[^)]*\)[^\]]*\]\(https://colab\.research\.google\.com/[^)]*\)"
+)
+
+
 def _rewrite_badge(source: str, notebook_path: str) -> str:
-    pattern = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")
-    return pattern.sub(lambda _: colab.badge(notebook_path), source)
+    return BADGE_PATTERN.sub(lambda _: colab.badge(notebook_path), source)
 
 
 def build_exercise_notebook(solution: nbformat.NotebookNode, exercise_relpath: str) -> str:
@@ -93,7 +145,7 @@ def build_exercise_notebook(solution: nbformat.NotebookNode, exercise_relpath: s
         cells.append(new)
     notebook = {"cells": cells, "metadata": NOTEBOOK_METADATA, "nbformat": 4, "nbformat_minor": 5}
     # nbformat writes sources as lists of lines with sorted keys: small, stable git diffs.
-    return nbformat.writes(nbformat.from_dict(notebook)) + "\n"
+    return notebook_text(notebook)
 
 
 def _clean_outputs(outputs: list) -> list:
@@ -129,19 +181,24 @@ def expected_exercise_text(chapter: Chapter, root: Path) -> str:
 
 
 def sync_setup_cell(path: Path, check_only: bool = False) -> bool:
-    """Make a solution notebook's first code cell ``colab.setup_cell_source()``; True if it was not.
+    """Make a solution notebook's badge ``colab.badge`` and its first code cell
+    ``colab.setup_cell_source()``; True if either was out of date.
 
-    The setup cell is generated boilerplate (like the badge): change it in ``colab`` and every
-    solution notebook follows on the next ``course build``. Nothing else in the file moves.
+    Both are generated boilerplate: change them in ``colab`` and every solution notebook follows on
+    the next ``course build``. Nothing else in the file moves.
     """
     notebook = read_notebook(path)
+    changed = False
+    relpath = f"solutions/{path.name}"
+    first_md = next((c for c in notebook.cells if c.cell_type == "markdown"), None)
+    if first_md is not None and _rewrite_badge(first_md.source, relpath) != first_md.source:
+        first_md.source, changed = _rewrite_badge(first_md.source, relpath), True
     first_code = next((c for c in notebook.cells if c.cell_type == "code"), None)
-    if first_code is None or first_code.source == colab.setup_cell_source():
-        return False
-    if not check_only:
-        first_code.source = colab.setup_cell_source()
-        path.write_text(nbformat.writes(notebook) + "\n", encoding="utf-8")
-    return True
+    if first_code is not None and first_code.source != colab.setup_cell_source():
+        first_code.source, changed = colab.setup_cell_source(), True
+    if changed and not check_only:
+        path.write_text(notebook_text(notebook), encoding="utf-8")
+    return changed
 
 
 def build_all(root: Path | None = None, check_only: bool = False) -> list[Path]:

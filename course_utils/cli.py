@@ -120,7 +120,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
     """Run solution notebooks in place (outputs kept), then rebuild the exercise notebooks."""
     import nbformat
 
-    from course_utils.build import NOTEBOOK_METADATA, build_all, read_notebook
+    from course_utils.build import NOTEBOOK_METADATA, build_all, notebook_text, read_notebook
     from course_utils.grading import current_env_client
 
     targets = [_chapter_and_path(t, "solutions") for t in args.chapters]
@@ -132,7 +132,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
         notebook.metadata = nbformat.from_dict(NOTEBOOK_METADATA)
         for cell in notebook.cells:
             cell.metadata.pop("execution", None)
-        nbformat.write(notebook, path)
+        # stored as JupyterLab saves it, so opening the notebook there changes no byte
+        path.write_text(notebook_text(notebook), encoding="utf-8")
         verdict = "within" if seconds <= chapter.cpu_budget_s else "OVER"
         print(f"{path}: ran in {seconds:.0f} s ({verdict} the {chapter.cpu_budget_s} s budget)")
     build_all()
@@ -142,7 +143,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
 def cmd_new(args: argparse.Namespace) -> int:
     import nbformat
 
-    from course_utils.build import NOTEBOOK_METADATA
+    from course_utils.build import NOTEBOOK_METADATA, notebook_text
     from course_utils.colab import badge, setup_cell_source
 
     chapter = get_chapter(args.chapter)
@@ -161,7 +162,7 @@ def cmd_new(args: argparse.Namespace) -> int:
             f"from course_utils.checks import ch{chapter.number} as check\n\nsetup_notebook(seed=0)"
         ),
     ]
-    nbformat.write(nb, path)
+    path.write_text(notebook_text(nb), encoding="utf-8")
     print(f"created {path}; write course_utils/checks/ch{chapter.number}.py next")
     return 0
 

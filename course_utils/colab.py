@@ -58,10 +58,11 @@ def release_tag() -> str:
 def badge(notebook_path: str) -> str:
     """Markdown for an "Open in Colab" badge pointing at ``notebook_path`` (repo-relative).
 
-    The alt text is a readable link ("Open in Colab"), so offline the badge degrades to text.
+    The image has an empty alt text inside a link that reads "Open in Colab": offline, where the
+    image cannot load, it takes no space and the badge is a plain text link, not a broken image.
     """
     url = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/{BRANCH}/{notebook_path}"
-    return f"[![Open In Colab]({BADGE_IMAGE})]({url})"
+    return f"[![]({BADGE_IMAGE}) Open in Colab]({url})"
 
 
 def install_spec() -> str:

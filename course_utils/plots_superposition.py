@@ -33,6 +33,19 @@ NAMED_FRACTIONS = {
 }
 
 
+#: JupyterLab's output area with the file browser open is about 900 px wide at a 1400 px window.
+MAX_FIGURE_WIDTH = 900
+
+
+def fit_width(natural: int) -> int | None:
+    """``natural`` when it fits the output area, else None: plotly then fills the area's width.
+
+    A fixed width wider than the output area is cut off on the right (colour-bar titles, the last
+    panels, legends) with no scrollbar; a responsive figure is only narrower.
+    """
+    return natural if natural <= MAX_FIGURE_WIDTH else None
+
+
 def _check_W(W: Tensor, who: str, d_hidden: int | None = None) -> Tensor:
     if not isinstance(W, Tensor) or W.ndim != 3:
         shape = tuple(W.shape) if isinstance(W, Tensor) else type(W).__name__
@@ -109,7 +122,9 @@ def plot_WtW_and_bias(
     fig.update_xaxes(dtick=step, tickfont=dict(size=9), title_text="feature", row=2)
     fig.update_yaxes(title_text="feature", row=1, col=1)
     fig.update_yaxes(title_text="b", row=2, col=1)
-    fig.update_layout(title=title, height=360, width=max(600, 150 * n_inst), margin=dict(t=80))
+    fig.update_layout(
+        title=title, height=360, width=fit_width(max(600, 150 * n_inst)), margin=dict(t=80)
+    )
     return fig
 
 
@@ -154,7 +169,9 @@ def plot_feature_norms(
     fig.update_yaxes(
         autorange="reversed", title_text="feature (most important at top)", row=1, col=1
     )
-    fig.update_layout(title=title, showlegend=False, height=360, width=max(650, 170 * n_inst))
+    fig.update_layout(
+        title=title, showlegend=False, height=360, width=fit_width(max(650, 170 * n_inst))
+    )
     return fig
 
 
@@ -231,7 +248,7 @@ def plot_features_in_2d(
     fig.update_layout(
         title=title,
         height=panel * rows + 120,
-        width=panel * cols + 220,
+        width=fit_width(panel * cols + 220),
         legend=dict(font=dict(size=10)),
         margin=dict(l=20, r=20),
     )
@@ -379,7 +396,7 @@ def plot_dimensionality(
         )
     fig.update_yaxes(range=[0, 1.1], title_text="dimensions per feature", row=1, col=1)
     fig.update_yaxes(range=[0, 1.1], title_text="D_i", row=1, col=2)
-    fig.update_layout(title=title, showlegend=False, width=950, height=420)
+    fig.update_layout(title=title, showlegend=False, height=420)
     return fig
 
 
@@ -428,7 +445,7 @@ def plot_neuron_weights(
         title=title,
         barmode="relative",
         height=400 + 22 * rows_of_legend,
-        width=max(600, 170 * n_inst + 80),
+        width=fit_width(max(600, 170 * n_inst + 80)),
         legend=dict(orientation="h", y=-0.22, x=0, font=dict(size=10)),
         margin=dict(b=60 + 22 * rows_of_legend),
     )

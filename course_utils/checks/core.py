@@ -35,12 +35,34 @@ PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
 _silent: contextvars.ContextVar[bool] = contextvars.ContextVar("course_check_silent", default=False)
 
 
+#: What a stopped check cell shows in Jupyter instead of a traceback through this package. The
+#: check has already printed its one coloured line; this line says why Run All stopped. Stopping is
+#: deliberate: the cells after an exercise use the learner's function, so running on would only
+#: trade this line for a NotImplementedError traceback in a figure cell further down.
+STOP_NOTE = {
+    NOT_ATTEMPTED: (
+        "Run All stops at an unfinished exercise, on purpose: the cells below use your answer. "
+        "Write it, run this check again, then run on from here."
+    ),
+    FAILED: (
+        "Run All stops at a failing check, on purpose: the cells below use your answer. "
+        "Fix it (the line above says where to look), run this check again, then run on."
+    ),
+}
+
+
 class CheckFailed(AssertionError):
     """The learner's answer is wrong; the message says what and where to look."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
+        return [STOP_NOTE[FAILED]]
 
 
 class NotAttempted(Exception):
     """The learner has not replaced the stub's ``raise NotImplementedError()`` yet."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [STOP_NOTE[NOT_ATTEMPTED]]
 
 
 @dataclass(frozen=True)
