@@ -15,33 +15,18 @@ from course_utils.checks.core import (
     CheckFailed,
     Mistake,
     StepRecorder,
+    compare_differentiable,
     compare_function,
     exercise,
-    gradient_compare,
     lifted_mistakes,
     mismatch,
     step_divergence,
-    with_gradients,
     with_options,
 )
 
 
-def _differentiable(
-    learner, reference, cases, mistakes, wrt: dict[str, int], what: str, presence=("acts",)
-) -> str:
-    """compare_function, also comparing the gradients that reach the inputs named in ``wrt``
-    (for ``acts`` only that a gradient arrives: |a| and a agree on ReLU outputs, their
-    subgradients at 0 do not)."""
-    return (
-        compare_function(
-            with_gradients(learner, wrt, presence),
-            with_gradients(reference, wrt, presence),
-            cases,
-            lifted_mistakes(mistakes, lambda f: with_gradients(f, wrt, presence)),
-            compare=gradient_compare(),
-        )
-        + f", and gradients reach {what}"
-    )
+def _differentiable(learner, reference, cases, mistakes, wrt, what, presence=("acts",)) -> str:
+    return compare_differentiable(learner, reference, cases, mistakes, wrt, what, presence)
 
 
 def _g(seed: int) -> torch.Generator:

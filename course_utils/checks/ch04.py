@@ -16,31 +16,17 @@ from course_utils.checks.core import (
     CheckFailed,
     Mistake,
     StepRecorder,
+    compare_differentiable,
     compare_function,
     exercise,
-    gradient_compare,
     lifted_mistakes,
     step_divergence,
-    with_gradients,
 )
 from course_utils.checks.core import mismatch as _mismatch
 
 
 def _differentiable(learner, reference, cases, mistakes, wrt, what, presence=("c",)) -> str:
-    """compare_function that also compares the gradients reaching the inputs named in ``wrt``
-    (for the codes c only that one arrives: |c| and c agree on ReLU codes, not at 0)."""
-    if not callable(learner):
-        return compare_function(learner, reference, [], [])
-    return (
-        compare_function(
-            with_gradients(learner, wrt, presence),
-            with_gradients(reference, wrt, presence),
-            cases,
-            lifted_mistakes(mistakes, lambda f: with_gradients(f, wrt, presence)),
-            compare=gradient_compare(),
-        )
-        + f", and gradients reach {what}"
-    )
+    return compare_differentiable(learner, reference, cases, mistakes, wrt, what, presence)
 
 
 HOOK = "blocks.1.hook_resid_pre"

@@ -14,29 +14,14 @@ from course_utils import transcoders as T
 from course_utils.checks.core import (
     Case,
     Mistake,
+    compare_differentiable,
     compare_function,
     exercise,
-    gradient_compare,
-    lifted_mistakes,
-    with_gradients,
 )
 
 
 def _differentiable(learner, reference, cases, mistakes, wrt, what) -> str:
-    """compare_function that also compares the gradients reaching the inputs named in ``wrt``
-    (training back-propagates through these functions)."""
-    if not callable(learner):
-        return compare_function(learner, reference, [], [])
-    return (
-        compare_function(
-            with_gradients(learner, wrt),
-            with_gradients(reference, wrt),
-            cases,
-            lifted_mistakes(mistakes, lambda f: with_gradients(f, wrt)),
-            compare=gradient_compare(),
-        )
-        + f", and gradients reach {what}"
-    )
+    return compare_differentiable(learner, reference, cases, mistakes, wrt, what)
 
 
 def _g(seed: int) -> torch.Generator:

@@ -587,6 +587,26 @@ def gradient_compare(atol: float = 1e-5, rtol: float = 1e-4) -> Callable[[Any, A
     return compare
 
 
+def compare_differentiable(
+    learner, reference, cases, mistakes, wrt: dict[str, int], what: str, presence=()
+) -> str:
+    """``compare_function`` that also compares the gradients reaching the inputs named in ``wrt``
+    (for those in ``presence`` only that a gradient arrives: |a| and a agree on ReLU outputs,
+    their subgradients at 0 do not). ``what`` names the inputs in the pass message."""
+    if not callable(learner):
+        return compare_function(learner, reference, [], [])
+    return (
+        compare_function(
+            with_gradients(learner, wrt, presence),
+            with_gradients(reference, wrt, presence),
+            cases,
+            lifted_mistakes(mistakes, lambda f: with_gradients(f, wrt, presence)),
+            compare=gradient_compare(),
+        )
+        + f", and gradients reach {what}"
+    )
+
+
 # ----------------------------------------------------------------------------- models and hooks
 
 
