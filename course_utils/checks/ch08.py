@@ -21,12 +21,11 @@ from course_utils.checks.core import (
     Case,
     CheckFailed,
     Mistake,
+    compare_differentiable,
     compare_function,
     exercise,
-    gradient_compare,
     lifted_mistakes,
     mismatch,
-    with_gradients,
 )
 
 
@@ -101,15 +100,13 @@ _TENSOR_WRT = {"W1": 0, "W2": 1, "P": 2}
 
 @exercise("8.1", "bilinear_tensor")
 def bilinear_tensor(learner) -> str:
-    return (
-        compare_function(
-            with_gradients(learner, _TENSOR_WRT),
-            with_gradients(ref.bilinear_tensor, _TENSOR_WRT),
-            _tensor_cases(),
-            lifted_mistakes(BILINEAR_TENSOR_MISTAKES, lambda m: with_gradients(m, _TENSOR_WRT)),
-            compare=gradient_compare(),
-        )
-        + "; gradients flow to W1, W2 and P"
+    return compare_differentiable(
+        learner,
+        ref.bilinear_tensor,
+        _tensor_cases(),
+        BILINEAR_TENSOR_MISTAKES,
+        _TENSOR_WRT,
+        "W1, W2 and P",
     )
 
 
@@ -168,15 +165,13 @@ _INTERACTION_WRT = {"B": 0, "u": 1}
 
 @exercise("8.2", "interaction_matrix")
 def interaction_matrix(learner) -> str:
-    return (
-        compare_function(
-            with_gradients(learner, _INTERACTION_WRT),
-            with_gradients(ref.interaction_matrix, _INTERACTION_WRT),
-            _interaction_cases(),
-            lifted_mistakes(INTERACTION_MISTAKES, lambda m: with_gradients(m, _INTERACTION_WRT)),
-            compare=gradient_compare(),
-        )
-        + "; gradients flow to B and u"
+    return compare_differentiable(
+        learner,
+        ref.interaction_matrix,
+        _interaction_cases(),
+        INTERACTION_MISTAKES,
+        _INTERACTION_WRT,
+        "B and u",
     )
 
 
