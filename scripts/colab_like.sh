@@ -18,7 +18,7 @@ quiet() { grep -v -e '^WARNING: Location' -e '^$' || true; }
 echo "== $("$venv/bin/python" --version) in $venv (Colab runs $colab_python)"
 
 echo "== 1. Colab's own packages, at Colab's versions"
-.venv/bin/python -m course_utils.colab base "$freeze" "$colab_python" >"$venv/colab-base.txt"
+.venv/bin/python -m course_utils.machinery.colab base "$freeze" "$colab_python" >"$venv/colab-base.txt"
 "$venv/bin/python" -m pip install -q -r "$venv/colab-base.txt" 2>&1 | quiet
 
 echo "== 2. the course, the way the setup cell installs it (timed; downloads counted)"
@@ -26,12 +26,12 @@ export PIP_CACHE_DIR="$venv/pip-cache-course"
 rm -rf "$PIP_CACHE_DIR"
 start=$(date +%s)
 "$venv/bin/python" -m pip install -q --no-deps . 2>&1 | quiet
-(cd /tmp && "$venv/bin/python" -c "from course_utils.colab import install_missing; install_missing()") 2>&1 | quiet
+(cd /tmp && "$venv/bin/python" -c "from course_utils.machinery.colab import install_missing; install_missing()") 2>&1 | quiet
 echo "course install: $(($(date +%s) - start)) s, downloaded $(du -sh "$PIP_CACHE_DIR" | cut -f1)"
 unset PIP_CACHE_DIR
 
 echo "== 3. the test runner, holding Colab's packages where they are"
-"$venv/bin/python" -c "from course_utils.colab import protected_constraints as p; print(*p(), sep='\n')" >"$venv/protected.txt"
+"$venv/bin/python" -c "from course_utils.machinery.colab import protected_constraints as p; print(*p(), sep='\n')" >"$venv/protected.txt"
 "$venv/bin/python" -m pip install -q -c "$venv/protected.txt" nbval pytest 2>&1 | quiet
 "$venv/bin/python" -m pip check | grep -v -e 'google-colab' -e '^$' || true
 "$venv/bin/python" -c "import torch, ipykernel, ipywidgets, plotly, transformers; print('versions:', 'torch', torch.__version__, '· ipykernel', ipykernel.__version__, '· ipywidgets', ipywidgets.__version__, '· plotly', plotly.__version__, '· transformers', transformers.__version__)"

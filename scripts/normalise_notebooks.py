@@ -5,7 +5,7 @@
 
 `course execute` already writes this form; this script is for notebooks written by other tools.
 It changes no cell and no output value: only the notebook metadata (the kernel's, see
-``course_utils.build.NOTEBOOK_METADATA``) and whole floats stored as ``0.0`` (JavaScript saves
+``course_utils.machinery.build.NOTEBOOK_METADATA``) and whole floats stored as ``0.0`` (JavaScript saves
 them as ``0``).
 
 ``--fit-widths`` (one-off, for figures stored before the plot helpers became responsive): drop a
@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from course_utils.build import build_all, notebook_text  # noqa: E402
-from course_utils.plots_superposition import MAX_FIGURE_WIDTH  # noqa: E402
+from course_utils.machinery.build import build_all, notebook_text  # noqa: E402
+from course_utils.science.plots_superposition import MAX_FIGURE_WIDTH  # noqa: E402
 
 
 def fit_widths(notebook: dict) -> int:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils.activations import (
+from course_utils.science.activations import (
     ActivationStore,
     corpus_windows,
     iterate_batches,
     make_windows,
 )
-from course_utils.hooks import UnknownHookError
-from course_utils.models import tiny_random_model
+from course_utils.science.hooks import UnknownHookError
+from course_utils.science.models import tiny_random_model
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,13 @@ def test_iterate_batches_is_seeded_and_complete():
 
 def test_store_batches_have_the_right_shape_and_memory_stays_bounded(tiny, tiny_windows):
     store = ActivationStore(
-        tiny, "blocks.0.hook_resid_post", tiny_windows, batch_size=64, buffer_tokens=512,
-        model_batch_size=4, progress=False,
+        tiny,
+        "blocks.0.hook_resid_post",
+        tiny_windows,
+        batch_size=64,
+        buffer_tokens=512,
+        model_batch_size=4,
+        progress=False,
     )
     for _ in range(30):
         batch = store.next_batch()
@@ -79,8 +84,9 @@ def test_store_batches_have_the_right_shape_and_memory_stays_bounded(tiny, tiny_
 
 
 def test_store_matches_run_with_cache(tiny, tiny_windows):
-    store = ActivationStore(tiny, "blocks.1.mlp.hook_post", tiny_windows, progress=False,
-                            batch_size=8, buffer_tokens=64)
+    store = ActivationStore(
+        tiny, "blocks.1.mlp.hook_post", tiny_windows, progress=False, batch_size=8, buffer_tokens=64
+    )
     acts = store.get_activations(tiny_windows[:2])
     _, cache = tiny.run_with_cache(tiny_windows[:2])
     torch.testing.assert_close(acts, cache["blocks.1.mlp.hook_post"])
@@ -88,8 +94,15 @@ def test_store_matches_run_with_cache(tiny, tiny_windows):
 
 def test_store_is_deterministic_and_shuffles_positions(tiny, tiny_windows):
     def batches(seed):
-        store = ActivationStore(tiny, "blocks.0.hook_resid_post", tiny_windows, batch_size=32,
-                                buffer_tokens=256, seed=seed, progress=False)
+        store = ActivationStore(
+            tiny,
+            "blocks.0.hook_resid_post",
+            tiny_windows,
+            batch_size=32,
+            buffer_tokens=256,
+            seed=seed,
+            progress=False,
+        )
         return torch.cat([store.next_batch() for _ in range(5)])
 
     assert torch.equal(batches(0), batches(0))
@@ -97,8 +110,9 @@ def test_store_is_deterministic_and_shuffles_positions(tiny, tiny_windows):
 
 
 def test_store_flattens_heads(tiny, tiny_windows):
-    store = ActivationStore(tiny, "blocks.0.attn.hook_z", tiny_windows, batch_size=16,
-                            buffer_tokens=64, progress=False)
+    store = ActivationStore(
+        tiny, "blocks.0.attn.hook_z", tiny_windows, batch_size=16, buffer_tokens=64, progress=False
+    )
     assert store.next_batch().shape == (16, tiny.cfg.n_heads * tiny.cfg.d_head)
 
 
@@ -106,28 +120,35 @@ def test_store_validates_the_hook_name_and_sizes(tiny, tiny_windows):
     with pytest.raises(UnknownHookError, match="Did you mean"):
         ActivationStore(tiny, "blocks.0.hook_resid_pots", tiny_windows)
     with pytest.raises(ValueError, match="buffer_tokens"):
-        ActivationStore(tiny, "blocks.0.hook_resid_post", tiny_windows, batch_size=64,
-                        buffer_tokens=100)
+        ActivationStore(
+            tiny, "blocks.0.hook_resid_post", tiny_windows, batch_size=64, buffer_tokens=100
+        )
     with pytest.raises(ValueError, match="n_ctx"):
         ActivationStore(tiny, "blocks.0.hook_resid_post", torch.zeros(4, 99, dtype=torch.long))
 
 
 def test_corpus_windows_on_the_course_model():
-    from course_utils.models import load_model
+    from course_utils.science.models import load_model
 
     model = load_model("course-2l")
     windows = corpus_windows(model, "validation")
     assert windows.shape[1] == model.cfg.n_ctx and len(windows) > 500
     assert windows[:, 0].eq(model.tokenizer.bos_token_id).all()
-    store = ActivationStore(model, "blocks.0.hook_resid_post", windows, batch_size=256,
-                            buffer_tokens=2048, progress=False)
+    store = ActivationStore(
+        model,
+        "blocks.0.hook_resid_post",
+        windows,
+        batch_size=256,
+        buffer_tokens=2048,
+        progress=False,
+    )
     assert store.next_batch().shape == (256, 128)
 
 
 def test_corpus_windows_ignore_the_truncation_to_tokens_switches_on():
     """model.to_tokens turns on truncation (to n_ctx) in the shared backend tokenizer; the corpus
     used to be re-tokenised with it, every file cut to 128 tokens (1153 -> 33 windows)."""
-    from course_utils.models import load_model
+    from course_utils.science.models import load_model
 
     model = load_model("course-2l")
     before = corpus_windows(model, "validation")

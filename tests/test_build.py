@@ -5,13 +5,13 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from course_utils.build import (
+from course_utils.machinery.build import (
     BuildError,
     build_all,
     build_exercise_notebook,
     strip_solutions,
 )
-from course_utils.chapters import available_chapters, exercise_path
+from course_utils.machinery.chapters import available_chapters, exercise_path
 from tests.conftest import ROOT
 
 SOURCE = """def f(x):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from course_utils import basics, hooks
 from course_utils.checks import ch00
 from course_utils.checks.core import FAILED, outcome
+from course_utils.science import basics, hooks
 from tests.check_contract import contract_tests
 
 

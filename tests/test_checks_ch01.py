@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import toy_models as ref
 from course_utils.checks import ch01 as check
 from course_utils.checks.core import FAILED, outcome
+from course_utils.science import toy_models as ref
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py

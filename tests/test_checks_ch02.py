@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import sae_metrics as M
-from course_utils import saes as S
 from course_utils.checks import ch02 as check
 from course_utils.checks.core import FAILED, outcome
+from course_utils.science import sae_metrics as M
+from course_utils.science import saes as S
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py

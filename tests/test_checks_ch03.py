@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import lm_saes as L
 from course_utils.checks import ch03 as check
+from course_utils.science import lm_saes as L
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -138,7 +138,9 @@ def top_unravel(feature_acts, k=10):
 def ss_loop(feature_acts, proxy, threshold=0.0):
     acts, proxy = feature_acts.flatten().tolist(), proxy.flatten().tolist()
     mass = [max(a, 0.0) for a in acts]
-    spec = sum(m for m, p in zip(mass, proxy, strict=False) if p) / sum(mass) if sum(mass) > 0 else 0.0
+    spec = (
+        sum(m for m, p in zip(mass, proxy, strict=False) if p) / sum(mass) if sum(mass) > 0 else 0.0
+    )
     on_proxy = [a for a, p in zip(acts, proxy, strict=False) if p]
     sens = sum(a > threshold for a in on_proxy) / len(on_proxy) if on_proxy else 0.0
     return spec, sens
@@ -361,7 +363,7 @@ def test_review_edge_cases_are_rejected():
 
 
 def test_single_exposes_one_instance_parameters():
-    from course_utils import saes as S
+    from course_utils.science import saes as S
 
     sae = S.ReLUSAE(5, 7, n_instances=2, seed=0)
     one = L.single(sae, instance=1)

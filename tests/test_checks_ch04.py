@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import e2e_saes as E
 from course_utils.checks import ch04 as check
 from course_utils.checks.core import FAILED, outcome
+from course_utils.science import e2e_saes as E
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -153,7 +153,9 @@ def ds_loop(
 def ds_stack(
     new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
 ):
-    mses = torch.stack([(a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream, strict=False)])
+    mses = torch.stack(
+        [(a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream, strict=False)]
+    )
     return (
         kl_coeff * e2e_reuse(new_logits, orig_logits, c, 0.0, d_in)
         + E.sparsity_penalty(c, lam, d_in)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import circuits as C
-from course_utils import transcoders as T
 from course_utils.checks import ch05 as check
 from course_utils.checks.core import outcome
+from course_utils.science import circuits as C
+from course_utils.science import transcoders as T
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py

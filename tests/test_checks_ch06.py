@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import interventions as I
 from course_utils.checks import ch06 as check
 from course_utils.checks.core import FAILED, outcome
+from course_utils.science import interventions as I
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -369,8 +369,11 @@ def _ig_linspace_both_ends(model, sae, tokens, hook_name, metric, steps=10):
 
 WRONG = {
     check.edit_feature: [_edit_scale_everything, _edit_clamp_as_torch_clamp, _edit_in_place],
-    check.run_with_feature_edit: [_splice_hook_left, _splice_edit_ignored,
-                                  _splice_reconstruction_only_when_edited],  # fmt: skip
+    check.run_with_feature_edit: [
+        _splice_hook_left,
+        _splice_edit_ignored,
+        _splice_reconstruction_only_when_edited,
+    ],  # fmt: skip
     check.ablation_effect: [_effect_hook_left, _effect_next_feature, _effect_whole_loss],
     check.run_with_steering: [_steer_hook_left, _steer_position_one_only, _steer_once_per_batch],
     check.mean_difference_vector: [_md_medians, _md_positive_mean_only, _md_normalised],

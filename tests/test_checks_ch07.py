@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import attribution_graphs as AG
-from course_utils import clt as CLT
 from course_utils.checks import ch07 as check
 from course_utils.checks.core import outcome
+from course_utils.science import attribution_graphs as AG
+from course_utils.science import clt as CLT
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")

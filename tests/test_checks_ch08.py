@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import bilinear as ref
 from course_utils.checks import ch08 as check
 from course_utils.checks.core import FAILED, outcome
+from course_utils.science import bilinear as ref
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -253,18 +253,42 @@ def _hessian_relative_logit(model, x, c):
 
 
 WRONG = {
-    check.bilinear_tensor: [_tensor_mean_over_hidden, _tensor_P_detached, _tensor_summed_P,
-                            _tensor_detached],  # fmt: skip
-    check.interaction_matrix: [_interaction_mean, _interaction_u_detached, _interaction_M_MT,
-                               CHECKS[1][3]],  # fmt: skip
-    check.eigen_decompose: [_eig_abs_ascending, _eig_svd, _eig_vectors_unnormalised,
-                            _eig_descending_by_signed_then_abs],  # fmt: skip
-    check.truncated_logits: [_truncated_square_after_weighting, _truncated_mean_over_k,
-                             _truncated_all_kept, _truncated_k_as_fraction],  # fmt: skip
-    check.effective_rank: [_rank_l2_not_squared, _rank_flattened, _rank_count_nonzero,
-                           CHECKS[4][3]],  # fmt: skip
-    check.logit_hessian: [_hessian_at_zero, _hessian_diagonal_only, _hessian_relative_logit,
-                          _hessian_finite_difference],  # fmt: skip
+    check.bilinear_tensor: [
+        _tensor_mean_over_hidden,
+        _tensor_P_detached,
+        _tensor_summed_P,
+        _tensor_detached,
+    ],  # fmt: skip
+    check.interaction_matrix: [
+        _interaction_mean,
+        _interaction_u_detached,
+        _interaction_M_MT,
+        CHECKS[1][3],
+    ],  # fmt: skip
+    check.eigen_decompose: [
+        _eig_abs_ascending,
+        _eig_svd,
+        _eig_vectors_unnormalised,
+        _eig_descending_by_signed_then_abs,
+    ],  # fmt: skip
+    check.truncated_logits: [
+        _truncated_square_after_weighting,
+        _truncated_mean_over_k,
+        _truncated_all_kept,
+        _truncated_k_as_fraction,
+    ],  # fmt: skip
+    check.effective_rank: [
+        _rank_l2_not_squared,
+        _rank_flattened,
+        _rank_count_nonzero,
+        CHECKS[4][3],
+    ],  # fmt: skip
+    check.logit_hessian: [
+        _hessian_at_zero,
+        _hessian_diagonal_only,
+        _hessian_relative_logit,
+        _hessian_finite_difference,
+    ],  # fmt: skip
 }
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from course_utils import polytopes as P
 from course_utils.checks import ch09 as check
 from course_utils.checks.core import FAILED, outcome
+from course_utils.science import polytopes as P
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -277,15 +277,28 @@ def _purity_n_clusters(labels, clusters):
 
 
 WRONG = {
-    check.layer_codes: [_codes_sigmoid_half, _codes_input_not_relu, _codes_of_a_shifted_input,
-                        _codes_float],  # fmt: skip
+    check.layer_codes: [
+        _codes_sigmoid_half,
+        _codes_input_not_relu,
+        _codes_of_a_shifted_input,
+        _codes_float,
+    ],  # fmt: skip
     check.spline_code: [_spline_stack_not_cat, _spline_thresholded_output, CHECKS[1][3]],
-    check.local_affine_map: [_affine_first_layer_only, _affine_mask_after_weight,
-                             _affine_no_bias_at_all],  # fmt: skip
-    check.code_changes_along_path: [_changes_linspace_n_steps_minus_one, _changes_total_over_batch,
-                                    _changes_per_unit_length],  # fmt: skip
-    check.hyperplane_crossings: [_crossings_closed_interval, _crossings_descending,
-                                 _crossings_points],  # fmt: skip
+    check.local_affine_map: [
+        _affine_first_layer_only,
+        _affine_mask_after_weight,
+        _affine_no_bias_at_all,
+    ],  # fmt: skip
+    check.code_changes_along_path: [
+        _changes_linspace_n_steps_minus_one,
+        _changes_total_over_batch,
+        _changes_per_unit_length,
+    ],  # fmt: skip
+    check.hyperplane_crossings: [
+        _crossings_closed_interval,
+        _crossings_descending,
+        _crossings_points,
+    ],  # fmt: skip
     check.cluster_purity: [_purity_mode_of_all, _purity_n_clusters, _purity_of_biggest_cluster],
 }
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)

@@ -7,10 +7,10 @@ from collections import defaultdict
 import pytest
 import torch
 
-from course_utils import circuits as C
-from course_utils import transcoders as T
-from course_utils.activations import corpus_windows
-from course_utils.models import load_model
+from course_utils.science import circuits as C
+from course_utils.science import transcoders as T
+from course_utils.science.activations import corpus_windows
+from course_utils.science.models import load_model
 
 POS = 13
 
@@ -47,18 +47,29 @@ def test_terms_sum_to_actual_pre_activation(setup, layer):
         # independent ground truth: the transcoder on the cached model activation
         _, cache = model.run_with_cache(circuit.tokens)
         x = cache[f"blocks.{layer}.ln2.hook_normalized"][0, POS]
-        assert actual == pytest.approx((x @ tcs[layer].W_enc + tcs[layer].b_enc)[feature].item(),
-                                       abs=1e-5)
+        assert actual == pytest.approx(
+            (x @ tcs[layer].W_enc + tcs[layer].b_enc)[feature].item(), abs=1e-5
+        )
         assert sum(t["value"] for t in terms) == pytest.approx(actual, abs=1e-4)
     kinds = {t["kind"] for t in circuit.decompose_feature(1, 0, POS)}
-    assert {"embed", "pos_embed", "head", "attn_bias", "feature", "tc_error", "tc_bias",
-            "tc_skip", "enc_bias"} <= kinds
+    assert {
+        "embed",
+        "pos_embed",
+        "head",
+        "attn_bias",
+        "feature",
+        "tc_error",
+        "tc_bias",
+        "tc_skip",
+        "enc_bias",
+    } <= kinds
 
 
 def test_head_terms_decompose_further(setup):
     _, _, circuit = setup
-    heads = [t for t in circuit.decompose_feature(1, _active(circuit, 1), POS)
-             if t["kind"] == "head"]
+    heads = [
+        t for t in circuit.decompose_feature(1, _active(circuit, 1), POS) if t["kind"] == "head"
+    ]
     for term in sorted(heads, key=lambda t: -abs(t["value"]))[:3]:
         sub = circuit.decompose_head_term(term)
         assert sum(t["value"] for t in sub) == pytest.approx(term["value"], abs=1e-5)
@@ -68,8 +79,11 @@ def test_attention_terms_sum_to_attn_out(setup):
     model, _, circuit = setup
     d = torch.randn(128, generator=torch.Generator().manual_seed(0))
     for layer in (0, 1):
-        attn = [t for t in circuit.residual_terms(d, layer, "mid", POS)
-                if t.get("layer") == layer and t["kind"] in ("head", "attn_bias")]
+        attn = [
+            t
+            for t in circuit.residual_terms(d, layer, "mid", POS)
+            if t.get("layer") == layer and t["kind"] in ("head", "attn_bias")
+        ]
         want = circuit.cache[f"blocks.{layer}.hook_attn_out"][POS] @ d
         assert sum(t["value"] for t in attn) == pytest.approx(want.item(), abs=1e-4)
 
@@ -80,8 +94,11 @@ def test_feature_attributions_match_the_decomposition(setup):
     scale = circuit.cache["blocks.1.ln2.hook_scale"][POS]
     z0 = circuit.feature_acts(0)[POS]
     attributions = C.feature_attributions(z0, tcs[0], tcs[1], j, scale)
-    from_terms = {t["index"]: t["value"] for t in circuit.decompose_feature(1, j, POS)
-                  if t["kind"] == "feature" and t["layer"] == 0 and t["pos"] == POS}
+    from_terms = {
+        t["index"]: t["value"]
+        for t in circuit.decompose_feature(1, j, POS)
+        if t["kind"] == "feature" and t["layer"] == 0 and t["pos"] == POS
+    }
     assert set(from_terms) == set(torch.nonzero(z0).flatten().tolist())
     for i, v in from_terms.items():
         assert attributions[i].item() == pytest.approx(v, abs=1e-5)
@@ -153,7 +170,8 @@ def test_logit_terms_sum_to_the_logit(setup, baseline):
     token = int(circuit.tokens[0, POS + 1])
     terms = circuit.decompose_logit(token, POS, baseline)
     assert sum(t["value"] for t in terms) == pytest.approx(
-        circuit.logit(token, POS, baseline), abs=1e-3)
+        circuit.logit(token, POS, baseline), abs=1e-3
+    )
     logits = model(circuit.tokens)[0, POS]
     raw = circuit.logit(token, POS, None)
     assert raw == pytest.approx(logits[token].item(), abs=1e-4)
@@ -174,14 +192,17 @@ def test_logit_graph_adds_up_and_draws(setup):
         assert total == pytest.approx(graph["nodes"][nid]["value"], abs=1e-3)
     fig = C.plot_graph(graph, token_str=str)
     assert len(fig.data) == len(graph["edges"]) + len(
-        {n["kind"] in C.ERROR_KINDS for n in graph["nodes"].values()})
+        {n["kind"] in C.ERROR_KINDS for n in graph["nodes"].values()}
+    )
     assert {tr.name for tr in fig.data if tr.mode == "markers+text"} <= {
-        "error / bias / pruned", "feature / head / embedding"}
+        "error / bias / pruned",
+        "feature / head / embedding",
+    }
 
 
 def test_reversed_shipped_transcoders_and_an_sae_give_clear_errors():
     """Review P3: layers swapped in input_invariant_connections; an SAE passed as a transcoder."""
-    from course_utils.models import load_sae
+    from course_utils.science.models import load_sae
 
     tc0, tc1 = load_sae(T.REFERENCE_NAMES["tc0"]), load_sae(T.REFERENCE_NAMES["tc1"])
     assert C.input_invariant_connections(tc0, tc1).shape == (tc0.cfg.d_sae, tc1.cfg.d_sae)

@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 def course(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "course_utils.cli", *args],
+        [sys.executable, "-m", "course_utils.machinery.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -95,7 +95,7 @@ def test_one_wrong_answer_fails_with_its_hint(tmp_path):
 
 def test_doctor_reports_versions_and_offline_status(monkeypatch):
     result = subprocess.run(
-        [sys.executable, "-m", "course_utils.cli", "doctor"],
+        [sys.executable, "-m", "course_utils.machinery.cli", "doctor"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -108,7 +108,7 @@ def test_doctor_reports_versions_and_offline_status(monkeypatch):
 
 
 def test_unreleased_chapter_and_non_notebook_file(tmp_path):
-    import course_utils.chapters as chapters
+    import course_utils.machinery.chapters as chapters
 
     unreleased = [c for c in chapters.CHAPTERS if not chapters.solution_path(c, ROOT).exists()]
     if unreleased:
@@ -121,6 +121,6 @@ def test_unreleased_chapter_and_non_notebook_file(tmp_path):
 
 
 def test_chapter_number_with_a_typo_after_it_still_resolves():
-    from course_utils.chapters import get_chapter
+    from course_utils.machinery.chapters import get_chapter
 
     assert get_chapter("00_setup_and_tool").number == "00"

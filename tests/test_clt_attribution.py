@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import attribution_graphs as AG
-from course_utils import clt as CLT
-from course_utils import transcoders as T
-from course_utils.models import tiny_random_model
+from course_utils.science import attribution_graphs as AG
+from course_utils.science import clt as CLT
+from course_utils.science import transcoders as T
+from course_utils.science.models import tiny_random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,8 +171,8 @@ def test_graph_json_and_plot(model, graph):
     reason="no shipped CLT: python -m course_utils.assets build-clt",
 )
 def test_shipped_clt_matches_its_record_and_fits_the_asset_budget():
-    from course_utils.activations import corpus_windows
-    from course_utils.models import load_model
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.models import load_model
 
     clt = CLT.load_clt()
     record = clt.cfg_dict["metadata"]

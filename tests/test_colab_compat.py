@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from course_utils import colab
+from course_utils.machinery import colab
 from tests.conftest import ROOT
 
 COLAB = ROOT / "tests" / "data" / "colab"
@@ -81,7 +81,9 @@ def test_every_dependency_is_a_range_or_a_reasoned_exact_pin():
 
 def test_the_walk_catches_a_requirement_that_would_replace_colabs_torch(monkeypatch):
     """The test above can fail: a pin like torch==2.13.0 (what we had) is reported."""
-    deps = [r for r in project()["dependencies"] if colab._normalise(Requirement(r).name) != "torch"]
+    deps = [
+        r for r in project()["dependencies"] if colab._normalise(Requirement(r).name) != "torch"
+    ]
     monkeypatch.setattr(
         sys.modules[__name__], "project", lambda: {"dependencies": [*deps, "torch==2.13.0"]}
     )

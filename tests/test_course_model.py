@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_utils import corpus
-from course_utils import course_model as cm
-from course_utils.models import load_model
+from course_utils.science import corpus
+from course_utils.science import course_model as cm
+from course_utils.science.models import load_model
 
 ASSET = cm.asset_dir()
 
@@ -270,7 +270,7 @@ def test_short_rebuild_reproduces_the_recorded_first_losses(tmp_path):
 
 def test_token_streams_match_the_model_card(model):
     """Same bytes, same tokenizer: the windows every chapter trains on are today's, on any Python."""
-    from course_utils.activations import corpus_stream
+    from course_utils.science.activations import corpus_stream
 
     card = cm.read_metadata()["corpus"]["tokens"]
     backend = model.tokenizer.backend_tokenizer
@@ -280,10 +280,11 @@ def test_token_streams_match_the_model_card(model):
 
 def test_token_streams_ignore_truncation_left_on_the_shared_tokenizer(model):
     """model.to_tokens switches truncation on in the backend tokenizer; the corpus stays whole."""
-    from course_utils.activations import corpus_stream
+    from course_utils.science.activations import corpus_stream
 
     model.to_tokens("x = 1")
     backend = model.tokenizer.backend_tokenizer
-    assert len(corpus_stream(backend, "validation")) == cm.read_metadata()["corpus"]["tokens"][
-        "validation"
-    ]
+    assert (
+        len(corpus_stream(backend, "validation"))
+        == cm.read_metadata()["corpus"]["tokens"]["validation"]
+    )

@@ -1,4 +1,4 @@
-"""course_utils.e2e_saes: bad input, the loop's loss equals the exercise references, NaN stops
+"""course_utils.science.e2e_saes: bad input, the loop's loss equals the exercise references, NaN stops
 the run, export round-trips through SAELens, and the committed sweep table matches the shipped
 checkpoints."""
 
@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from course_utils import e2e_saes as E
-from course_utils.hooks import UnknownHookError
-from course_utils.models import random_tokens, tiny_random_model
+from course_utils.science import e2e_saes as E
+from course_utils.science.hooks import UnknownHookError
+from course_utils.science.models import random_tokens, tiny_random_model
 
 HOOK = "blocks.1.hook_resid_pre"
 DOWNSTREAM = ("blocks.1.hook_resid_mid", "blocks.1.hook_resid_post")
@@ -60,8 +60,9 @@ def test_loss_shapes_are_checked():
     with pytest.raises(ValueError, match="differ in shape"):
         E.loss_local(torch.zeros(2, 4), torch.zeros(2, 5), torch.zeros(2, 8), 1.0)
     with pytest.raises(ValueError, match="downstream"):
-        E.loss_e2e_ds(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.zeros(1, 2, 8), 1.0, 4,
-                      [], [], 1.0)
+        E.loss_e2e_ds(
+            torch.zeros(1, 2, 5), torch.zeros(1, 2, 5), torch.zeros(1, 2, 8), 1.0, 4, [], [], 1.0
+        )
 
 
 @pytest.mark.parametrize("variant", E.VARIANTS)
@@ -79,8 +80,9 @@ def test_loop_loss_is_the_exercise_loss(tiny, variant):
         if variant == "e2e":
             expected = E.loss_e2e(logits, clean["logits"], c, 3.0, sae.d_in)
         else:
-            expected = E.loss_e2e_ds(logits, clean["logits"], c, 3.0, sae.d_in, new_ds,
-                                     [clean[h] for h in ds], 1.5, 0.7)
+            expected = E.loss_e2e_ds(
+                logits, clean["logits"], c, 3.0, sae.d_in, new_ds, [clean[h] for h in ds], 1.5, 0.7
+            )
     torch.testing.assert_close(loss, expected)
 
 
@@ -89,8 +91,13 @@ def test_training_keeps_the_model_frozen_and_moves_the_sae(tiny):
     model.requires_grad_(True)  # as loaded: the loop must freeze it
     before = {k: v.clone() for k, v in model.state_dict().items()}
     w = sae.W_enc.detach().clone()
-    E.train_sae(model, sae, E.TrainConfig("e2e_ds", 1.0, HOOK, DOWNSTREAM, steps=3),
-                lambda: tokens, progress=False)
+    E.train_sae(
+        model,
+        sae,
+        E.TrainConfig("e2e_ds", 1.0, HOOK, DOWNSTREAM, steps=3),
+        lambda: tokens,
+        progress=False,
+    )
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not torch.equal(w, sae.W_enc)
@@ -101,8 +108,13 @@ def test_nan_loss_stops_the_run_naming_the_step(tiny):
     with torch.no_grad():
         sae.W_enc[0, 0] = float("nan")
     with pytest.raises(E.TrainingDiverged, match="at step 0.*lower learning rate"):
-        E.train_sae(model, sae, E.TrainConfig("e2e", 1.0, HOOK, DOWNSTREAM, steps=2),
-                    lambda: tokens, progress=False)
+        E.train_sae(
+            model,
+            sae,
+            E.TrainConfig("e2e", 1.0, HOOK, DOWNSTREAM, steps=2),
+            lambda: tokens,
+            progress=False,
+        )
 
 
 def test_lr_schedule_warms_up_then_decays_to_ten_percent():
@@ -122,17 +134,20 @@ def test_dictionary_is_unit_norm_and_export_round_trips(tiny, tmp_path):
     E.export_e2e_sae(sae, tmp_path / "x", HOOK)
     lens = SAE.load_from_disk(tmp_path / "x")
     x = torch.randn(5, sae.d_in)
-    torch.testing.assert_close(lens.decode(lens.encode(x)), sae(x)[0].detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        lens.decode(lens.encode(x)), sae(x)[0].detach(), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_max_cosine_within_excludes_self():
     W = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
-    torch.testing.assert_close(E.max_cosine_within(W), torch.tensor([0.7071, 0.7071, 0.7071]),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        E.max_cosine_within(W), torch.tensor([0.7071, 0.7071, 0.7071]), atol=1e-4, rtol=0
+    )
 
 
 def test_committed_table_matches_the_shipped_checkpoints():
-    from course_utils.models import load_sae
+    from course_utils.science.models import load_sae
 
     table = E.load_sweep_table()
     assert {r["variant"] for r in table["rows"]} == set(E.VARIANTS)

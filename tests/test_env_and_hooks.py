@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from course_utils import env
-from course_utils.hooks import UnknownHookError, ablation_loss_change, check_hook_name
-from course_utils.models import random_tokens, tiny_random_model
+from course_utils.machinery import env
+from course_utils.science.hooks import UnknownHookError, ablation_loss_change, check_hook_name
+from course_utils.science.models import random_tokens, tiny_random_model
 
 
 def test_network_is_not_touched_when_offline_is_forced(monkeypatch):
@@ -68,7 +68,7 @@ def test_blocked_network_refuses_internet_but_allows_loopback():
         "    print('BLOCKED' if 'COURSE_BLOCK_NETWORK' in str(e) else 'OTHER', e)\n"
         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n"
         "c = socket.create_connection(s.getsockname(), timeout=1); print('LOOPBACK OK')\n"
-        "print(course_utils.env.network_available())\n"
+        "print(course_utils.machinery.env.network_available())\n"
     )
     env = {**__import__("os").environ, "COURSE_BLOCK_NETWORK": "1"}
     out = subprocess.run(
@@ -84,9 +84,11 @@ def test_headless_runs_save_text_progress_bars():
 
     code = (
         "import course_utils, tqdm.auto, tqdm.std; "
-        "from course_utils import activations; "
+        "from course_utils.science import activations; "
         "assert tqdm.auto.tqdm is tqdm.std.tqdm and activations.tqdm is tqdm.std.tqdm"
     )
     headless_env = {**os.environ, "COURSE_HEADLESS": "1"}
-    result = subprocess.run([sys.executable, "-c", code], env=headless_env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=headless_env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""course_utils.interventions: exact edits, no hooks left, attribution vs ablation, circuits,
+"""course_utils.science.interventions: exact edits, no hooks left, attribution vs ablation, circuits,
 clear errors, and the online steering path run on local files."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import interventions as I
 from course_utils.checks.ch06 import tiny_sae
-from course_utils.models import random_tokens, tiny_random_model
+from course_utils.science import interventions as I
+from course_utils.science.models import random_tokens, tiny_random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,7 +154,7 @@ def test_generate_greedy_is_deterministic_and_sampling_is_seeded(parts):
 
 def test_online_steering_path_runs_on_local_files(tmp_path):
     """The GPT-2 bonus's code, run on the course model and an SAE folder this test writes."""
-    from course_utils.models import load_model, load_sae
+    from course_utils.science.models import load_model, load_sae
 
     model = load_model("course-2l")
     sae = tiny_sae(d_in=model.cfg.d_model, d_sae=64, hook_name=HOOK, seed=4)
@@ -169,7 +169,7 @@ def test_online_steering_path_runs_on_local_files(tmp_path):
 
 
 def test_online_bonus_is_skipped_with_one_line_offline(monkeypatch):
-    from course_utils.models import NetworkRequiredError, load_sae
+    from course_utils.science.models import NetworkRequiredError, load_sae
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(NetworkRequiredError):

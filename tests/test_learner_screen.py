@@ -19,10 +19,10 @@ import nbformat
 import pytest
 import torch
 
-from course_utils import plots_superposition as plots
-from course_utils.build import NOTEBOOK_METADATA, notebook_text
-from course_utils.chapters import available_chapters, exercise_path, solution_path
 from course_utils.checks.core import STOP_NOTE
+from course_utils.machinery.build import NOTEBOOK_METADATA, notebook_text
+from course_utils.machinery.chapters import available_chapters, exercise_path, solution_path
+from course_utils.science import plots_superposition as plots
 from tests.conftest import ROOT
 
 CHAPTERS = available_chapters(ROOT)
@@ -187,7 +187,7 @@ def test_whole_floats_are_what_javascript_would_save():
 
 # ------------------------------------------------------------------------------------------ snag 6
 def test_colab_badge_degrades_to_a_text_link_when_its_image_cannot_load():
-    from course_utils import colab
+    from course_utils.machinery import colab
 
     badge = colab.badge("notebooks/00_setup_and_tools.ipynb")
     alts = re.findall(r"!\[([^\]]*)\]\(" + re.escape(colab.BADGE_IMAGE), badge)

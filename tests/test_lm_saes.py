@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_utils import lm_saes as L
-from course_utils import saes as S
-from course_utils.models import (
+from course_utils.science import lm_saes as L
+from course_utils.science import saes as S
+from course_utils.science.models import (
     load_model,
     load_sae,
     random_tokens,
@@ -50,15 +50,17 @@ def test_training_lowers_the_loss():
     data = torch.randn(4096, 8) @ torch.randn(8, 8)
     sae = S.ReLUSAE(8, 16, 2, l1_coeff=[0.01, 0.1])
     batches = iter(data.split(256))
-    history = L.train_lm_sae(sae, lambda: next(batches), steps=16, lr=1e-2, progress=False,
-                             log_every=5)
+    history = L.train_lm_sae(
+        sae, lambda: next(batches), steps=16, lr=1e-2, progress=False, log_every=5
+    )
     assert (history["loss"][-1] < history["loss"][0]).all()
     assert torch.allclose(sae.l1_coeff, torch.tensor([0.01, 0.1]))  # restored after warm-up
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(2, 16), atol=1e-5)
 
 
-@pytest.mark.skipif(not set(L.REFERENCE_NAMES) <= set(shipped_dictionaries()),
-                    reason="reference SAEs not built")
+@pytest.mark.skipif(
+    not set(L.REFERENCE_NAMES) <= set(shipped_dictionaries()), reason="reference SAEs not built"
+)
 def test_shipped_reference_saes_fit_the_course_model():
     model = load_model("course-2l")
     for name in L.REFERENCE_NAMES:
@@ -96,8 +98,9 @@ def test_clip_grad_norm_per_instance_clips_each_instance_on_its_own_norm():
     norms = L.clip_grad_norm_per_instance(sae.parameters(), 1.0)
     expected = torch.stack([sum(g[i].pow(2).sum() for g in before).sqrt() for i in range(2)])
     assert torch.allclose(norms, expected)
-    after = torch.stack([sum(p.grad[i].pow(2).sum() for p in sae.parameters()).sqrt()
-                         for i in range(2)])
+    after = torch.stack(
+        [sum(p.grad[i].pow(2).sum() for p in sae.parameters()).sqrt() for i in range(2)]
+    )
     assert torch.allclose(after, torch.ones(2), atol=1e-5)
     # same formula as torch's clip_grad_norm_ for a single instance
     one = S.ReLUSAE(4, 6, 1)
@@ -174,14 +177,16 @@ def test_mass_by_token_shares_and_base_rates():
     with pytest.raises(ValueError, match="aligned"):
         L.mass_by_token(torch.zeros(4), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="outside group_of"):
-        L.mass_by_token(torch.ones(2), torch.tensor([0, 4]), group_of=torch.zeros(3, dtype=torch.long))
+        L.mass_by_token(
+            torch.ones(2), torch.tensor([0, 4]), group_of=torch.zeros(3, dtype=torch.long)
+        )
 
 
 def test_sae_folder_whose_cfg_disagrees_with_its_weights(tmp_path):
     import json
     import shutil
 
-    from course_utils.models import load_sae_folder
+    from course_utils.science.models import load_sae_folder
 
     source = Path(__file__).resolve().parents[1] / "course_utils/assets/saes" / L.REFERENCE_NAMES[0]
     shutil.copytree(source, tmp_path / "sae")
@@ -193,7 +198,7 @@ def test_sae_folder_whose_cfg_disagrees_with_its_weights(tmp_path):
 
 
 def test_missing_file_message_puts_the_rebuild_command_first(tmp_path):
-    from course_utils.models import load_sae_folder
+    from course_utils.science.models import load_sae_folder
 
     with pytest.raises(FileNotFoundError) as info:
         load_sae_folder(tmp_path, rebuild="python -m course_utils.assets build-saes")

@@ -10,9 +10,10 @@ import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer
 
-from course_utils import course_model as cm
-from course_utils import env, models
-from course_utils.models import NetworkRequiredError, load_model, load_sae
+from course_utils.machinery import env
+from course_utils.science import course_model as cm
+from course_utils.science import models
+from course_utils.science.models import NetworkRequiredError, load_model, load_sae
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import re
 import nbformat
 import pytest
 
-from course_utils import colab
-from course_utils.chapters import available_chapters, exercise_path, solution_path
 from course_utils.checks.core import exercises_of
+from course_utils.machinery import colab
+from course_utils.machinery.chapters import available_chapters, exercise_path, solution_path
 from tests.conftest import ROOT
 
 CHAPTERS = available_chapters(ROOT)

@@ -1,4 +1,4 @@
-"""course_utils.polytopes: codes, local affine maps, region counts, exact crossings, bad input."""
+"""course_utils.science.polytopes: codes, local affine maps, region counts, exact crossings, bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from course_utils import polytopes as P
+from course_utils.science import polytopes as P
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

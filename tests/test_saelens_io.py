@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import lm_saes as L
-from course_utils import saelens_io as IO
-from course_utils import saes as S
-from course_utils.hooks import UnknownHookError
-from course_utils.models import load_model, load_sae
+from course_utils.science import lm_saes as L
+from course_utils.science import saelens_io as IO
+from course_utils.science import saes as S
+from course_utils.science.hooks import UnknownHookError
+from course_utils.science.models import load_model, load_sae
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -45,7 +45,9 @@ def test_run_with_saes_matches_our_splice(tmp_path, model):
     sae = _random_sae()
     IO.export_sae(sae, tmp_path / "sae", instance=0, hook_name=HOOK)
     lens = load_sae(tmp_path / "sae")
-    tokens = torch.randint(0, model.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, model.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
     hooked = IO.hooked_sae_transformer(model)
     with torch.no_grad():
         assert torch.equal(hooked(tokens), model(tokens))

@@ -5,9 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import sae_metrics as M
-from course_utils import saes as S
-from course_utils.sparse_data import SparseDictionaryData, decaying_probabilities, random_dictionary
+from course_utils.science import sae_metrics as M
+from course_utils.science import saes as S
+from course_utils.science.sparse_data import (
+    SparseDictionaryData,
+    decaying_probabilities,
+    random_dictionary,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
@@ -61,7 +65,7 @@ def test_data_generator_bad_input():
 def test_correlated_data_keeps_marginals():
     D = random_dictionary(8, 4)
     p = torch.full((8,), 0.2)
-    from course_utils.sparse_data import random_correlation
+    from course_utils.science.sparse_data import random_correlation
 
     data = SparseDictionaryData(D, p, correlation=random_correlation(8, strength=2.0), seed=1)
     _, c = data.sample_with_coefficients(20000)

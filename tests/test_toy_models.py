@@ -1,4 +1,4 @@
-"""course_utils.toy_models and plots_superposition: behaviour and clear errors on bad input."""
+"""course_utils.science.toy_models and plots_superposition: behaviour and clear errors on bad input."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from course_utils import plots_superposition as plots
-from course_utils import toy_models as tm
+from course_utils.science import plots_superposition as plots
+from course_utils.science import toy_models as tm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_utils import transcoders as T
-from course_utils.activations import corpus_windows
-from course_utils.hooks import UnknownHookError
-from course_utils.models import load_model, shipped_dictionaries
+from course_utils.science import transcoders as T
+from course_utils.science.activations import corpus_windows
+from course_utils.science.hooks import UnknownHookError
+from course_utils.science.models import load_model, shipped_dictionaries
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +92,20 @@ def test_hook_pair_validation(model):
         ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_in"),
         ("blocks.0.ln2.hook_normalized", "blocks.1.hook_mlp_out"),
     ]:
-        with pytest.raises(ValueError, match=r"expected the pair .*ln2\.hook_normalized.*"
-                                             r"hook_mlp_out"):
+        with pytest.raises(
+            ValueError,
+            match=r"expected the pair .*ln2\.hook_normalized.*"
+            r"hook_mlp_out",
+        ):
             T.check_hook_pair(model, hook_in, hook_out)
     with pytest.raises(UnknownHookError):
         T.check_hook_pair(model, "blocks.0.ln2.hook_normalised", "blocks.0.hook_mlp_out")
 
 
 def test_paired_store_pairs_come_from_one_pass(model, windows):
-    store = T.PairedActivationStore(model, *T.hook_pair(1), windows, batch_size=64,
-                                    buffer_tokens=512, progress=False)
+    store = T.PairedActivationStore(
+        model, *T.hook_pair(1), windows, batch_size=64, buffer_tokens=512, progress=False
+    )
     x, y = store.next_pair()
     assert x.shape == y.shape == (64, 128)
     ln2 = model.blocks[1].ln2
@@ -113,8 +117,9 @@ def test_paired_store_pairs_come_from_one_pass(model, windows):
 
 
 def test_training_lowers_the_loss_and_keeps_unit_decoder(model, windows):
-    store = T.PairedActivationStore(model, *T.hook_pair(0), windows, batch_size=128,
-                                    buffer_tokens=1024, progress=False)
+    store = T.PairedActivationStore(
+        model, *T.hook_pair(0), windows, batch_size=128, buffer_tokens=1024, progress=False
+    )
     tc = T.SkipTranscoder(128, 128, 128, 2, l1_coeff=[1e-3, 1e-1])
     history = T.train_transcoder(tc, store.next_pair, 40, lr=3e-3, log_every=39, progress=False)
     assert (history["loss"][-1] < history["loss"][0]).all()
@@ -127,10 +132,14 @@ def test_splice_matches_manual_replacement_and_both_layers(model):
     tokens = corpus_windows(model, "validation")[:2, :24]
     tc0, tc1 = T.single(_random(T.SkipTranscoder), 1), T.single(_random(), 0)
     stash = {}
-    manual = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[
-        ("blocks.0.ln2.hook_normalized", lambda a, hook: stash.update(x=a)),
-        ("blocks.0.hook_mlp_out", lambda a, hook: tc0(stash["x"])),
-    ]).item()
+    manual = model.run_with_hooks(
+        tokens,
+        return_type="loss",
+        fwd_hooks=[
+            ("blocks.0.ln2.hook_normalized", lambda a, hook: stash.update(x=a)),
+            ("blocks.0.hook_mlp_out", lambda a, hook: tc0(stash["x"])),
+        ],
+    ).item()
     assert T.ce_loss_with_transcoders(model, tokens, {0: tc0}) == pytest.approx(manual, abs=1e-5)
     numbers = T.evaluate_transcoders(model, tokens, {0: tc0, 1: tc1})
     assert numbers["ce_transcoders"] != pytest.approx(numbers["ce_clean"])
@@ -156,7 +165,10 @@ def test_saelens_round_trip(tmp_path, model, cls):
     assert isinstance(lens, LensSkip) == (cls is T.SkipTranscoder)
     meta = lens.cfg.metadata
     assert (meta.hook_name, meta.hook_name_out, meta.model_name) == (
-        "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", "course-2l")
+        "blocks.1.ln2.hook_normalized",
+        "blocks.1.hook_mlp_out",
+        "course-2l",
+    )
     x = torch.randn(9, 128, generator=torch.Generator().manual_seed(0)) * 3
     ours = T.single(tc, 1)
     with torch.no_grad():
@@ -164,12 +176,13 @@ def test_saelens_round_trip(tmp_path, model, cls):
         assert torch.allclose(lens(x), ours(x), atol=1e-6)
     tokens = corpus_windows(model, "validation")[:1, :16]
     assert T.ce_loss_with_transcoders(model, tokens, {1: lens}) == pytest.approx(
-        T.ce_loss_with_transcoders(model, tokens, {1: ours}), abs=1e-5)
+        T.ce_loss_with_transcoders(model, tokens, {1: ours}), abs=1e-5
+    )
 
 
 def test_load_transcoder_rejects_non_transcoders(tmp_path):
-    from course_utils import saelens_io as IO
-    from course_utils import saes as S
+    from course_utils.science import saelens_io as IO
+    from course_utils.science import saes as S
 
     IO.export_sae(S.ReLUSAE(128, 16), tmp_path / "sae")
     with pytest.raises(ValueError, match="not a transcoder"):
@@ -179,8 +192,14 @@ def test_load_transcoder_rejects_non_transcoders(tmp_path):
 
 
 def test_multi_hook_store_keeps_rows_aligned(model, windows):
-    store = T.MultiHookStore(model, [*T.hook_pair(0), *T.hook_pair(1)], windows, batch_size=32,
-                             buffer_tokens=256, progress=False)
+    store = T.MultiHookStore(
+        model,
+        [*T.hook_pair(0), *T.hook_pair(1)],
+        windows,
+        batch_size=32,
+        buffer_tokens=256,
+        progress=False,
+    )
     x0, y0, x1, y1 = store.next_split()
     assert x0.shape == y1.shape == (32, 128)
     ln2 = model.blocks[0].ln2
@@ -190,9 +209,10 @@ def test_multi_hook_store_keeps_rows_aligned(model, windows):
 
 @pytest.mark.skipif(
     not set(T.REFERENCE_NAMES.values()) <= set(shipped_dictionaries()),
-    reason="reference transcoders not built")
+    reason="reference transcoders not built",
+)
 def test_shipped_transcoders_fit_the_course_model(model):
-    from course_utils.models import load_sae
+    from course_utils.science.models import load_sae
 
     for layer in (0, 1):
         tc = load_sae(T.REFERENCE_NAMES[f"tc{layer}"])
@@ -205,23 +225,27 @@ def test_shipped_transcoders_fit_the_course_model(model):
 
 @pytest.mark.slow
 def test_build_transcoders_end_to_end(tmp_path):
-    results = T.build_reference_transcoders(tmp_path, {"steps": 3, "eval_windows": 4},
-                                            log=lambda line: None)
+    results = T.build_reference_transcoders(
+        tmp_path, {"steps": 3, "eval_windows": 4}, log=lambda line: None
+    )
     assert set(results) == set(T.REFERENCE_NAMES.values()) | {"both"}
-    assert {p.name for p in tmp_path.iterdir()} == set(T.REFERENCE_NAMES.values()) | {
-        T.SWEEP_TABLE}
+    assert {p.name for p in tmp_path.iterdir()} == set(T.REFERENCE_NAMES.values()) | {T.SWEEP_TABLE}
     rows = T.read_sweep_table(tmp_path / T.SWEEP_TABLE)
     n = sum(len(c) for per_layer in T.REFERENCE["sweep"].values() for c in per_layer)
     assert len(rows) == n and set(rows[0]) == set(T.SWEEP_COLUMNS)
-    assert all(r["ce_increase"] == pytest.approx(r["ce_spliced"] - r["ce_clean"], abs=1e-4)
-               for r in rows)
+    assert all(
+        r["ce_increase"] == pytest.approx(r["ce_spliced"] - r["ce_clean"], abs=1e-4) for r in rows
+    )
 
 
 def test_wrong_layer_is_named_from_saelens_metadata(tmp_path, model):
     lens = T.to_saelens(_random(n_instances=1), layer=0)
     tokens = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"trained on 'blocks\.0\.ln2\.hook_normalized'.*"
-                                         r"MLP 1.*blocks\.1\.ln2\.hook_normalized"):
+    with pytest.raises(
+        ValueError,
+        match=r"trained on 'blocks\.0\.ln2\.hook_normalized'.*"
+        r"MLP 1.*blocks\.1\.ln2\.hook_normalized",
+    ):
         T.ce_loss_with_transcoders(model, tokens, {1: lens})
     T.ce_loss_with_transcoders(model, tokens, {0: lens})  # the right layer works
 
@@ -239,22 +263,32 @@ def test_functional_references_agree_with_the_module():
     tc = _random(T.SkipTranscoder, n_instances=1)
     one = T.single(tc)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
-    z, y_hat = T.skip_transcoder_forward(x, one.W_enc, one.b_enc, one.W_dec, one.b_dec,
-                                         one.W_skip)
+    z, y_hat = T.skip_transcoder_forward(x, one.W_enc, one.b_enc, one.W_dec, one.b_dec, one.W_skip)
     assert torch.allclose(z, one.encode(x), atol=1e-5)
     assert torch.allclose(y_hat, one(x), atol=1e-5)
     y = torch.randn(5, 128)
     loss = T.transcoder_loss(x, y, one.W_enc, one.b_enc, one.W_dec, one.b_dec, 0.3)
     plain = T.Transcoder(128, 64, 128, 1, seed=3, l1_coeff=0.3)
-    plain.load_state_dict({k: v for k, v in tc.state_dict().items() if k not in ("W_skip", "l1_coeff")},
-                          strict=False)
+    plain.load_state_dict(
+        {k: v for k, v in tc.state_dict().items() if k not in ("W_skip", "l1_coeff")}, strict=False
+    )
     assert loss.item() == pytest.approx(plain.loss(x, y)["loss"].item(), rel=1e-5)
 
 
 def test_sweep_table_round_trip_and_missing_file(tmp_path):
-    row = {"family": "tc", "layer": 1, "l1_coeff": 1.0, "l0": 20.5, "fvu": 0.3, "ce_clean": 3.5,
-           "ce_spliced": 3.6, "ce_increase": 0.1, "ce_recovered_zero": 0.9, "kl": 0.1,
-           "dead_fraction": 0.0}
+    row = {
+        "family": "tc",
+        "layer": 1,
+        "l1_coeff": 1.0,
+        "l0": 20.5,
+        "fvu": 0.3,
+        "ce_clean": 3.5,
+        "ce_spliced": 3.6,
+        "ce_increase": 0.1,
+        "ce_recovered_zero": 0.9,
+        "kl": 0.1,
+        "dead_fraction": 0.0,
+    }
     path = T.write_sweep_table([row], tmp_path / "s.csv")
     assert T.read_sweep_table(path) == [row]
     with pytest.raises(FileNotFoundError, match="build-transcoders"):

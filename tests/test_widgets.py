@@ -2,7 +2,7 @@
 
 The figure must be an ordinary display output updated in place (stored in the saved notebook, so
 it reopens as a figure), never drawn inside an ipywidgets ``Output`` (Colab's "Plotly is not
-defined" bug). This file needs only ipykernel, ipywidgets, plotly and ``course_utils.widgets``,
+defined" bug). This file needs only ipykernel, ipywidgets, plotly and ``course_utils.machinery.widgets``,
 so it also runs against Colab's versions (ipywidgets 7.7, plotly 5.24) in a throwaway venv.
 """
 
@@ -20,7 +20,7 @@ import plotly.io as pio
 pio.renderers.default = {renderer!r}
 import ipywidgets as widgets
 import plotly.graph_objects as go
-import course_utils.widgets as W
+import course_utils.machinery.widgets as W
 W.headless = lambda: False  # an in-process kernel has no front end; act as if Lab were there
 
 def make(d):
@@ -129,7 +129,7 @@ def test_an_error_while_redrawing_is_shown_where_the_figure_was():
 
 
 def test_bad_controls_and_bad_figures_are_refused_with_what_to_do():
-    import course_utils.widgets as W
+    import course_utils.machinery.widgets as W
 
     with pytest.raises(TypeError, match="at least one control"):
         W.interactive_figure(lambda: None)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "freeze-corpus":
-        from course_utils import corpus
+        from course_utils.science import corpus
 
         root = args.stdlib if args.stdlib is not None else corpus.stdlib_root()
         out = args.out if args.out is not None else corpus.ARCHIVE
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if same else 1
 
     if args.command == "build-clt":
-        from course_utils import clt as clt_module
+        from course_utils.science import clt as clt_module
 
         out = args.out if args.out is not None else clt_module.asset_dir()
         recipe = {} if args.steps is None else {"steps": args.steps}
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.command == "build-e2e":
-        from course_utils import e2e_saes
         from course_utils.assets import ASSETS_DIR
-        from course_utils.models import SAE_ASSETS
+        from course_utils.science import e2e_saes
+        from course_utils.science.models import SAE_ASSETS
 
         out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
         table = args.table if args.table is not None else ASSETS_DIR / "e2e" / e2e_saes.TABLE_FILE
@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.command == "build-transcoders":
-        from course_utils import transcoders
         from course_utils.assets import ASSETS_DIR
-        from course_utils.models import SAE_ASSETS
+        from course_utils.science import transcoders
+        from course_utils.science.models import SAE_ASSETS
 
         out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
         recipe = {} if args.steps is None else {"steps": args.steps}
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.command == "build-saes":
-        from course_utils import lm_saes
         from course_utils.assets import ASSETS_DIR
-        from course_utils.models import SAE_ASSETS
+        from course_utils.science import lm_saes
+        from course_utils.science.models import SAE_ASSETS
 
         out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
         recipe = {} if args.steps is None else {"steps": args.steps}
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda log: lm_saes.build_reference_saes(out, recipe, log=log, threads=args.threads),
         )
 
-    from course_utils import course_model as cm
+    from course_utils.science import course_model as cm
 
     if args.command == "build":
         config = cm.BuildConfig()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         import torch
 
-        from course_utils.activations import corpus_stream
+        from course_utils.science.activations import corpus_stream
 
         start = time.perf_counter()
         model = cm.load_course_model(args.dir)

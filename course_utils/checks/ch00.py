@@ -6,7 +6,6 @@ from functools import partial
 
 import torch
 
-from course_utils.basics import cosine_similarity_matrix as ref_cosine_similarity_matrix
 from course_utils.checks.core import (
     Case,
     CheckFailed,
@@ -17,10 +16,11 @@ from course_utils.checks.core import (
     mismatch,
     with_options,
 )
-from course_utils.hooks import ablation_loss_change as ref_ablation_loss_change
-from course_utils.hooks import record_norm_hook as ref_record_norm_hook
-from course_utils.hooks import zero_ablation_hook
-from course_utils.models import random_tokens, tiny_random_model
+from course_utils.science.basics import cosine_similarity_matrix as ref_cosine_similarity_matrix
+from course_utils.science.hooks import ablation_loss_change as ref_ablation_loss_change
+from course_utils.science.hooks import record_norm_hook as ref_record_norm_hook
+from course_utils.science.hooks import zero_ablation_hook
+from course_utils.science.models import random_tokens, tiny_random_model
 
 # ---------------------------------------------------------------- 0.1 cosine similarity matrix
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from course_utils import toy_models as ref
 from course_utils.checks.core import (
     GRAD_PREFIX,
     Case,
@@ -36,6 +35,7 @@ from course_utils.checks.core import (
     with_options,
     z_for,
 )
+from course_utils.science import toy_models as ref
 
 # A correct generator fails one statistical case with probability at most FALSE_ALARM per test.
 FALSE_ALARM = 1e-6

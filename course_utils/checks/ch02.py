@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from course_utils import sae_metrics as M
-from course_utils import saes as S
 from course_utils.checks.core import (
     Case,
     CheckFailed,
@@ -23,6 +21,8 @@ from course_utils.checks.core import (
     step_divergence,
     with_options,
 )
+from course_utils.science import sae_metrics as M
+from course_utils.science import saes as S
 
 
 def _differentiable(learner, reference, cases, mistakes, wrt, what, presence=("acts",)) -> str:

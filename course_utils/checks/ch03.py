@@ -1,6 +1,6 @@
 """Checks for chapter 03, SAEs on a language model.
 
-References live in :mod:`course_utils.lm_saes` (chapters 04-05 reuse them).
+References live in :mod:`course_utils.science.lm_saes` (chapters 04-05 reuse them).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import functools
 
 import torch
 
-from course_utils import lm_saes as L
-from course_utils import saes as S
 from course_utils.checks.core import Case, Mistake, compare_function, exercise, mismatch
+from course_utils.science import lm_saes as L
+from course_utils.science import saes as S
 
 
 def _g(seed: int) -> torch.Generator:
@@ -204,7 +204,7 @@ def normalise_decoder_rows(learner) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _tiny():
-    from course_utils.models import random_tokens, tiny_random_model
+    from course_utils.science.models import random_tokens, tiny_random_model
 
     model = tiny_random_model(seed=0)
     sae = S.ReLUSAE(model.cfg.d_model, 48, 1, seed=1)

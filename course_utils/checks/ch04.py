@@ -1,6 +1,6 @@
 """Checks for chapter 04, end-to-end SAEs (Braun et al. 2024).
 
-References live in :mod:`course_utils.e2e_saes`.
+References live in :mod:`course_utils.science.e2e_saes`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import functools
 
 import torch
 
-from course_utils import e2e_saes as E
 from course_utils.checks.core import (
     Case,
     CheckFailed,
@@ -23,6 +22,7 @@ from course_utils.checks.core import (
     step_divergence,
 )
 from course_utils.checks.core import mismatch as _mismatch
+from course_utils.science import e2e_saes as E
 
 
 def _differentiable(learner, reference, cases, mistakes, wrt, what, presence=("c",)) -> str:
@@ -39,7 +39,7 @@ def _g(seed: int) -> torch.Generator:
 
 @functools.lru_cache(maxsize=1)
 def _tiny_parts():
-    from course_utils.models import random_tokens, tiny_random_model
+    from course_utils.science.models import random_tokens, tiny_random_model
 
     model = tiny_random_model(seed=0).requires_grad_(False)  # frozen, as in training
     sae = E.E2ESAE(model.cfg.d_model, 48, seed=1)
@@ -547,7 +547,7 @@ def _train_config(variant: str) -> E.TrainConfig:
 
 
 def _batches(seed: int):
-    from course_utils.models import random_tokens
+    from course_utils.science.models import random_tokens
 
     model, _, _ = _tiny_parts()
     items = [random_tokens(model, batch=2, seq=8, seed=seed + i) for i in range(TRAIN_STEPS)]
@@ -562,7 +562,7 @@ def _run_training(train_fn):
     def run(variant: str, special: str = "") -> dict:
         from dataclasses import replace
 
-        from course_utils.models import tiny_random_model
+        from course_utils.science.models import tiny_random_model
 
         model = tiny_random_model(seed=0)  # fresh: requires_grad is True, as loaded
         before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,6 +1,6 @@
 """Checks for chapter 05, transcoders and feature circuits.
 
-References live in :mod:`course_utils.transcoders` and :mod:`course_utils.circuits`.
+References live in :mod:`course_utils.science.transcoders` and :mod:`course_utils.science.circuits`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ import functools
 
 import torch
 
-from course_utils import circuits as C
-from course_utils import transcoders as T
 from course_utils.checks.core import (
     Case,
     Mistake,
@@ -18,6 +16,8 @@ from course_utils.checks.core import (
     compare_function,
     exercise,
 )
+from course_utils.science import circuits as C
+from course_utils.science import transcoders as T
 
 
 def _differentiable(learner, reference, cases, mistakes, wrt, what) -> str:
@@ -279,7 +279,7 @@ def skip_transcoder_forward(learner) -> str:
 def _tiny():
     """A tiny random model whose ln2 has a non-trivial weight and bias (so that reading the MLP's
     actual input instead of ln2.hook_normalized shows)."""
-    from course_utils.models import random_tokens, tiny_random_model
+    from course_utils.science.models import random_tokens, tiny_random_model
 
     model = tiny_random_model(seed=0)
     g = _g(11)
@@ -570,7 +570,7 @@ def _embedding_model(seed: int):
     """A real tiny HookedTransformer, so that every spelling of its API works (model.W_E,
     model.embed.W_E, model.unembed.W_U, model.embed(tokens) ...); its embedding is shifted off
     zero mean so that forgetting to centre f_enc shows."""
-    from course_utils.models import tiny_random_model
+    from course_utils.science.models import tiny_random_model
 
     model = tiny_random_model(seed=seed)
     with torch.no_grad():

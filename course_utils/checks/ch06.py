@@ -1,6 +1,6 @@
 """Checks for chapter 06, intervening on features.
 
-References live in :mod:`course_utils.interventions`. Every check of hook-using code runs it on
+References live in :mod:`course_utils.science.interventions`. Every check of hook-using code runs it on
 a tiny random model with a tiny SAELens SAE; compare_function fails any case after which a hook is
 left attached (or the model changed), so no chapter-specific "hook left" Mistake is needed.
 """
@@ -12,13 +12,13 @@ import functools
 
 import torch
 
-from course_utils import interventions as I
 from course_utils.checks.core import (
     Case,
     Mistake,
     compare_function,
     exercise,
 )
+from course_utils.science import interventions as I
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -49,7 +49,7 @@ def tiny_sae(d_in: int = 32, d_sae: int = 24, hook_name: str = HOOK, seed: int =
 
 @functools.lru_cache(maxsize=1)
 def _tiny_parts():
-    from course_utils.models import random_tokens, tiny_random_model
+    from course_utils.science.models import random_tokens, tiny_random_model
 
     model = tiny_random_model(seed=0).requires_grad_(False)
     return model, tiny_sae(), random_tokens(model, batch=3, seq=10, seed=2)

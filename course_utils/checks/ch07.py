@@ -1,15 +1,15 @@
 """Checks for chapter 07, attribution graphs with cross-layer transcoders.
 
-References live in :mod:`course_utils.clt` and :mod:`course_utils.attribution_graphs`.
+References live in :mod:`course_utils.science.clt` and :mod:`course_utils.science.attribution_graphs`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from course_utils import attribution_graphs as AG
-from course_utils import clt as CLT
 from course_utils.checks.core import Case, Mistake, compare_function, exercise
+from course_utils.science import attribution_graphs as AG
+from course_utils.science import clt as CLT
 
 
 def _g(seed: int) -> torch.Generator:

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from course_utils import bilinear as ref
 from course_utils.checks.core import (
     Case,
     CheckFailed,
@@ -27,6 +26,7 @@ from course_utils.checks.core import (
     lifted_mistakes,
     mismatch,
 )
+from course_utils.science import bilinear as ref
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -1,12 +1,12 @@
-"""Checks for chapter 09, the polytope lens. References live in :mod:`course_utils.polytopes`."""
+"""Checks for chapter 09, the polytope lens. References live in :mod:`course_utils.science.polytopes`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from course_utils import polytopes as P
 from course_utils.checks.core import Case, CheckFailed, Mistake, compare_function, exercise
+from course_utils.science import polytopes as P
 
 
 def _g(seed: int) -> torch.Generator:

@@ -1,7 +1,7 @@
 """The course model ``course-2l``: tokenizer, architecture, training, evaluation, save and load.
 
 A 2-layer attention+MLP TransformerLens model (d_model 128) trained on the Python standard
-library's sources (``course_utils.corpus``) with a 4096-token byte-level BPE. The shipped files in
+library's sources (``course_utils.science.corpus``) with a 4096-token byte-level BPE. The shipped files in
 ``course_utils/assets/course-2l/`` are the output of ``python -m course_utils.assets build``:
 
 - ``tokenizer.json``     the ``tokenizers`` BPE (end-of-text token ``<|endoftext|>`` = id 0)
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from course_utils import corpus
-from course_utils.activations import iterate_batches, make_windows
+from course_utils.science import corpus
+from course_utils.science.activations import iterate_batches, make_windows
 
 MODEL_NAME = "course-2l"
 TOKENIZER_FILE = "tokenizer.json"
@@ -73,7 +73,7 @@ class CourseModelFileError(FileNotFoundError):
 
 
 def asset_dir(name: str = MODEL_NAME) -> Path:
-    return Path(__file__).resolve().parent / "assets" / name
+    return Path(__file__).resolve().parents[1] / "assets" / name
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ def evaluate(model: HookedTransformer, train_stream: Tensor, val_stream: Tensor)
 
 def build(config: BuildConfig, out_dir: Path, log=print, evaluate_model: bool = True) -> dict:
     """Rebuild tokenizer and model from the corpus; write them to ``out_dir``; return metadata."""
-    from course_utils.activations import corpus_stream
+    from course_utils.science.activations import corpus_stream
 
     start = time.perf_counter()
     torch.set_num_threads(config.threads)

@@ -81,7 +81,7 @@ def setup_cell_source() -> str:
         'if "google.colab" in sys.modules:\n'
         f'    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]\n'
         f'    subprocess.run([*pip, "{install_spec()}"], check=True)\n'
-        "    from course_utils.colab import install_missing\n"
+        "    from course_utils.machinery.colab import install_missing\n"
         "\n"
         "    install_missing()"
     )
@@ -234,8 +234,8 @@ def colab_base(runtime: dict[str, str], python: str, requirements: list[str]) ->
 
 
 def main(argv: list[str]) -> None:
-    """``python -m course_utils.colab [--dry-run]``: install what this runtime lacks;
-    ``python -m course_utils.colab base FREEZE PYTHON``: print Colab's versions the course touches."""
+    """``python -m course_utils.machinery.colab [--dry-run]``: install what this runtime lacks;
+    ``python -m course_utils.machinery.colab base FREEZE PYTHON``: print Colab's versions the course touches."""
     if argv[:1] == ["base"]:
         print("\n".join(colab_base(read_pip_freeze(Path(argv[1])), argv[2], course_requirements())))
     else:

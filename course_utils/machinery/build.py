@@ -19,8 +19,8 @@ from typing import Any
 
 import nbformat
 
-from course_utils import colab
-from course_utils.chapters import (
+from course_utils.machinery import colab
+from course_utils.machinery.chapters import (
     Chapter,
     available_chapters,
     exercise_path,

@@ -29,7 +29,7 @@ Choices and their reasons (measured in the chapter):
   chapter 05's per-layer transcoders); no per-layer normalisation of the targets.
 - A per-layer transcoder pair (chapter 05) IS a CLT with zero cross-layer decoders and threshold 0
   (JumpReLU with theta = 0 is ReLU): :meth:`CrossLayerTranscoder.from_transcoders`. Every graph
-  function in :mod:`course_utils.attribution_graphs` therefore runs on both.
+  function in :mod:`course_utils.science.attribution_graphs` therefore runs on both.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from course_utils import lm_saes as LS
-from course_utils import transcoders as T
+from course_utils.science import lm_saes as LS
+from course_utils.science import transcoders as T
 
 # ----------------------------------------------------------------------------- functional references
 
@@ -137,7 +137,7 @@ class CrossLayerTranscoder(nn.Module):
     ``cross_layer=False`` uses only each layer's own decoder (a JumpReLU per-layer transcoder
     trained with the same loss: the control that isolates what the cross-layer decoders buy).
     ``l1_coeff`` is the sparsity coefficient lambda of the tanh penalty; it carries chapter 05's
-    name so that :func:`course_utils.transcoders.train_on_shared_batches` trains CLTs and per-layer
+    name so that :func:`course_utils.science.transcoders.train_on_shared_batches` trains CLTs and per-layer
     transcoders side by side on the same batches.
     """
 
@@ -414,7 +414,7 @@ def evaluate_replacement(
 
 
 def clt_batch_args(batch: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """A :class:`~course_utils.transcoders.MultiHookStore` batch [x0, y0, x1, y1, ...] -> (x, y)."""
+    """A :class:`~course_utils.science.transcoders.MultiHookStore` batch [x0, y0, x1, y1, ...] -> (x, y)."""
     return stack_layers(list(batch[0::2])), stack_layers(list(batch[1::2]))
 
 
@@ -556,8 +556,8 @@ def build_reference_clt(out_root, recipe: dict | None = None, log=print, threads
     write :data:`SWEEP_TABLE` and ship the CLT of ``shipped_lambda`` as :data:`SHIPPED_NAME`."""
     import csv
 
-    from course_utils.activations import corpus_windows
-    from course_utils.models import load_model
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.models import load_model
 
     recipe = {**REFERENCE, **(recipe or {})}
     torch.set_num_threads(threads)
@@ -629,7 +629,7 @@ def build_reference_clt(out_root, recipe: dict | None = None, log=print, threads
 
 
 def _shipped_transcoder(layer: int):
-    from course_utils.models import load_sae
+    from course_utils.science.models import load_sae
 
     return load_sae(T.REFERENCE_NAMES[f"tc{layer}"])
 

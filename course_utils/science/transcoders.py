@@ -8,7 +8,7 @@ A transcoder reads what the MLP reads and predicts what the MLP writes (Dunefsky
     loss   = ||y - y_hat||^2 + l1_coeff * ||z||_1
 
 Parameters carry a leading instance dimension (a sweep over L1 coefficients is one batched run) and
-SAELens names, like :mod:`course_utils.saes`:
+SAELens names, like :mod:`course_utils.science.saes`:
 
     W_enc [inst, d_in, d_sae]   b_enc [inst, d_sae]   W_dec [inst, d_sae, d_out]   b_dec [inst, d_out]
     W_skip [inst, d_out, d_in]  (SkipTranscoder only; initialised to zero, Paulo et al. 2025)
@@ -21,7 +21,7 @@ Simplifications relative to the reference code (``transcoder_circuits``), chosen
 - NO input-side bias: the reference subtracts a learned bias from x before encoding; we do not
   (this is what SAELens's ``Transcoder`` computes, ``apply_b_dec_to_input=False``);
 - MSE NOT normalised by the target norm: squared error summed over d_out, averaged over the batch
-  (the course convention of :func:`course_utils.saes.reconstruction_loss`);
+  (the course convention of :func:`course_utils.science.saes.reconstruction_loss`);
 - biases start at zero (not at the data mean); no ghost gradients, no resampling.
 
 About LayerNorm: ``ln2.hook_normalized`` is the centred, scale-normalised residual stream *before*
@@ -43,10 +43,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from course_utils import lm_saes as LS
-from course_utils import saes as S
-from course_utils.activations import ActivationStore
-from course_utils.hooks import check_hook_name
+from course_utils.science import lm_saes as LS
+from course_utils.science import saes as S
+from course_utils.science.activations import ActivationStore
+from course_utils.science.hooks import check_hook_name
 
 # ----------------------------------------------------------------------------- hook names
 
@@ -333,7 +333,7 @@ def widths(tc) -> tuple[int, int, int]:
 
 def check_fits(model: HookedTransformer, tc, layer: int) -> None:
     """Clear error when a transcoder's widths do not match MLP ``layer``'s hooks."""
-    from course_utils.saelens_io import hook_width
+    from course_utils.science.saelens_io import hook_width
 
     hook_in, hook_out = hook_pair(layer)
     check_hook_name(model, hook_in)
@@ -414,7 +414,7 @@ def train_transcoder(
 ) -> dict[str, list]:
     """Train every instance of ``tc`` on ``pairs() -> (x [batch, d_in], y [batch, d_out])``.
 
-    The chapter-03 loop itself, :func:`~course_utils.lm_saes.train_lm_sae` (Adam, L1 warm-up, lr
+    The chapter-03 loop itself, :func:`~course_utils.science.lm_saes.train_lm_sae` (Adam, L1 warm-up, lr
     schedule, unit-norm decoder by projection); ``options`` are its keyword arguments (``lr``,
     ``log_every``, ``progress``, ...). One difference: gradient-norm clipping is off (``None``) by
     default here, unlike chapter 03, because the shipped transcoders and the chapter-05 sweep were
@@ -520,7 +520,9 @@ def to_saelens(
     from sae_lens.saes.transcoder import SkipTranscoderConfig, TranscoderConfig
 
     if not isinstance(tc, Transcoder):
-        raise TypeError(f"expected a course_utils.transcoders.Transcoder, got {type(tc).__name__}.")
+        raise TypeError(
+            f"expected a course_utils.science.transcoders.Transcoder, got {type(tc).__name__}."
+        )
     if model is not None:
         check_fits(model, single(tc, instance), layer)
     hook_in, hook_out = hook_pair(layer)
@@ -739,7 +741,7 @@ def read_sweep_table(path=None) -> list[dict]:
 
     if path is None:
         from course_utils.assets import ASSETS_DIR
-        from course_utils.models import SAE_ASSETS
+        from course_utils.science.models import SAE_ASSETS
 
         path = ASSETS_DIR / SAE_ASSETS / SWEEP_TABLE
     path = Path(path)
@@ -770,9 +772,9 @@ def build_reference_transcoders(
     ``hook_mlp_out``, both layers, all on the same batches), write the sweep table
     (:data:`SWEEP_TABLE`) and ship the four dictionaries of ``recipe["shipped"]`` in SAELens format.
     Returns {shipped name: evaluation} plus "both" (both shipped transcoders spliced at once)."""
-    from course_utils.activations import corpus_windows
-    from course_utils.models import load_model
-    from course_utils.saelens_io import export_sae
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.models import load_model
+    from course_utils.science.saelens_io import export_sae
 
     recipe = {**REFERENCE, **(recipe or {})}
     torch.set_num_threads(threads)

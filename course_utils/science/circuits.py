@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from course_utils import transcoders as T
+from course_utils.science import transcoders as T
 
 
 def centre(v: Tensor, dim: int = -1) -> Tensor:

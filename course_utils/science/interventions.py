@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from course_utils.hooks import check_hook_name
+from course_utils.science.hooks import check_hook_name
 
 EDIT_MODES = ("ablate", "clamp", "scale", "add")
 
@@ -733,7 +733,7 @@ def _mlp_edit_hook(layer_pos: int, delta: Tensor) -> Callable:
 
 @torch.no_grad()
 def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
-    """Test a :meth:`course_utils.circuits.Circuit.greedy_paths` graph by ablation.
+    """Test a :meth:`course_utils.science.circuits.Circuit.greedy_paths` graph by ablation.
 
     For every node feeding the root directly that is a transcoder feature, the transcoder error
     at a position, or a head's contribution from one source position, ablate it in the real
@@ -747,7 +747,7 @@ def graph_node_ablations(circuit, graph: dict, transcoders: dict) -> list[dict]:
     ``predicted_ln`` applies the node's direct change to the root's residual stream and
     recomputes LayerNorm (attention still frozen).
     """
-    from course_utils import transcoders as T
+    from course_utils.science import transcoders as T
 
     model, tokens = circuit.model, circuit.tokens
     root = graph["nodes"][graph["root"]]

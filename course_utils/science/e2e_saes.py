@@ -14,7 +14,7 @@ with ``c = Enc(a)`` and ``phi = lam / d_in`` (L1 per token, averaged over tokens
 - KL is computed per token from log-softmax logits and averaged over batch x position. Its
   direction is KL(p_original || p_spliced): the library calls
   ``F.kl_div(log_softmax(new), log_softmax(orig), log_target=True)``, which is KL(orig || new),
-  and it is the same direction as :func:`course_utils.lm_saes.kl_to_original`;
+  and it is the same direction as :func:`course_utils.science.lm_saes.kl_to_original`;
 - ``beta`` is divided evenly over the downstream hooks;
 - the SAE is ``c = ReLU(a W_enc + b_enc)``, ``a_hat = c D + b_dec`` with unit-norm dictionary
   rows ``D``. Unit norm is a *reparametrisation*: the forward pass normalises ``W_dec`` on every
@@ -36,8 +36,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from course_utils.hooks import check_hook_name
-from course_utils.saes import TrainingDiverged
+from course_utils.science.hooks import check_hook_name
+from course_utils.science.saes import TrainingDiverged
 
 VARIANTS = ("local", "e2e", "e2e_ds")
 
@@ -372,7 +372,7 @@ def train_saes(
 
     Each SAE has its own Adam optimiser, learning-rate schedule (:func:`lr_at`) and gradient
     clipping; all must share ``hook_name`` and ``steps``. A non-finite loss stops the run with
-    :class:`~course_utils.saes.TrainingDiverged` naming the step. Histories hold, every
+    :class:`~course_utils.science.saes.TrainingDiverged` naming the step. Histories hold, every
     ``log_every`` steps, ``loss``, ``l0`` (positions > 0) and ``kl`` (e2e variants).
     """
     from tqdm.auto import tqdm
@@ -382,7 +382,7 @@ def train_saes(
     steps = cfgs[0].steps
     if any(c.steps != steps or c.hook_name != cfgs[0].hook_name for c in cfgs):
         raise ValueError("SAEs trained in lockstep must share steps and hook_name.")
-    from course_utils.saelens_io import check_sae_fits
+    from course_utils.science.saelens_io import check_sae_fits
 
     for cfg in cfgs:
         check_hook_name(model, cfg.hook_name)
@@ -451,7 +451,7 @@ def train_sae(
 
 def token_batches(windows: Tensor, batch_size: int, seed: int = 0) -> Callable[[], Tensor]:
     """An endless, seeded supply of shuffled batches of windows (a new order every epoch)."""
-    from course_utils.activations import iterate_batches
+    from course_utils.science.activations import iterate_batches
 
     state = {"epoch": 0, "it": iterate_batches(windows, batch_size, True, seed, drop_last=True)}
 
@@ -488,7 +488,7 @@ def evaluate_sae(
     > 0, spliced run vs clean run); ``norm_ratio`` = mean over positions > 0 of
     ||a_hat|| / ||a||, and ``norm_ratio_<hook>`` likewise downstream.
     """
-    from course_utils.lm_saes import _ce
+    from course_utils.science.lm_saes import _ce
 
     check_hook_name(model, hook_name)
     names = [hook_name, *downstream_hooks]
@@ -544,7 +544,7 @@ def max_cosine_across(
     W_dec_a: Float[Tensor, "d_sae_a d_in"], W_dec_b: Float[Tensor, "d_sae_b d_in"]
 ) -> Float[Tensor, " d_sae_a"]:
     """For each element of A, its largest cosine similarity with any element of B."""
-    from course_utils.lm_saes import decoder_cosine_matches
+    from course_utils.science.lm_saes import decoder_cosine_matches
 
     if W_dec_a.shape[-1] != W_dec_b.shape[-1]:
         raise ValueError(
@@ -606,8 +606,8 @@ def build_e2e(out_root, table_path, recipe: dict | None = None, log=print, threa
     import json
     from pathlib import Path
 
-    from course_utils.activations import corpus_windows
-    from course_utils.models import load_model
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.models import load_model
 
     recipe = {**SWEEP, **(recipe or {})}
     torch.set_num_threads(threads)

@@ -60,7 +60,7 @@ class NetworkRequiredError(RuntimeError):
 
 def _require_network(what: str, offline_choice: str) -> None:
     """Raise one clear NetworkRequiredError when offline (one bounded probe, no retries)."""
-    from course_utils.env import network_available, offline_forced
+    from course_utils.machinery.env import network_available, offline_forced
 
     if offline_forced():
         reason = "HF_HUB_OFFLINE=1 or COURSE_OFFLINE=1 is set"
@@ -83,12 +83,12 @@ def load_model(name: str = "course-2l", device: str | None = None) -> HookedTran
     """
     from pathlib import Path
 
-    from course_utils import course_model
+    from course_utils.science import course_model
 
     if not isinstance(name, (str, Path)):
         raise TypeError(f"load_model takes a model name or a folder, got {type(name).__name__}.")
     if device is None:
-        from course_utils.env import get_device
+        from course_utils.machinery.env import get_device
 
         device = str(get_device())  # the CPU unless the learner set COURSE_DEVICE=cuda
     if name in SHIPPED_MODELS:

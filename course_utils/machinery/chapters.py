@@ -77,7 +77,7 @@ def repo_root(start: Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "solutions").is_dir() and (folder / "notebooks").is_dir():
             return folder
-    package_parent = Path(__file__).resolve().parent.parent
+    package_parent = Path(__file__).resolve().parents[2]  # machinery/ -> course_utils/ -> checkout
     if (package_parent / "solutions").is_dir():
         return package_parent
     raise FileNotFoundError(

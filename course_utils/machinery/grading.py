@@ -19,9 +19,9 @@ from pathlib import Path
 
 import nbformat
 
-from course_utils.build import read_notebook
-from course_utils.chapters import Chapter, repo_root
 from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, RESULT_MIME, exercises_of
+from course_utils.machinery.build import read_notebook
+from course_utils.machinery.chapters import Chapter, repo_root
 
 PROGRESS_FILE = ".course-progress.json"
 

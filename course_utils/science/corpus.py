@@ -25,7 +25,7 @@ from pathlib import Path
 
 #: The shipped snapshot, its licence, and the SHA-256 fingerprint the course model's card records
 #: (``assets/course-2l/metadata.json`` -> ``corpus.fingerprint``; a test keeps the two equal).
-CORPUS_DIR = Path(__file__).resolve().parent / "assets" / "corpus"
+CORPUS_DIR = Path(__file__).resolve().parents[1] / "assets" / "corpus"
 ARCHIVE = CORPUS_DIR / "cpython-3.11.7-stdlib.tar.gz"
 LICENSE = CORPUS_DIR / "LICENSE-PSF.txt"
 FINGERPRINT = "3431b458244163f0e6ac05ad4f7e72101cbf2639e284eae6fa3fad2847a79b87"

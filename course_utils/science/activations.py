@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from course_utils.hooks import check_hook_name
+from course_utils.science.hooks import check_hook_name
 
 
 def make_windows(
@@ -96,7 +96,7 @@ def _plain_tokenizer_json(backend) -> str:
 
 def corpus_stream(tokenizer, split: str) -> Int[Tensor, " n_tokens"]:
     """The split as one token stream: each file is preceded by the end-of-text token."""
-    from course_utils import corpus
+    from course_utils.science import corpus
 
     if getattr(tokenizer, "truncation", None) or getattr(tokenizer, "padding", None):
         from tokenizers import Tokenizer

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from course_utils.chapters import (
+from course_utils.machinery.chapters import (
     CHAPTERS,
     Chapter,
     UnknownChapterError,
@@ -58,7 +58,7 @@ def _chapter_and_path(target: str, folder: str = "notebooks") -> tuple[Chapter, 
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from course_utils.grading import load_progress
+    from course_utils.machinery.grading import load_progress
 
     progress = load_progress()
     try:
@@ -80,8 +80,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from course_utils.build import BuildError
-    from course_utils.grading import check_notebook, exit_code, render_table, save_progress
+    from course_utils.machinery.build import BuildError
+    from course_utils.machinery.grading import (
+        check_notebook,
+        exit_code,
+        render_table,
+        save_progress,
+    )
 
     chapter, path = _chapter_and_path(args.target)
     print(f"Checking {path} (chapter {chapter.number}: {chapter.title}) ...", flush=True)
@@ -103,7 +108,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from course_utils.build import build_all
+    from course_utils.machinery.build import build_all
 
     stale = build_all(check_only=args.check)
     if args.check:
@@ -120,8 +125,13 @@ def cmd_execute(args: argparse.Namespace) -> int:
     """Run solution notebooks in place (outputs kept), then rebuild the exercise notebooks."""
     import nbformat
 
-    from course_utils.build import NOTEBOOK_METADATA, build_all, notebook_text, read_notebook
-    from course_utils.grading import current_env_client
+    from course_utils.machinery.build import (
+        NOTEBOOK_METADATA,
+        build_all,
+        notebook_text,
+        read_notebook,
+    )
+    from course_utils.machinery.grading import current_env_client
 
     targets = [_chapter_and_path(t, "solutions") for t in args.chapters]
     for chapter, path in targets:
@@ -143,8 +153,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
 def cmd_new(args: argparse.Namespace) -> int:
     import nbformat
 
-    from course_utils.build import NOTEBOOK_METADATA, notebook_text
-    from course_utils.colab import badge, setup_cell_source
+    from course_utils.machinery.build import NOTEBOOK_METADATA, notebook_text
+    from course_utils.machinery.colab import badge, setup_cell_source
 
     chapter = get_chapter(args.chapter)
     path = solution_path(chapter, repo_root())
@@ -173,7 +183,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import torch
 
-    from course_utils.env import (
+    from course_utils.machinery.env import (
         env_report,
         network_available,
         offline_forced,
@@ -192,8 +202,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "nbval",
     ):
         print(f"{name:11} {package_version(name)}")
-    from course_utils import corpus
-    from course_utils.env import get_device, in_colab
+    from course_utils.machinery.env import get_device, in_colab
+    from course_utils.science import corpus
 
     where = "Colab" if in_colab() else "this machine"
     print(
@@ -252,7 +262,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         )
     )
     try:
-        from course_utils.build import build_all
+        from course_utils.machinery.build import build_all
 
         stale = build_all(check_only=True)
         print(
@@ -299,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"course: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
-        from course_utils.build import BuildError
+        from course_utils.machinery.build import BuildError
 
         if isinstance(error, BuildError):
             print(f"course: error: {error}", file=sys.stderr)

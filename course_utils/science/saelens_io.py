@@ -1,9 +1,9 @@
 """Move our SAEs into the SAELens ecosystem (chapter 03; reused by 04-05).
 
-- :func:`to_saelens` turns one instance of a :mod:`course_utils.saes` SAE (or a plain state dict
+- :func:`to_saelens` turns one instance of a :mod:`course_utils.science.saes` SAE (or a plain state dict
   with SAELens names) into a SAELens ``StandardSAE`` / ``TopKSAE`` / ``JumpReLUSAE``;
 - :func:`export_sae` writes it as ``cfg.json`` + ``sae_weights.safetensors`` (``save_model``),
-  which ``SAE.load_from_disk`` and :func:`course_utils.models.load_sae` read back (no pickle);
+  which ``SAE.load_from_disk`` and :func:`course_utils.science.models.load_sae` read back (no pickle);
 - :func:`hooked_sae_transformer` rebuilds a course model as a SAELens ``HookedSAETransformer`` so
   that ``run_with_saes`` works on it.
 
@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from course_utils import saes as S
-from course_utils.hooks import check_hook_name
+from course_utils.science import saes as S
+from course_utils.science.hooks import check_hook_name
 
 SAELENS_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -65,7 +65,7 @@ def _architecture(sae) -> str:
         return "standard"  # SAELens runs it as a plain ReLU SAE: the forward pass is the same
     if isinstance(sae, S.SAE):
         return "standard"
-    raise TypeError(f"expected a course_utils.saes SAE, got {type(sae).__name__}.")
+    raise TypeError(f"expected a course_utils.science.saes SAE, got {type(sae).__name__}.")
 
 
 def to_saelens(

@@ -1,7 +1,7 @@
 """SAEs on a language model (chapter 03; reused by chapters 04-05).
 
 Training pieces (L1 warm-up, learning-rate schedule, decoder normalisation, a training loop over an
-:class:`~course_utils.activations.ActivationStore`), splicing an SAE into the model with a hook,
+:class:`~course_utils.science.activations.ActivationStore`), splicing an SAE into the model with a hook,
 and the evaluation numbers: CE loss with the SAE spliced, CE loss recovered relative to zero- and
 mean-ablation, KL to the original, feature density. Feature-analysis helpers: max-activating
 contexts, logit weights, specificity/sensitivity against a token-set proxy, max neuron correlation.
@@ -20,8 +20,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from course_utils import saes as S
-from course_utils.hooks import check_hook_name
+from course_utils.science import saes as S
+from course_utils.science.hooks import check_hook_name
 
 # ----------------------------------------------------------------------------- training pieces
 
@@ -61,7 +61,7 @@ def lr_schedule(
 def clip_grad_norm_per_instance(params: Iterable[Tensor], max_norm: float) -> Tensor:
     """Scale each instance's gradients so that their joint L2 norm is at most ``max_norm``.
 
-    Every parameter's first dimension is the instance dimension (the :mod:`course_utils.saes`
+    Every parameter's first dimension is the instance dimension (the :mod:`course_utils.science.saes`
     convention), so instance ``i`` is clipped on the norm of ``[p.grad[i] for p in params]``
     alone: instances of a sweep stay independent (``torch.nn.utils.clip_grad_norm_`` would clip
     them all on one joint norm). With one instance this is ``clip_grad_norm_`` (same formula,
@@ -108,7 +108,7 @@ def train_lm_sae(
     max_grad_norm: float | None = 1.0,
     desc: str = "SAE",
 ) -> dict[str, list]:
-    """Train a :class:`~course_utils.saes.ReLUSAE` on LM activations (all instances at once).
+    """Train a :class:`~course_utils.science.saes.ReLUSAE` on LM activations (all instances at once).
 
     ``batches()`` returns activations [batch, d_in] — or an ``(x, y)`` pair for a dictionary whose
     ``loss(x, y)`` predicts a target, such as a transcoder (chapter 05 reuses this loop); FVU is
@@ -173,7 +173,7 @@ def train_lm_sae(
 
 
 class single(torch.nn.Module):
-    """One instance of a :mod:`course_utils.saes` SAE with ``encode``/``decode`` on [..., d_in].
+    """One instance of a :mod:`course_utils.science.saes` SAE with ``encode``/``decode`` on [..., d_in].
 
     Chapter 02's SAEs carry an instance dimension (``W_enc [inst, d_in, d_sae]``); this wrapper
     picks one instance and exposes its ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` without it,
@@ -237,7 +237,7 @@ def sae_hook(sae) -> Callable:
 def _check(model: HookedTransformer, hook_name: str, sae=None) -> None:
     check_hook_name(model, hook_name)
     if sae is not None:
-        from course_utils.saelens_io import check_sae_fits
+        from course_utils.science.saelens_io import check_sae_fits
 
         check_sae_fits(model, hook_name, _d_in(sae))
 
@@ -519,9 +519,9 @@ def build_reference_saes(out_root, recipe: dict | None = None, log=print, thread
     """
     from pathlib import Path
 
-    from course_utils.activations import ActivationStore, corpus_windows
-    from course_utils.models import load_model
-    from course_utils.saelens_io import export_sae
+    from course_utils.science.activations import ActivationStore, corpus_windows
+    from course_utils.science.models import load_model
+    from course_utils.science.saelens_io import export_sae
 
     recipe = {**REFERENCE, **(recipe or {})}
     torch.set_num_threads(threads)

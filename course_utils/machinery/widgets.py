@@ -18,7 +18,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from course_utils.env import headless
+from course_utils.machinery.env import headless
 
 
 def figure_bundle(figure: go.Figure) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def figure_bundle(figure: go.Figure) -> dict[str, Any]:
     if not bundle:
         raise ValueError(
             f"plotly renderer {pio.renderers.default!r} makes no notebook output; "
-            "call course_utils.env.configure_plotly() (setup_notebook does) first."
+            "call course_utils.machinery.env.configure_plotly() (setup_notebook does) first."
         )
     title = figure.layout.title.text or "a plotly figure"
     bundle.setdefault("text/plain", f"<Figure: {title}>")

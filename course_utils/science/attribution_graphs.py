@@ -32,8 +32,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from course_utils import transcoders as T
-from course_utils.clt import CrossLayerTranscoder, check_clt_fits, stack_layers
+from course_utils.science import transcoders as T
+from course_utils.science.clt import CrossLayerTranscoder, check_clt_fits, stack_layers
 
 # ----------------------------------------------------------------------------- input checks
 
@@ -591,7 +591,7 @@ def top_contexts(
 
 
 def _clt_inputs(model, windows):
-    from course_utils.clt import clt_pairs
+    from course_utils.science.clt import clt_pairs
 
     return clt_pairs(model, windows)
 

@@ -16,7 +16,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from course_utils.toy_models import feature_dimensionality, superposition_interference
+from course_utils.science.toy_models import feature_dimensionality, superposition_interference
 
 #: One value per instance / per feature (named aliases keep single-axis shapes lint-clean).
 PerInstance = Float[Tensor, "inst"]  # noqa: F821
