@@ -275,3 +275,23 @@ def test_the_save_hook_keeps_the_saved_state_of_a_slider_that_no_kernel_runs(tmp
         model={"type": "notebook", "content": fresh}, path="new.ipynb", contents_manager=Manager()
     )
     assert fresh["metadata"]["widgets"][WIDGET_STATE]["state"] == {}
+
+
+def test_progress_bars_and_split_streams_are_stored_as_jupyterlab_holds_them():
+    """JupyterLab merges consecutive stream outputs and applies \\r: store them that way."""
+    from course_utils.machinery.build import as_jupyterlab_streams
+
+    bar = [
+        {"output_type": "stream", "name": "stderr", "text": "\rtraining:   8%|▊ | 254/3000"},
+        {"output_type": "stream", "name": "stderr", "text": "\rtraining: 100%|█| 3000/3000\n"},
+        {"output_type": "stream", "name": "stdout", "text": ["loss 0.1\n", "done\n"]},
+        {"output_type": "display_data", "data": {"text/plain": "figure"}, "metadata": {}},
+        {"output_type": "stream", "name": "stdout", "text": "after\n"},
+        {"output_type": "stream", "name": "stdout", "text": "ab\b\bc\n"},
+    ]
+    assert as_jupyterlab_streams(bar) == [
+        {"output_type": "stream", "name": "stderr", "text": "training: 100%|█| 3000/3000\n"},
+        {"output_type": "stream", "name": "stdout", "text": "loss 0.1\ndone\n"},
+        bar[3],
+        {"output_type": "stream", "name": "stdout", "text": "after\nc\n"},
+    ]
