@@ -77,7 +77,9 @@ CHECKS = [
         check.mlp_interaction_matrix,
         blm.mlp_interaction_matrix,
         check.MLP_INTERACTION_MISTAKES,
-        lambda W_gate, W_in, W_out, u: blm.mlp_interaction_matrix(W_gate, W_in, W_out, u / u.norm()),
+        lambda W_gate, W_in, W_out, u: blm.mlp_interaction_matrix(
+            W_gate, W_in, W_out, u / u.norm()
+        ),
     ),
 ]
 
@@ -314,8 +316,10 @@ WRONG = {
 }
 WRONG[check.mlp_interaction_matrix] = [
     # the chapter-08 functions fed TransformerLens shapes without transposing (square case runs)
-    lambda W_gate, W_in, W_out, u: ref.interaction_matrix(ref.bilinear_tensor(W_gate, W_in, W_out), u),
-    # u read through W_out's transpose-free product on the wrong axis, made to fit by a slice
+    lambda W_gate, W_in, W_out, u: ref.interaction_matrix(
+        ref.bilinear_tensor(W_gate, W_in, W_out), u
+    ),
+    # u's coordinates in the wrong order (a residual direction from a different basis)
     lambda W_gate, W_in, W_out, u: _mlp_interaction_by_units(W_gate, W_in, W_out, u.flip(0)),
     # symmetrised by squaring
     lambda W_gate, W_in, W_out, u: (lambda M: M @ M.T)((W_gate * (W_out @ u)) @ W_in.T),
@@ -513,7 +517,9 @@ def test_corrupt_shipped_checkpoint_names_the_rebuild_command(tmp_path):
 def test_shipped_bilinear_lm_is_a_quadratic_form_of_its_mlp_input():
     model = blm.load_bilinear_lm("bilinear")
     assert blm.is_bilinear(model) and model.blocks[0].mlp.b_in.abs().max() == 0
-    tokens = torch.randint(1, model.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        1, model.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
     z, mlp_out, _ = blm.mlp_inputs(model, tokens)
     mlp = model.blocks[0].mlp
     u = blm.logit_direction(model, 5)

@@ -134,7 +134,11 @@ def is_bilinear(model: HookedTransformer) -> bool:
 
 def new_model(kind: str, d_vocab: int, tokenizer=None, seed: int = 0, base: dict | None = None):
     cfg = HookedTransformerConfig(
-        **architecture(kind, base), d_vocab=d_vocab, seed=seed, device="cpu", model_name=f"{kind}-1l"
+        **architecture(kind, base),
+        d_vocab=d_vocab,
+        seed=seed,
+        device="cpu",
+        model_name=f"{kind}-1l",
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     return make_bilinear(model) if kind == "bilinear" else model
@@ -176,9 +180,7 @@ def save_model(model: HookedTransformer, kind: str, directory: Path) -> None:
     save_file(weights, str(folder / cm.WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def load_bilinear_lm(
-    kind: str = "bilinear", directory: Path | None = None
-) -> HookedTransformer:
+def load_bilinear_lm(kind: str = "bilinear", directory: Path | None = None) -> HookedTransformer:
     """The shipped one-layer model of ``kind`` ("bilinear" or "gelu"), float32, eval mode, with
     the course tokenizer. Missing or broken files give one error naming the rebuild command."""
     from safetensors.torch import load_file
