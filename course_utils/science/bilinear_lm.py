@@ -241,12 +241,13 @@ def validation_windows(model: HookedTransformer, limit: int | None = None) -> Te
 def build(config: BilinearLMConfig, out_dir: Path, log=print) -> dict:
     """Train each kind in ``config.kinds`` from the same seed on the same batches; save, evaluate
     (after the float16 round trip, i.e. the weights as shipped) and write ``metadata.json``."""
-    from course_utils.science.activations import corpus_stream
+    from course_utils.science.activations import _cached_stream, _plain_tokenizer_json
 
     start = time.perf_counter()
     torch.set_num_threads(config.threads)
     tokenizer = cm.wrap_tokenizer(cm.asset_dir() / cm.TOKENIZER_FILE)
-    train_stream = corpus_stream(tokenizer.backend_tokenizer, "train")
+    # the same cached stream corpus_windows uses: tokenised once per process
+    train_stream = _cached_stream(_plain_tokenizer_json(tokenizer.backend_tokenizer), "train")
     log(f"train tokens {len(train_stream):,} (course-2l tokenizer)")
     out_dir = Path(out_dir)
     metadata: dict = {
