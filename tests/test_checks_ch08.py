@@ -533,6 +533,11 @@ def test_shipped_bilinear_lm_is_a_quadratic_form_of_its_mlp_input():
     assert abs(trainable["bilinear"] - trainable["gelu"]) < 0.001 * trainable["gelu"]
 
 
+def test_shipped_bilinear_lm_files_match_their_record():
+    recorded = blm.read_metadata()["files_sha256"]
+    assert recorded == blm.files_sha256(blm.asset_dir())
+
+
 def test_tiny_build_reproduces_its_own_loss(tmp_path):
     config = blm.BilinearLMConfig(steps=2, log_every=1, validation_windows=4, threads=1)
     first = blm.build(config, tmp_path / "a", log=lambda line: None)

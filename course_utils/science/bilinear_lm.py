@@ -220,6 +220,14 @@ def load_bilinear_lm(kind: str = "bilinear", directory: Path | None = None) -> H
     return model
 
 
+def files_sha256(directory: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, str]:
+    return {
+        f"{kind}/{name}": cm.sha256_file(Path(directory) / kind / name)
+        for kind in kinds
+        for name in (cm.CONFIG_FILE, cm.WEIGHTS_FILE)
+    }
+
+
 def read_metadata(directory: Path | None = None) -> dict:
     path = (asset_dir() if directory is None else Path(directory)) / METADATA_FILE
     if not path.is_file():
@@ -283,6 +291,7 @@ def build(config: BilinearLMConfig, out_dir: Path, log=print) -> dict:
         }
         log(f"{kind}: validation loss {metadata['models'][kind]['validation_loss']:.4f}")
     metadata["build_seconds"] = round(time.perf_counter() - start, 1)
+    metadata["files_sha256"] = files_sha256(out_dir, config.kinds)
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 
