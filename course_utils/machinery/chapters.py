@@ -45,7 +45,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         "08",
         "bilinear_layers",
         "Bilinear layers: an MLP you can read from its weights",
-        "2-3 h",
+        "2.5-3.5 h",
         240,
     ),
     Chapter("09", "polytope_lens", "The polytope lens", "2 h", 240),
