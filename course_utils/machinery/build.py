@@ -164,9 +164,11 @@ def strip_solutions(source: str, where: str = "cell") -> str:
     return "\n".join(out)
 
 
-#: A Colab badge in any of the forms the course has written: [![alt](image) text](colab url).
+#: A Colab link in any of the forms the course has written: [![alt](badge image) text](colab
+#: url) or [Open in Colab](colab url).
 BADGE_PATTERN = re.compile(
-    r"\[!\[[^\]]*\]\([^)]*colab-badge[^)]*\)[^\]]*\]\(https://colab\.research\.google\.com/[^)]*\)"
+    r"\[(?:!\[[^\]]*\]\([^)]*colab-badge[^)]*\)[^\]]*|Open in Colab)\]"
+    r"\(https://colab\.research\.google\.com/[^)]*\)"
 )
 
 

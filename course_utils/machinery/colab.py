@@ -25,7 +25,6 @@ from pathlib import Path
 GITHUB_REPO = "mi-course/mech-interp-course"
 #: Badges open the notebooks on the main branch; the setup cell installs a fixed release tag.
 BRANCH = "main"
-BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
 #: Packages Colab's runtime relies on: never replaced by the course's install. torch's
 #: companions are pinned to it; google-colab pins ipykernel and ipython exactly; notebook 6.5
@@ -56,13 +55,14 @@ def release_tag() -> str:
 
 
 def badge(notebook_path: str) -> str:
-    """Markdown for an "Open in Colab" badge pointing at ``notebook_path`` (repo-relative).
+    """Markdown for an "Open in Colab" link to ``notebook_path`` (repo-relative).
 
-    The image has an empty alt text inside a link that reads "Open in Colab": offline, where the
-    image cannot load, it takes no space and the badge is a plain text link, not a broken image.
+    A text link, not the usual badge image: offline the image cannot load, and JupyterLab gives
+    every image without alt text the alt "Image", so the badge showed as a broken-image icon
+    reading "Image". A text link reads the same online, offline, on GitHub and in Colab.
     """
     url = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/{BRANCH}/{notebook_path}"
-    return f"[![]({BADGE_IMAGE}) Open in Colab]({url})"
+    return f"[Open in Colab]({url})"
 
 
 def install_spec() -> str:

@@ -31,9 +31,7 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 MODEL_REFERENCE = re.compile(r"IPY_MODEL_([0-9a-f]+)")
 SERVER_CONFIG = {
-    "ContentsManager": {
-        "pre_save_hook": "course_utils.machinery.jupyter_hooks.before_save"
-    }
+    "ContentsManager": {"pre_save_hook": "course_utils.machinery.jupyter_hooks.before_save"}
 }
 
 
