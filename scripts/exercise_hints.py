@@ -51,9 +51,7 @@ def mistakes_of(module: types.ModuleType, check) -> list[Mistake]:
 
 def hints_by_exercise(number: str) -> list[tuple[Exercise, list[Mistake]]]:
     module = importlib.import_module(get_chapter(number).checks_module)
-    checks = {
-        obj.exercise.name: obj for obj in vars(module).values() if hasattr(obj, "exercise")
-    }
+    checks = {obj.exercise.name: obj for obj in vars(module).values() if hasattr(obj, "exercise")}
     return [(ex, mistakes_of(module, checks[ex.name])) for ex in exercises_of(module)]
 
 

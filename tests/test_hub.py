@@ -86,8 +86,12 @@ def test_nbgitpuller_link_opens_the_learners_own_copy():
     assert link.startswith("https://hub.example.org/hub/user-redirect/git-pull?repo=https%3A%2F%2F")
     assert "branch=v0.2.0" in link
     assert "urlpath=lab%2Ftree%2Fmech-interp-course%2Fnotebooks%2F00_setup_and_tools.ipynb" in link
-    own = nbgitpuller_link("https://x.org/jupyter", "https://git.example.org/me/course.git",
-                           open_path="notebooks/", interface="tree")
+    own = nbgitpuller_link(
+        "https://x.org/jupyter",
+        "https://git.example.org/me/course.git",
+        open_path="notebooks/",
+        interface="tree",
+    )
     assert own.startswith("https://x.org/jupyter/hub/user-redirect/git-pull?")
     assert "urlpath=tree%2Fcourse%2Fnotebooks%2F" in own
     assert repo_folder("https://git.example.org/me/course.git/") == "course"
@@ -99,7 +103,9 @@ def test_nbgitpuller_link_opens_the_learners_own_copy():
 def test_hub_link_command_prints_the_link_or_one_line_error():
     run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "course_utils.machinery.cli", "hub-link", *a],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     ok = run("--hub", "https://hub.example.org")
     assert ok.returncode == 0 and ok.stdout.strip() == nbgitpuller_link("https://hub.example.org")
@@ -134,7 +140,8 @@ def _learner_prefix() -> list[str]:
         pytest.skip("running as root without setpriv: cannot become a non-root learner here.")
     probe = subprocess.run(
         [*_SETPRIV, sys.executable, "-c", "import os; print(os.geteuid())"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if probe.returncode != 0 or probe.stdout.strip() != str(NOBODY):
         pytest.skip(f"setpriv cannot grant a read-only learner here: {probe.stderr.strip()[:200]}")
@@ -142,8 +149,12 @@ def _learner_prefix() -> list[str]:
 
 
 _SETPRIV = [
-    "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-    "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+    "setpriv",
+    f"--reuid={NOBODY}",
+    f"--regid={NOBODY}",
+    "--clear-groups",
+    "--inh-caps=+dac_read_search",
+    "--ambient-caps=+dac_read_search",
 ]
 
 
@@ -160,8 +171,11 @@ def _copy_tracked(paths: list[str], target: Path) -> Path:
 def _read_only(tree: Path) -> None:
     for path in [tree, *tree.rglob("*")]:
         mode = path.stat().st_mode
-        path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) | stat.S_IROTH
-                   | (stat.S_IXOTH if path.is_dir() else 0))
+        path.chmod(
+            mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+            | stat.S_IROTH
+            | (stat.S_IXOTH if path.is_dir() else 0)
+        )
 
 
 def _snapshot(tree: Path) -> dict[str, str]:
@@ -169,7 +183,8 @@ def _snapshot(tree: Path) -> dict[str, str]:
     return {
         str(p.relative_to(tree)): (
             hashlib.sha256(p.read_bytes()).hexdigest() + f"@{p.stat().st_mtime_ns}"
-            if p.is_file() else "dir"
+            if p.is_file()
+            else "dir"
         )
         for p in sorted(tree.rglob("*"))
     }
@@ -205,21 +220,33 @@ def test_a_non_root_user_installs_the_course_from_a_read_only_checkout(tmp_path)
     # The dependencies come from the course's environment (a hub installs them once, from the
     # lock); the new environment sees them through a .pth line, as a layered environment would.
     site = next(venv.glob("lib/python3*/site-packages"))
-    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and "torch" in
-                {c.name for c in p.iterdir()} if p.is_dir())
-    if os.geteuid() == 0:
-        (site / "shared-deps.pth").write_text(f"{deps}\n")
-        os.chown(site / "shared-deps.pth", NOBODY, NOBODY)
-    else:
-        (site / "shared-deps.pth").write_text(f"{deps}\n")
-    # pip builds in a temporary copy when the checkout is read-only? It must not need to write.
-    pip = run(str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps",
-              "--no-build-isolation", "--no-index", "--no-cache-dir", str(checkout))
+    import torch
+
+    (site / "shared-deps.pth").write_text(f"{Path(torch.__file__).parents[1]}\n")
+    # setuptools builds inside the source folder (build/, *.egg-info), which a read-only checkout
+    # refuses; docs/teaching.md's recipe points both at the installer's own folder instead.
+    config = home / "out-of-tree.cfg"
+    config.write_text(f"[build]\nbuild_base = {home / 'build'}\n[egg_info]\negg_base = {home}\n")
+    env["DIST_EXTRA_CONFIG"] = str(config)
+    pip = run(
+        str(venv / "bin" / "python"),
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--no-cache-dir",
+        str(checkout),
+    )
     assert pip.returncode == 0, pip.stdout[-1500:] + pip.stderr[-1500:]
     assert _snapshot(checkout) == before, "installing wrote into the read-only checkout"
-    where = run(str(venv / "bin" / "python"), "-c",
-                "import course_utils, course_utils.science.corpus as c; c.list_files(); "
-                "print(course_utils.__file__)")
+    where = run(
+        str(venv / "bin" / "python"),
+        "-c",
+        "import course_utils, course_utils.science.corpus as c; c.list_files(); "
+        "print(course_utils.__file__)",
+    )
     assert where.returncode == 0, where.stderr[-1500:]
     assert where.stdout.strip().startswith(str(site)), where.stdout
     assert (venv / "bin" / "course").exists()
@@ -230,8 +257,13 @@ def test_course_check_writes_nothing_into_a_read_only_shared_install(tmp_path):
     package), and the learner checks their own copy of a notebook from their home folder."""
     prefix = _learner_prefix()
     shared = _copy_tracked(
-        ["course_utils", "notebooks/00_setup_and_tools.ipynb",
-         "solutions/00_setup_and_tools.ipynb"], tmp_path / "shared")
+        [
+            "course_utils",
+            "notebooks/00_setup_and_tools.ipynb",
+            "solutions/00_setup_and_tools.ipynb",
+        ],
+        tmp_path / "shared",
+    )
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(shared)], check=True)  # as pip
     _read_only(shared)
     before = _snapshot(shared)
@@ -243,11 +275,18 @@ def test_course_check_writes_nothing_into_a_read_only_shared_install(tmp_path):
     env = _learner_env(home, PYTHONPATH=str(shared))
     run = lambda *args: subprocess.run(  # noqa: E731
         [*prefix, sys.executable, "-m", "course_utils.machinery.cli", *args],
-        capture_output=True, text=True, env=env, cwd=home, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=home,
+        timeout=600,
     )
     which = subprocess.run(
         [*prefix, sys.executable, "-c", "import course_utils; print(course_utils.__file__)"],
-        capture_output=True, text=True, env=env, cwd=home,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=home,
     )
     assert which.stdout.strip() == str(shared / "course_utils" / "__init__.py"), which
     check = run("check", str(notebook))

@@ -38,9 +38,22 @@ SUBMISSIONS = {
 def course_report(folder: Path, out: Path, *args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COURSE_HEADLESS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "course_utils.machinery.cli", "report", str(folder), "-o", str(out),
-         *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+        [
+            sys.executable,
+            "-m",
+            "course_utils.machinery.cli",
+            "report",
+            str(folder),
+            "-o",
+            str(out),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
     )
 
 
@@ -80,8 +93,12 @@ def runs(tmp_path_factory):
     resumed, resumed_s = finish(course_report(folder, out, "-j", "2"))
     repeated, repeated_s = finish(course_report(folder, out))
     return {
-        "out": out, "survived": survived, "resumed": resumed, "resumed_s": resumed_s,
-        "repeated": repeated, "repeated_s": repeated_s,
+        "out": out,
+        "survived": survived,
+        "resumed": resumed,
+        "resumed_s": resumed_s,
+        "repeated": repeated,
+        "repeated_s": repeated_s,
     }
 
 
@@ -116,8 +133,11 @@ def test_every_submission_is_one_row_with_its_chapter_from_the_contents(table):
 
 
 def test_csv_cells_say_passed_failed_with_hint_or_not_attempted(table):
-    ex = ["ch00 0.1 cosine_similarity_matrix", "ch00 0.2 record_norm_hook",
-          "ch00 0.3 ablation_loss_change"]
+    ex = [
+        "ch00 0.1 cosine_similarity_matrix",
+        "ch00 0.2 record_norm_hook",
+        "ch00 0.3 ablation_loss_change",
+    ]
     assert [table["alice/chapter-one.ipynb"][c] for c in ex] == ["passed"] * 3
     bob = table["bob/my_work.ipynb"]
     assert bob[ex[0]] == bob[ex[2]] == "passed"
@@ -146,7 +166,7 @@ def test_html_is_self_contained_with_hints_and_failure_counts(runs):
     assert "these are squared norms" in page
     assert "Could not be graded" in page and "erin.ipynb" in page and "frank.ipynb" in page
     # the failure-count row of chapter 00: only 0.2 failed, once
-    row = re.search(r'failed \(learners\)</td>((?:<td>\d+</td>)+)', page).group(1)
+    row = re.search(r"failed \(learners\)</td>((?:<td>\d+</td>)+)", page).group(1)
     assert re.findall(r"<td>(\d+)</td>", row) == ["0", "1", "0"]
 
 

@@ -330,11 +330,16 @@ def parser() -> argparse.ArgumentParser:
     )
     report.add_argument("folder", help="folder of submitted notebooks (any names, any chapters)")
     report.add_argument(
-        "-o", "--out", default="course-report", help="where report.csv, report.html and the "
-        "cache go (default: ./course-report)"
+        "-o",
+        "--out",
+        default="course-report",
+        help="where report.csv, report.html and the cache go (default: ./course-report)",
     )
     report.add_argument(
-        "-j", "--jobs", type=int, default=None,
+        "-j",
+        "--jobs",
+        type=int,
+        default=None,
         help="notebooks graded at once, one kernel each (default: the cores this process may use)",
     )
     report.add_argument(
@@ -347,11 +352,14 @@ def parser() -> argparse.ArgumentParser:
     hub = sub.add_parser(
         "hub-link", help="(facilitators) the nbgitpuller link that gives each learner a copy"
     )
-    hub.add_argument("--hub", required=True, help="your JupyterHub's address, https://hub.example.org")
+    hub.add_argument(
+        "--hub", required=True, help="your JupyterHub's address, https://hub.example.org"
+    )
     hub.add_argument("--repo", default=None, help="the course's git repository (default: upstream)")
     hub.add_argument("--branch", default="main")
     hub.add_argument(
-        "--open", default="notebooks/00_setup_and_tools.ipynb",
+        "--open",
+        default="notebooks/00_setup_and_tools.ipynb",
         help="the file to open after the pull, relative to the repository",
     )
     hub.add_argument("--interface", choices=("lab", "tree"), default="lab")

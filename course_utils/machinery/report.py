@@ -11,8 +11,8 @@ for a flat folder, its file name without ``.ipynb``.
 
 Output (``--out``, default ``course-report/``): ``report.csv`` (one row per submission, one column
 per exercise), ``report.html`` (self-contained: inline CSS, no scripts, no network) and
-``.cache/``: one JSON file per graded notebook, keyed by a hash of its bytes, of its chapter's
-checks module and of this file's format. A second run grades only what changed, and a run that was
+``.cache/``: one JSON file per graded notebook, keyed by a hash of its bytes and of the grader
+(the checks and the reference implementations). A second run grades only what changed, and a run that was
 interrupted picks up where it stopped. A notebook that is not valid JSON, or is not a course
 notebook, is one row with an error; it never stops the run.
 """
@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from importlib.util import find_spec
+from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -110,7 +110,9 @@ def identify_chapter(text: str) -> Chapter:
         text = cell.get("source", "") if isinstance(cell, dict) else ""
         return "".join(text) if isinstance(text, list) else str(text)
 
-    code = "\n".join(source(c) for c in cells if isinstance(c, dict) and c.get("cell_type") == "code")
+    code = "\n".join(
+        source(c) for c in cells if isinstance(c, dict) and c.get("cell_type") == "code"
+    )
     markdown = "\n".join(
         source(c) for c in cells if isinstance(c, dict) and c.get("cell_type") == "markdown"
     )
@@ -124,16 +126,27 @@ def identify_chapter(text: str) -> Chapter:
     try:
         return get_chapter(number)
     except ValueError:
-        raise NotACourseNotebook(f"names chapter {number}, which this course does not have") from None
+        raise NotACourseNotebook(
+            f"names chapter {number}, which this course does not have"
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def grader_fingerprint() -> str:
+    """Hash of what decides a grade: the checks and the reference implementations they compare
+    against (``course_utils/checks`` and ``course_utils/science``), and the cache format."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(f"format {CACHE_FORMAT}".encode())
+    for path in sorted([*package.glob("checks/*.py"), *package.glob("science/*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_key(data: bytes, chapter: Chapter) -> str:
-    """Hash of the notebook's bytes, of its chapter's checks module and of the cache format."""
+    """Hash of the notebook's bytes, its chapter, and the grader (:func:`grader_fingerprint`):
+    an upgraded course regrades everything; an unchanged notebook is never run twice."""
     digest = hashlib.sha256(data)
-    spec = find_spec(chapter.checks_module)
-    if spec is not None and spec.origin:
-        digest.update(Path(spec.origin).read_bytes())
-    digest.update(f"format {CACHE_FORMAT}".encode())
+    digest.update(f"{chapter.number} {grader_fingerprint()}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -168,7 +181,9 @@ def _worker_init(threads: int) -> None:
 
 
 def _timed_out(record: dict) -> bool:
-    return any("Timeout" in r["message"] and "not reached" in r["message"] for r in record["results"])
+    return any(
+        "Timeout" in r["message"] and "not reached" in r["message"] for r in record["results"]
+    )
 
 
 def _read_cache(cache: Path, key: str, notebook_timeout: float) -> dict | None:
@@ -214,7 +229,9 @@ def grade_folder(
             data = path.read_bytes()
             chapter = identify_chapter(data.decode("utf-8"))
         except (NotACourseNotebook, UnicodeDecodeError, OSError) as error:
-            sub.error = str(error) if isinstance(error, NotACourseNotebook) else f"unreadable: {error}"
+            sub.error = (
+                str(error) if isinstance(error, NotACourseNotebook) else f"unreadable: {error}"
+            )
             continue
         sub.chapter, sub.key = chapter.number, cache_key(data, chapter)
         record = _read_cache(cache, sub.key, notebook_timeout)
@@ -229,7 +246,7 @@ def grade_folder(
     threads = max(1, available_cores() // jobs)
     bar = tqdm(
         total=len(todo),
-        desc=f"grading ({len(submissions) - sum(map(len, waiting.values()))} from cache)",
+        desc=f"grading ({sum(s.cached for s in submissions)} from the cache)",
         unit="notebook",
         disable=not progress or not todo,
         file=sys.stderr,
@@ -318,6 +335,7 @@ td.passed{background:#dafbe1;color:#1a7f37;text-align:center}
 td.failed{background:#ffebe9;color:#a40e26;max-width:16rem}
 td.notattempted{background:#fff8c5;color:#7d4e00;text-align:center}
 td.absent{background:#fff}
+td.score{text-align:right;white-space:nowrap}
 tr.total td{font-weight:600;background:#f6f8fa}
 .hint{display:block;font-size:.75rem;color:#57606a;margin-top:.15rem}
 .scroll{overflow-x:auto}
@@ -361,9 +379,10 @@ def _chapter_section(number: str, subs: list[Submission]) -> str:
                 hints.setdefault(r["name"], Counter())[hint_of(r["message"])[:200]] += 1
             elif r["status"] == PASSED:
                 passes[r["name"]] += 1
+        score = f"{sub.counts()[PASSED]}/{len(exercises)}"
         rows.append(
             f"<tr><td>{html.escape(sub.learner)}</td><td><code>{html.escape(sub.file)}</code></td>"
-            f"{cells}</tr>"
+            f'<td class="score">{score}</td>{cells}</tr>'
         )
     fail_row = "".join(f"<td>{failures[e.name]}</td>" for e in exercises)
     pass_row = "".join(f"<td>{passes[e.name]}</td>" for e in exercises)
@@ -377,10 +396,11 @@ def _chapter_section(number: str, subs: list[Submission]) -> str:
     return (
         f'<h2 id="ch{number}">Chapter {number}: {html.escape(chapter.title)} '
         f"({len(subs)} notebook{'s' if len(subs) != 1 else ''})</h2>"
-        f'<div class="scroll"><table><thead><tr><th>learner</th><th>file</th>{head}</tr></thead>'
+        f'<div class="scroll"><table><thead><tr><th>learner</th><th>file</th><th>passed</th>'
+        f"{head}</tr></thead>"
         f"<tbody>{''.join(rows)}"
-        f'<tr class="total"><td colspan="2">failed (learners)</td>{fail_row}</tr>'
-        f'<tr class="total"><td colspan="2">passed (learners)</td>{pass_row}</tr>'
+        f'<tr class="total"><td colspan="3">failed (learners)</td>{fail_row}</tr>'
+        f'<tr class="total"><td colspan="3">passed (learners)</td>{pass_row}</tr>'
         f"</tbody></table></div>"
         + (f"<p>Most frequent failures, with their hints:</p><ol>{common}</ol>" if common else "")
     )
@@ -416,7 +436,7 @@ Generated {stamp} by <code>course report</code> in {seconds:.0f} s.</p>
 <p class="legend"><span class="passed" style="background:#dafbe1">✓ passed</span>
 <span style="background:#ffebe9">✗ failed (with the hint; hover for the full message)</span>
 <span style="background:#fff8c5">… not attempted</span></p>
-{''.join(sections)}{errors}
+{"".join(sections)}{errors}
 </body></html>
 """
     path.write_text(page, encoding="utf-8")
