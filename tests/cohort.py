@@ -5,6 +5,7 @@ Kinds of submission:
 - ``wrong``: the solution notebook with one exercise replaced by a known wrong answer (one of the
   check's Mistakes, so the report should show its hint);
 - ``untouched``: the exercise notebook as generated;
+- ``partial``: the exercise notebook handed in early, cut after its first check cell;
 - ``corrupt``: a notebook cut off half way (invalid JSON);
 - ``foreign``: a valid notebook that is not part of the course.
 File names never say the chapter (``learner07.ipynb``), so the report must read it from the
@@ -62,6 +63,15 @@ def wrong(number: str) -> str:
     raise ValueError(f"no exercise cell defines {name} in chapter {number}")
 
 
+def partial(number: str) -> str:
+    """The exercise notebook handed in early: cut after its first check cell."""
+    notebook = nbformat.reads(untouched(number), as_version=4)
+    calls_check = re.compile(r"^check\.\w+\(", re.MULTILINE)
+    first = next(i for i, c in enumerate(notebook.cells) if calls_check.search(c.source))
+    notebook.cells = notebook.cells[: first + 1]
+    return nbformat.writes(notebook)
+
+
 def corrupt(number: str = "00") -> str:
     text = right(number)
     return text[: len(text) // 2]
@@ -81,12 +91,14 @@ def make(kind: str, number: str) -> str:
         return corrupt(number)
     if kind == "foreign":
         return foreign()
-    return {"right": right, "wrong": wrong, "untouched": untouched}[kind](number)
+    return {"right": right, "wrong": wrong, "untouched": untouched, "partial": partial}[kind](
+        number
+    )
 
 
 def write_cohort(folder: Path, n: int, seed: int = 0) -> dict[str, tuple[str, str]]:
-    """``n`` submissions ``learnerNN.ipynb`` mixing every kind over the cheap chapters; returns
-    {file name: (kind, chapter)}. The mix is fixed by ``seed``."""
+    """``n`` submissions ``learnerNN.ipynb`` mixing every kind over the cheap chapters, each file
+    different; returns {file name: (kind, chapter)}. The mix is fixed by ``seed``."""
     rng = random.Random(seed)
     kinds = ["right", "wrong", "untouched", "untouched", "right", "wrong", "corrupt", "foreign"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,7 +107,12 @@ def write_cohort(folder: Path, n: int, seed: int = 0) -> dict[str, tuple[str, st
         kind = kinds[i % len(kinds)]
         number = rng.choice(CHEAP)
         name = f"learner{i:02d}.ipynb"
-        (folder / name).write_text(make(kind, number), encoding="utf-8")
+        text = make(kind, number)
+        if kind != "corrupt":  # every learner's file differs, as in a real cohort (no cache hits)
+            notebook = nbformat.reads(text, as_version=4)
+            notebook.cells.append(nbformat.v4.new_markdown_cell(f"Submitted by {name[:-6]}."))
+            text = nbformat.writes(notebook)
+        (folder / name).write_text(text, encoding="utf-8")
         made[name] = (kind, "" if kind == "foreign" else number)
     return made
 

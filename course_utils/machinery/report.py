@@ -12,8 +12,8 @@ for a flat folder, its file name without ``.ipynb``.
 Output (``--out``, default ``course-report/``): ``report.csv`` (one row per submission, one column
 per exercise), ``report.html`` (self-contained: inline CSS, no scripts, no network) and
 ``.cache/``: one JSON file per graded notebook, keyed by a hash of its bytes and of the grader
-(the checks and the reference implementations). A second run grades only what changed, and a run that was
-interrupted picks up where it stopped. A notebook that is not valid JSON, or is not a course
+(the checks and the reference implementations). A second run grades only what changed, and a
+run that was interrupted picks up where it stopped. A notebook that is not valid JSON, or is not a course
 notebook, is one row with an error; it never stops the run.
 """
 
@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -172,12 +173,21 @@ def grade_one(path: str, chapter_number: str, cell_timeout: int, notebook_timeou
         return {"results": [], "error": f"could not grade: {type(error).__name__}: {error}"[:300]}
 
 
+def _exit_with(parent: int) -> None:
+    """Leave when the process that started us is gone (killed, or its terminal closed): an
+    orphaned worker would grade its queued notebooks for nobody. Its kernel follows it out."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
 def _worker_init(threads: int) -> None:
     """Each worker's kernels share the cores: without this, every kernel's torch takes them all."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(threads))
     os.environ.setdefault("COURSE_HEADLESS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
 
 
 def _timed_out(record: dict) -> bool:
@@ -285,15 +295,26 @@ def grade_folder(
 # ----------------------------------------------------------------------------- the table
 
 
-def exercise_columns(submissions: Iterable[Submission]) -> list[tuple[str, str, str]]:
-    """(chapter, number, name) of every exercise of every chapter that was submitted, in order."""
-    chapters = sorted({s.chapter for s in submissions if s.chapter})
-    from course_utils.machinery.grading import exercises_of_chapter
+def chapter_exercises(submissions: Iterable[Submission]) -> dict[str, list[tuple[str, str]]]:
+    """{chapter: [(number, name), ...]} for every chapter with a graded notebook.
 
-    columns = []
-    for number in chapters:
-        columns += [(number, e.number, e.name) for e in exercises_of_chapter(get_chapter(number))]
-    return columns
+    Read from the results (grading lists every exercise of the chapter, in order), so that a run
+    served from the cache never imports the checks, and with them torch.
+    """
+    found: dict[str, list[tuple[str, str]]] = {}
+    for sub in submissions:
+        if sub.chapter and sub.results and sub.chapter not in found:
+            found[sub.chapter] = [(r["number"], r["name"]) for r in sub.results]
+    return dict(sorted(found.items()))
+
+
+def exercise_columns(submissions: Iterable[Submission]) -> list[tuple[str, str, str]]:
+    """(chapter, number, name) of every exercise of every chapter that was graded, in order."""
+    return [
+        (chapter, number, name)
+        for chapter, exercises in chapter_exercises(submissions).items()
+        for number, name in exercises
+    ]
 
 
 def cell_text(result: dict | None) -> str:
@@ -360,19 +381,18 @@ def _cell_html(result: dict | None) -> str:
 
 def _chapter_section(number: str, subs: list[Submission]) -> str:
     chapter = get_chapter(number)
-    from course_utils.machinery.grading import exercises_of_chapter
-
-    exercises = exercises_of_chapter(chapter)
+    exercises = chapter_exercises(subs)[number]  # [(number, name)]
     head = "".join(
-        f"<th>{html.escape(e.number)}<br><code>{html.escape(e.name)}</code></th>" for e in exercises
+        f"<th>{html.escape(num)}<br><code>{html.escape(name)}</code></th>"
+        for num, name in exercises
     )
     rows = []
     failures: Counter[str] = Counter()
     passes: Counter[str] = Counter()
-    hints: dict[str, Counter[str]] = {e.name: Counter() for e in exercises}
+    hints: dict[str, Counter[str]] = {name: Counter() for _, name in exercises}
     for sub in sorted(subs, key=lambda s: (s.learner, s.file)):
         by_name = {r["name"]: r for r in sub.results}
-        cells = "".join(_cell_html(by_name.get(e.name)) for e in exercises)
+        cells = "".join(_cell_html(by_name.get(name)) for _, name in exercises)
         for r in sub.results:
             if r["status"] == FAILED:
                 failures[r["name"]] += 1
@@ -384,14 +404,14 @@ def _chapter_section(number: str, subs: list[Submission]) -> str:
             f"<tr><td>{html.escape(sub.learner)}</td><td><code>{html.escape(sub.file)}</code></td>"
             f'<td class="score">{score}</td>{cells}</tr>'
         )
-    fail_row = "".join(f"<td>{failures[e.name]}</td>" for e in exercises)
-    pass_row = "".join(f"<td>{passes[e.name]}</td>" for e in exercises)
+    fail_row = "".join(f"<td>{failures[name]}</td>" for _, name in exercises)
+    pass_row = "".join(f"<td>{passes[name]}</td>" for _, name in exercises)
     common = "".join(
-        f"<li><b>{html.escape(e.number)} <code>{html.escape(e.name)}</code></b>: "
-        + "; ".join(f"{html.escape(h)} (×{n})" for h, n in hints[e.name].most_common(3))
+        f"<li><b>{html.escape(num)} <code>{html.escape(name)}</code></b>: "
+        + "; ".join(f"{html.escape(h)} (×{n})" for h, n in hints[name].most_common(3))
         + "</li>"
-        for e in exercises
-        if hints[e.name]
+        for num, name in exercises
+        if hints[name]
     )
     return (
         f'<h2 id="ch{number}">Chapter {number}: {html.escape(chapter.title)} '
