@@ -120,9 +120,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"-j {args.jobs}: the number of parallel kernels must be at least 1.")
     jobs = args.jobs or available_cores()
     print(f"Grading the notebooks under {folder} with {jobs} kernel(s) in parallel ...", flush=True)
-    subs, seconds = run_report(
-        folder, out, jobs, cell_timeout=args.cell_timeout, notebook_timeout=args.timeout
-    )
+    try:
+        subs, seconds = run_report(
+            folder, out, jobs, cell_timeout=args.cell_timeout, notebook_timeout=args.timeout
+        )
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: every notebook graded so far is cached in "
+            f"{out / '.cache'}; run the same command again to go on from there."
+        )
+        return 130
     broken = sum(1 for s in subs if s.error or not s.chapter)
     reused = len({s.key for s in subs if s.cached})
     graded = len({s.key for s in subs if s.key and not s.cached})

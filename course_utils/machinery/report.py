@@ -25,6 +25,7 @@ import html
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -158,6 +159,7 @@ def grade_one(path: str, chapter_number: str, cell_timeout: int, notebook_timeou
     """Grade one notebook in a fresh kernel (runs in a worker process); never raises."""
     from course_utils.machinery.grading import check_notebook
 
+    start = time.perf_counter()
     try:
         # A folder of its own: a submission cannot see (or litter) the others.
         with tempfile.TemporaryDirectory(prefix="course-report-") as workdir:
@@ -168,7 +170,8 @@ def grade_one(path: str, chapter_number: str, cell_timeout: int, notebook_timeou
                 workdir=Path(workdir),
                 notebook_timeout=notebook_timeout,
             )
-        return {"results": [asdict(r) for r in results], "error": ""}
+        seconds = round(time.perf_counter() - start, 1)
+        return {"results": [asdict(r) for r in results], "error": "", "seconds": seconds}
     except Exception as error:  # the grader itself failed on this file: one row, not a crash
         return {"results": [], "error": f"could not grade: {type(error).__name__}: {error}"[:300]}
 
@@ -187,6 +190,7 @@ def _worker_init(threads: int) -> None:
         os.environ.setdefault(name, str(threads))
     os.environ.setdefault("COURSE_HEADLESS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
 
 
@@ -262,17 +266,17 @@ def grade_folder(
         file=sys.stderr,
     )
     if todo:
-        started = {key: time.perf_counter() for key in todo}
-        with ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=jobs,
             mp_context=get_context("spawn"),  # never fork a process that holds torch's threads
             initializer=_worker_init,
             initargs=(threads,),
-        ) as pool:
-            futures = {
-                pool.submit(grade_one, str(path), ch.number, cell_timeout, notebook_timeout): key
-                for key, (path, ch) in todo.items()
-            }
+        )
+        futures = {
+            pool.submit(grade_one, str(path), ch.number, cell_timeout, notebook_timeout): key
+            for key, (path, ch) in todo.items()
+        }
+        try:
             for future in as_completed(futures):
                 key = futures[future]
                 try:
@@ -280,7 +284,6 @@ def grade_folder(
                 except BrokenProcessPool as error:  # a worker died: report it, cache nothing
                     record = {"results": [], "error": f"grader crashed: {error}"[:300]}
                 else:
-                    record["seconds"] = round(time.perf_counter() - started[key], 1)
                     record["notebook_timeout"] = notebook_timeout
                     if not record["error"]:
                         _write_cache(cache, key, record)
@@ -288,6 +291,15 @@ def grade_folder(
                     sub.results, sub.error = record["results"], record["error"]
                     sub.seconds = record.get("seconds", 0.0)
                 bar.update()
+        except KeyboardInterrupt:
+            # Ctrl-C: every finished notebook is cached already. Stop the ones in flight now
+            # (the workers ignore Ctrl-C themselves); their kernels follow their worker out.
+            bar.close()
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()  # not terminate(): nbclient catches SIGTERM and lingers
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
     bar.close()
     return submissions
 
@@ -446,13 +458,16 @@ def write_html(submissions: list[Submission], path: Path, folder: Path, seconds:
         else ""
     )
     stamp = time.strftime("%Y-%m-%d %H:%M")
+    cached = len({s.key for s in submissions if s.cached})
+    fresh = len({s.key for s in submissions if s.key and not s.cached})
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Cohort report: {html.escape(folder.name)}</title><style>{_CSS}</style></head>
 <body><h1>Cohort report: <code>{html.escape(folder.name)}</code></h1>
-<p>{len(submissions)} notebooks: {len(graded)} graded, {len(broken)} could not be graded.
-Generated {stamp} by <code>course report</code> in {seconds:.0f} s.</p>
+<p>{len(submissions)} notebooks: {len(graded)} with results, {len(broken)} could not be graded.
+Generated {stamp} by <code>course report</code> ({fresh} graded now, {cached} from the cache,
+{seconds:.0f} s).</p>
 <p class="legend"><span class="passed" style="background:#dafbe1">✓ passed</span>
 <span style="background:#ffebe9">✗ failed (with the hint; hover for the full message)</span>
 <span style="background:#fff8c5">… not attempted</span></p>
