@@ -4,10 +4,10 @@ The folder holds, under names that never say the chapter: chapter 00 right (the 
 (the solution with `record_norm_hook` squaring the norm, a Mistake with a hint), untouched (the
 exercise notebook, twice: graded once), a chapter 09 exercise notebook handed in after its first
 exercise and named as if it were chapter 00, a notebook cut in half (invalid JSON) and a notebook
-that is not the course's. The first run is
-interrupted (Ctrl-C) as soon as one result is cached; the second must reuse it and finish; the third must reuse
-everything. Chapter 00 is the cheapest to run (`course execute`: 18 s); the chapter 09 notebook is cut
-short so that it costs a kernel start and its imports only.
+that is not the course's. The first run is interrupted (Ctrl-C) as soon as one result is cached;
+the second must reuse it and finish; the third must reuse everything. Chapter 00 is the cheapest
+to run (`course execute`: 18 s); the chapter 09 notebook is cut short so that it costs a kernel
+start and its imports only.
 """
 
 from __future__ import annotations
