@@ -50,3 +50,10 @@ def test_the_hints_script_finds_exactly_each_checks_mistakes(number):
     found = {ex.name: {m.hint for m in ms} for ex, ms in hints.hints_by_exercise(number)}
     rows = importlib.import_module(f"tests.test_checks_ch{number}").CHECKS
     assert found == {row[0].exercise.name: {m.hint for m in row[2]} for row in rows}
+
+
+def test_the_guides_links_are_what_the_helpers_print():
+    from course_utils.machinery.hub import binder_link, nbgitpuller_link
+
+    assert f"# {nbgitpuller_link('https://hub.example.org')}\n" in GUIDE
+    assert f"\n{binder_link()}\n" in GUIDE
