@@ -60,7 +60,15 @@ $(LAB_OVERRIDES): Makefile | $(STAMP)
 	@mkdir -p $(dir $@)
 	@echo "$$LAB_SETTINGS" > $@
 
-kernel: $(STAMP) $(LAB_OVERRIDES)
+# The server side: strip the PNG snapshot that the plotly renderer writes into every figure it
+# draws, so that opening (and autosaving) a notebook leaves its file unchanged. See
+# course_utils/machinery/jupyter_hooks.py.
+SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.json
+$(SERVER_CONFIG): Makefile course_utils/machinery/jupyter_hooks.py | $(STAMP)
+	@mkdir -p $(dir $@)
+	@$(BIN)/python -c "import json; from course_utils.machinery.jupyter_hooks import SERVER_CONFIG as c; print(json.dumps(c, indent=1))" > $@
+
+kernel: $(STAMP) $(LAB_OVERRIDES) $(SERVER_CONFIG)
 	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "MI course (.venv)" >/dev/null
 
 # Serve the repository root, so that the file browser shows solutions/ next to notebooks/, and

@@ -1,33 +1,57 @@
 """Render every plotly figure stored in a notebook to PNG, to look at them outside Jupyter.
 
-    python scripts/render_figures.py solutions/00_setup_and_tools.ipynb /tmp/figs
+    python scripts/render_figures.py solutions/00_setup_and_tools.ipynb /tmp/figs [WIDTH]
 
-Needs kaleido and a Chromium (`pip install kaleido`; Debian: `apt-get install chromium`).
+Offline: draws each figure with the plotly.js that ships inside the plotly package, in Debian's
+Chromium driven by Playwright (the browser tests' set-up), at WIDTH px (default 900, the width of
+a notebook's output area on a laptop).
 """
 
+import json
 import sys
 from pathlib import Path
 
 import nbformat
-import plotly.io as pio
+import plotly
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.browser_lab import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 
 
-def main(notebook: str, out_dir: str) -> None:
+def figures(notebook: str) -> list[tuple[int, dict]]:
+    nb = nbformat.read(notebook, as_version=4)
+    return [
+        (index, output["data"]["application/vnd.plotly.v1+json"])
+        for index, cell in enumerate(nb.cells)
+        for output in cell.get("outputs", [])
+        if "application/vnd.plotly.v1+json" in output.get("data", {})
+    ]
+
+
+def main(notebook: str, out_dir: str, width: str = "900") -> None:
+    from playwright.sync_api import sync_playwright
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    nb = nbformat.read(notebook, as_version=4)
-    count = 0
-    for index, cell in enumerate(nb.cells):
-        for output in cell.get("outputs", []):
-            spec = output.get("data", {}).get("application/vnd.plotly.v1+json")
-            if spec is None:
-                continue
-            count += 1
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": int(width) + 40, "height": 800})
+        page.set_content(f"<div id='figure' style='width:{int(width)}px'></div>")
+        page.add_script_tag(path=str(PLOTLY_JS))
+        for count, (index, spec) in enumerate(figures(notebook), start=1):
+            page.evaluate(
+                "s => { Plotly.purge('figure');"
+                " return Plotly.newPlot('figure', s.data, s.layout || {}, {staticPlot: true}); }",
+                json.loads(json.dumps(spec)),
+            )
             path = out / f"cell{index:03d}_{count:02d}.png"
-            pio.from_json(__import__("json").dumps(spec)).write_image(path, width=900, scale=1)
+            page.locator("#figure .svg-container").screenshot(path=str(path))
             print(path)
-    print(f"{count} figure(s)")
+        browser.close()
+    print(f"{len(figures(notebook))} figure(s)")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

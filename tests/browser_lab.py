@@ -98,7 +98,9 @@ class LabServer:
         args = f"--port={self.port} --ip=127.0.0.1 --ServerApp.token={TOKEN} --LabApp.expose_app_in_browser=True"
         self.log = (state / "lab.log").open("w")
         self.process = subprocess.Popen(
-            ["make", "-s", "lab-no-browser", f"ARGS={args}"],
+            # -o: the copy shares this checkout's .venv; never let make reinstall the package
+            # from the throwaway copy into it (that would point the editable install there).
+            ["make", "-s", "-o", ".venv/.installed", "lab-no-browser", f"ARGS={args}"],
             cwd=repo,
             env=env,
             stdout=self.log,

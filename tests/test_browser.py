@@ -13,6 +13,7 @@ changes no byte. Needs /usr/bin/chromium and playwright; skips with one sentence
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -89,6 +90,13 @@ def _assert_clean(lab: LabPage) -> None:
     assert not lab.screen_problems(), lab.screen_problems()
     assert not lab.errors, lab.errors
     lab.errors.clear()
+
+
+def _diff(before: bytes, after: bytes) -> str:
+    lines = difflib.unified_diff(
+        before.decode().splitlines(), after.decode().splitlines(), lineterm="", n=2
+    )
+    return "\n".join(line[:160] for line in list(lines)[:40])
 
 
 def _figures_fit(lab: LabPage, index: int) -> None:
@@ -293,13 +301,6 @@ def test_chapter_00_end_to_end_with_every_check_colour_figure_and_the_slider(lab
     lab.shutdown_kernels()
 
 
-UNVERIFIED = pytest.mark.skip(
-    reason="written but not yet seen completing in a full suite run on the shared machine "
-    "(the step after saving chapter 00 stalled); see the browser14 branch report"
-)
-
-
-@UNVERIFIED
 def test_saved_slider_reopens_as_a_slider_and_a_figure(lab):
     """Snag 3: save, close, new kernel, reopen: the slider and its figure come back, no error."""
     lab.open(CHAPTER_00)
@@ -330,6 +331,63 @@ def test_saved_slider_reopens_as_a_slider_and_a_figure(lab):
     assert "dimensions" in lab.plot_title(slider_cell)
     lab.screenshot("13_chapter_00_reopened_slider_and_figure")
     _assert_clean(lab)
+    # The next session: save without re-running (no widget is alive), close, reopen.
+    lab.save()
+    lab.close_all()
+    lab.shutdown_kernels()
+    lab.open(CHAPTER_00)
+    lab.scroll_to(slider_cell)
+    cell = lab.cell(slider_cell)
+    cell.locator(".jupyter-widgets input, .jupyter-widgets .noUi-handle").first.wait_for()
+    cell.locator(".js-plotly-plot .main-svg").first.wait_for()
+    lab.page.wait_for_timeout(2000)
+    assert "model not found" not in cell.inner_text()
+    lab.screenshot("14_chapter_00_slider_after_a_second_save")
+    _assert_clean(lab)
+    lab.close_all()
+    lab.shutdown_kernels()
+
+
+# ------------------------------------------------- live sliders of later chapters, run in Lab
+#: The slider figures whose chapters reach them in about a minute of CPU (chapter 01's, 03's and
+#: 06's need a trained model first: their stored figures are checked below, their slider code by
+#: tests/test_widgets.py).
+LIVE_SLIDERS = ["solutions/08_bilinear_layers.ipynb", "solutions/09_polytope_lens.ipynb"]
+
+
+@pytest.mark.parametrize("path", LIVE_SLIDERS)
+def test_a_later_chapters_slider_runs_in_lab_and_redraws_its_figure(lab, path):
+    start = time.time()
+    (lab.server.repo / path).write_bytes((ROOT / path).read_bytes())
+    lab.open(path)
+    slider_cell = lab.find_cell("interactive_figure(")
+    lab.js(
+        f"() => {{ window.jupyterapp.shell.currentWidget.content.activeCellIndex = {slider_cell}; }}"
+    )
+    lab.command("notebook:run-all-above")
+    lab.wait_idle(600)
+    lab.run_cell(slider_cell)
+    lab.scroll_to(slider_cell)
+    cell = lab.cell(slider_cell)
+    cell.locator(".js-plotly-plot .main-svg").first.wait_for()
+    handle = cell.locator(".noUi-handle").first
+    handle.wait_for()
+    before = lab.plot_title(slider_cell)
+    lab.screenshot(f"15_{Path(path).stem}_live_slider")
+    handle.focus()
+    for _ in range(3):  # left: a slider may start at its last value (chapter 09's epoch does)
+        lab.page.keyboard.press("ArrowLeft")
+    lab.page.wait_for_function(
+        """([i, t]) => [...window.jupyterapp.shell.currentWidget.content.widgets[i].node
+             .querySelectorAll('.gtitle')].some(e => e.textContent && e.textContent !== t)""",
+        arg=[slider_cell, before],
+        timeout=120_000,
+    )
+    assert lab.plots_in(slider_cell).count() == 1  # redrawn in place, not appended
+    _figures_fit(lab, slider_cell)
+    lab.screenshot(f"16_{Path(path).stem}_live_slider_moved")
+    _assert_clean(lab)
+    print(f"{path}: {time.time() - start:.0f} s")
     lab.close_all()
     lab.shutdown_kernels()
 
@@ -342,21 +400,26 @@ ALL_NOTEBOOKS = sorted(
 )
 
 
-@UNVERIFIED
 @pytest.mark.parametrize("path", ALL_NOTEBOOKS)
 def test_opening_and_saving_changes_no_byte_and_every_stored_figure_renders_and_fits(lab, path):
     on_disk = lab.server.repo / path
-    before = on_disk.read_bytes()
+    before = (
+        ROOT / path
+    ).read_bytes()  # as shipped: earlier tests saved chapter 00 with work in it
+    on_disk.write_bytes(before)
     lab.open(path)
     lab.page.wait_for_timeout(1500)
-    assert not lab.dirty(), f"opening {path} marked it modified"
-    figures = _plotly_outputs(lab)
     stored = sum(
         1
         for c in json.loads(before)["cells"]
         for o in c.get("outputs", [])
         if PLOTLY_MIME in o.get("data", {})
     )
+    if not stored:
+        # With figures, JupyterLab's plotly renderer writes a PNG snapshot into each one it draws
+        # (the tab shows modified); the server hook strips it on save: checked below.
+        assert not lab.dirty(), f"opening {path} marked it modified"
+    figures = _plotly_outputs(lab)
     assert sum(figures.values()) == stored
     if figures:
         _wait_for_plots(lab, figures)
@@ -367,13 +430,14 @@ def test_opening_and_saving_changes_no_byte_and_every_stored_figure_renders_and_
         lab.screenshot(f"20_{Path(path).stem}_{path.split('/')[0]}_first_figure")
     _assert_clean(lab)
     lab.save()
-    assert on_disk.read_bytes() == before, f"saving {path} unmodified changed its bytes"
+    assert on_disk.read_bytes() == before, f"saving {path} unmodified changed its bytes:\n" + (
+        _diff(before, on_disk.read_bytes())
+    )
     lab.close_all()
     lab.shutdown_kernels()
 
 
 # ------------------------------------------------------------------------------------------ snag 6
-@UNVERIFIED
 def test_offline_the_colab_badge_is_a_text_link_not_a_broken_image(lab):
     lab.open(CHAPTER_00)
     link = lab.cell(0).locator("a[href*='colab.research.google.com']").first

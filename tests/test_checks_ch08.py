@@ -4,12 +4,15 @@ wrong answer that is not in its list."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from course_utils.checks import ch08 as check
 from course_utils.checks.core import FAILED, outcome
 from course_utils.science import bilinear as ref
+from course_utils.science import bilinear_lm as blm
 from tests.check_contract import contract_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -70,6 +73,14 @@ CHECKS = [
         lambda values: torch.nan_to_num((values.abs().sum(-1) / values.abs().amax(-1)) ** 2),
     ),
     (check.logit_hessian, ref.logit_hessian, check.HESSIAN_MISTAKES, _hessian_finite_difference),
+    (
+        check.mlp_interaction_matrix,
+        blm.mlp_interaction_matrix,
+        check.MLP_INTERACTION_MISTAKES,
+        lambda W_gate, W_in, W_out, u: blm.mlp_interaction_matrix(
+            W_gate, W_in, W_out, u / u.norm()
+        ),
+    ),
 ]
 
 
@@ -157,6 +168,18 @@ def _hessian_jacfwd(model, x, c):
     return torch.func.jacfwd(torch.func.jacrev(f))(x)
 
 
+def _mlp_interaction_via_chapter_tensor(W_gate, W_in, W_out, u):
+    return ref.interaction_matrix(ref.bilinear_tensor(W_gate.T, W_in.T, W_out.T), u)
+
+
+def _mlp_interaction_by_units(W_gate, W_in, W_out, u):
+    Q = torch.zeros(W_gate.shape[0], W_gate.shape[0])
+    for a in range(W_gate.shape[1]):
+        h = W_out[a] @ u
+        Q += h * (torch.outer(W_gate[:, a], W_in[:, a]) + torch.outer(W_in[:, a], W_gate[:, a])) / 2
+    return Q
+
+
 CORRECT = {
     check.bilinear_tensor: [_tensor_by_loops, _tensor_by_broadcast],
     check.interaction_matrix: [_interaction_by_matmul, _interaction_by_tensordot],
@@ -164,6 +187,7 @@ CORRECT = {
     check.truncated_logits: [_truncated_loop, _truncated_via_lowrank_Q],
     check.effective_rank: [_rank_norms, _rank_normalised],
     check.logit_hessian: [_hessian_autograd, _hessian_jacfwd],
+    check.mlp_interaction_matrix: [_mlp_interaction_via_chapter_tensor, _mlp_interaction_by_units],
 }
 
 
@@ -290,6 +314,17 @@ WRONG = {
         _hessian_finite_difference,
     ],  # fmt: skip
 }
+WRONG[check.mlp_interaction_matrix] = [
+    # the chapter-08 functions fed TransformerLens shapes without transposing (square case runs)
+    lambda W_gate, W_in, W_out, u: ref.interaction_matrix(
+        ref.bilinear_tensor(W_gate, W_in, W_out), u
+    ),
+    # u's coordinates in the wrong order (a residual direction from a different basis)
+    lambda W_gate, W_in, W_out, u: _mlp_interaction_by_units(W_gate, W_in, W_out, u.flip(0)),
+    # symmetrised by squaring
+    lambda W_gate, W_in, W_out, u: (lambda M: M @ M.T)((W_gate * (W_out @ u)) @ W_in.T),
+    CHECKS[6][3],
+]
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 
 
@@ -453,3 +488,67 @@ def test_bad_inputs_get_clear_errors():
         ref.bilinear_forward(torch.zeros(2, 4), torch.zeros(5, 3), torch.zeros(5, 3))
     with pytest.raises(ValueError, match="activation"):
         ref.MLPClassifier(activation="tanh")
+
+
+def test_bad_inputs_of_the_transformer_part_get_clear_errors(tmp_path):
+    W = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="length d_model = 4"):
+        blm.mlp_interaction_matrix(W, W, torch.zeros(6, 4), torch.zeros(6))
+    with pytest.raises(ValueError, match="same shape"):
+        blm.mlp_interaction_matrix(W, torch.zeros(4, 5), torch.zeros(6, 4), torch.zeros(4))
+    with pytest.raises(ValueError, match="kind must be"):
+        blm.load_bilinear_lm("relu")
+    with pytest.raises(blm.BilinearLMFileError, match="build-bilinear-lm"):
+        blm.load_bilinear_lm("bilinear", tmp_path)  # nothing there
+
+
+def test_corrupt_shipped_checkpoint_names_the_rebuild_command(tmp_path):
+    import shutil
+
+    shutil.copytree(blm.asset_dir() / "bilinear", tmp_path / "bilinear")
+    (tmp_path / "bilinear" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(blm.BilinearLMFileError, match="unreadable.*build-bilinear-lm"):
+        blm.load_bilinear_lm("bilinear", tmp_path)
+    (tmp_path / "bilinear" / "model.safetensors").unlink()
+    with pytest.raises(blm.BilinearLMFileError, match="missing.*build-bilinear-lm"):
+        blm.load_bilinear_lm("bilinear", tmp_path)
+
+
+def test_shipped_bilinear_lm_is_a_quadratic_form_of_its_mlp_input():
+    model = blm.load_bilinear_lm("bilinear")
+    assert blm.is_bilinear(model) and model.blocks[0].mlp.b_in.abs().max() == 0
+    tokens = torch.randint(
+        1, model.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    z, mlp_out, _ = blm.mlp_inputs(model, tokens)
+    mlp = model.blocks[0].mlp
+    u = blm.logit_direction(model, 5)
+    Q = blm.mlp_interaction_matrix(mlp.W_gate, mlp.W_in, mlp.W_out, u)
+    quad = torch.einsum("bpi,ij,bpj->bp", z, Q, z)
+    direct = (mlp_out - mlp.b_out) @ u
+    assert (quad - direct).abs().max() < 1e-4 * direct.abs().max()
+    twin = blm.load_bilinear_lm("gelu")
+    assert not twin.cfg.gated_mlp
+    trainable = {k: blm.n_trainable(m) for k, m in (("bilinear", model), ("gelu", twin))}
+    assert abs(trainable["bilinear"] - trainable["gelu"]) < 0.001 * trainable["gelu"]
+
+
+def test_shipped_bilinear_lm_files_match_their_record():
+    recorded = blm.read_metadata()["files_sha256"]
+    assert recorded == blm.files_sha256(blm.asset_dir())
+
+
+def test_tiny_build_reproduces_its_own_loss(tmp_path):
+    config = blm.BilinearLMConfig(steps=2, log_every=1, validation_windows=4, threads=1)
+    first = blm.build(config, tmp_path / "a", log=lambda line: None)
+    second = blm.build(config, tmp_path / "b", log=lambda line: None)
+    for kind in blm.KINDS:
+        a, b = first["models"][kind], second["models"][kind]
+        assert a["first_losses"] == b["first_losses"]
+        assert abs(a["validation_loss"] - b["validation_loss"]) < 1e-6
+        assert math.isfinite(a["validation_loss"])
+        loaded = blm.load_bilinear_lm(kind, tmp_path / "a")
+        windows = blm.validation_windows(loaded, 4)
+        from course_utils.science.course_model import model_loss
+
+        assert abs(model_loss(loaded, windows) - a["validation_loss"]) < 1e-6

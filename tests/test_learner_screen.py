@@ -194,3 +194,104 @@ def test_colab_badge_degrades_to_a_text_link_when_its_image_cannot_load():
     assert alts == [""], f"the badge image's alt text shows next to a broken-image icon: {alts}"
     text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", badge)
     assert "Open in Colab" in text, "without its image the badge must still read as a link"
+
+
+# ------------------------------------------------------------------- snag 5: opening is a no-op
+def test_the_save_hook_strips_only_the_plotly_renderers_png_snapshot():
+    from course_utils.machinery.jupyter_hooks import PLOTLY_MIME, before_save
+
+    figure = {"data": {PLOTLY_MIME: {"data": []}, "image/png": "AAAA", "text/plain": "Figure"}}
+    picture = {"data": {"image/png": "BBBB"}}  # a matplotlib-style image is the learner's output
+    model = {
+        "type": "notebook",
+        "content": {"cells": [{"cell_type": "code", "outputs": [figure, picture]}]},
+    }
+    before_save(model=model, path="x.ipynb", contents_manager=None)
+    assert figure["data"] == {PLOTLY_MIME: {"data": []}, "text/plain": "Figure"}
+    assert picture["data"] == {"image/png": "BBBB"}
+    text_file = {"type": "file", "content": "image/png"}
+    before_save(model=text_file, path="x.txt", contents_manager=None)
+    assert text_file == {"type": "file", "content": "image/png"}
+
+
+def test_make_lab_registers_the_hook_with_the_jupyter_server_of_the_venv():
+    """`make lab` writes .venv/etc/jupyter/jupyter_server_config.json; the server loads it."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "kernel: $(STAMP) $(LAB_OVERRIDES) $(SERVER_CONFIG)" in makefile
+    config = ROOT / ".venv" / "etc" / "jupyter" / "jupyter_server_config.json"
+    if not config.exists():
+        pytest.skip("run `make kernel` (or `make lab`) first: it writes the server config")
+    code = (
+        "from jupyter_server.serverapp import ServerApp; a = ServerApp(); "
+        "a.initialize(argv=['--port=0', '--allow-root'], find_extensions=False); "
+        "print(a.contents_manager.pre_save_hook.__qualname__)"
+    )
+    out = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert out.stdout.strip().endswith("before_save"), out.stderr[-2000:]
+
+
+def test_the_save_hook_keeps_the_saved_state_of_a_slider_that_no_kernel_runs(tmp_path):
+    """Snag 3, second session: reopen without re-running, save: the slider's state stays."""
+    from course_utils.machinery.jupyter_hooks import WIDGET_STATE, WIDGET_VIEW, before_save
+
+    slider = {"model_name": "IntSliderModel", "state": {"layout": "IPY_MODEL_bb", "value": 64}}
+    layout = {"model_name": "LayoutModel", "state": {}}
+    other = {"model_name": "ButtonModel", "state": {}}  # no output shows it any more
+    on_disk = {
+        "cells": [],
+        "metadata": {
+            "widgets": {
+                WIDGET_STATE: {
+                    "state": {"aa": slider, "bb": layout, "cc": other},
+                    "version_major": 2,
+                    "version_minor": 0,
+                }
+            }
+        },
+    }
+    (tmp_path / "n.ipynb").write_text(json.dumps(on_disk))
+    saved_now = {"state": {}, "version_major": 2, "version_minor": 0}  # nothing alive
+    content = {
+        "cells": [{"cell_type": "code", "outputs": [{"data": {WIDGET_VIEW: {"model_id": "aa"}}}]}],
+        "metadata": {"widgets": {WIDGET_STATE: saved_now}},
+    }
+
+    class Manager:
+        root_dir = str(tmp_path)
+
+    before_save(
+        model={"type": "notebook", "content": content}, path="n.ipynb", contents_manager=Manager()
+    )
+    assert content["metadata"]["widgets"][WIDGET_STATE]["state"] == {"aa": slider, "bb": layout}
+    # a new notebook (nothing on disk yet) saves as it is
+    fresh = {"cells": content["cells"], "metadata": {"widgets": {WIDGET_STATE: dict(saved_now)}}}
+    before_save(
+        model={"type": "notebook", "content": fresh}, path="new.ipynb", contents_manager=Manager()
+    )
+    assert fresh["metadata"]["widgets"][WIDGET_STATE]["state"] == {}
+
+
+def test_progress_bars_and_split_streams_are_stored_as_jupyterlab_holds_them():
+    """JupyterLab merges consecutive stream outputs and applies \\r: store them that way."""
+    from course_utils.machinery.build import as_jupyterlab_streams
+
+    bar = [
+        {"output_type": "stream", "name": "stderr", "text": "\rtraining:   8%|▊ | 254/3000"},
+        {"output_type": "stream", "name": "stderr", "text": "\rtraining: 100%|█| 3000/3000\n"},
+        {"output_type": "stream", "name": "stdout", "text": ["loss 0.1\n", "done\n"]},
+        {"output_type": "display_data", "data": {"text/plain": "figure"}, "metadata": {}},
+        {"output_type": "stream", "name": "stdout", "text": "after\n"},
+        {"output_type": "stream", "name": "stdout", "text": "ab\b\bc\n"},
+    ]
+    assert as_jupyterlab_streams(bar) == [
+        {"output_type": "stream", "name": "stderr", "text": "training: 100%|█| 3000/3000\n"},
+        {"output_type": "stream", "name": "stdout", "text": "loss 0.1\ndone\n"},
+        bar[3],
+        {"output_type": "stream", "name": "stdout", "text": "after\nc\n"},
+    ]

@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e|build-clt|freeze-corpus``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e|build-clt|build-bilinear-lm|freeze-corpus``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -61,7 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     clt.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
     clt.add_argument("--steps", type=int, default=None, help="training steps (default 500)")
     clt.add_argument("--threads", type=int, default=2)
+    blm = sub.add_parser(
+        "build-bilinear-lm",
+        help="retrain the one-layer bilinear LM and its GELU twin (chapter 08, section 4)",
+    )
+    blm.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
+    blm.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    blm.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+
+    if args.command == "build-bilinear-lm":
+        from course_utils.science import bilinear_lm
+
+        out = args.out if args.out is not None else bilinear_lm.asset_dir()
+        config = bilinear_lm.BilinearLMConfig(threads=args.threads)
+        if args.steps is not None:
+            config.steps = args.steps
+        return _timed(
+            f"{bilinear_lm.ASSET_NAME} ({', '.join(config.kinds)}) into {out}",
+            lambda log: bilinear_lm.build(config, out, log=log),
+        )
 
     if args.command == "freeze-corpus":
         from course_utils.science import corpus

@@ -524,3 +524,77 @@ def logit_hessian(learner) -> str:
         )
         + "; no gradients left in the model"
     )
+
+
+# ---------------------------------------------------------------- 8.7 mlp_interaction_matrix
+
+
+def _tl_sym(M: torch.Tensor) -> torch.Tensor:
+    return (M + M.T) / 2
+
+
+MLP_INTERACTION_MISTAKES = [
+    Mistake(
+        "not symmetrised",
+        lambda W_gate, W_in, W_out, u: (W_gate * (W_out @ u)) @ W_in.T,
+        "your matrix is not symmetric: z^T M z only sees the symmetric part, so return "
+        "Q = (M + M^T) / 2 with M = sum_a h_a w_gate_a w_in_a^T.",
+    ),
+    Mistake(
+        "W_in used for both factors",
+        lambda W_gate, W_in, W_out, u: _tl_sym((W_in * (W_out @ u)) @ W_in.T),
+        "the two factors of hidden unit a are DIFFERENT directions: the gate column W_gate[:, a] "
+        "and the linear column W_in[:, a]. Use one of each: M = W_gate diag(h) W_in^T.",
+    ),
+    Mistake(
+        "W_gate used for both factors",
+        lambda W_gate, W_in, W_out, u: _tl_sym((W_gate * (W_out @ u)) @ W_gate.T),
+        "the two factors of hidden unit a are DIFFERENT directions: the gate column W_gate[:, a] "
+        "and the linear column W_in[:, a]. Use one of each: M = W_gate diag(h) W_in^T.",
+    ),
+    Mistake(
+        "u not sent through W_out",
+        lambda W_gate, W_in, W_out, u: _tl_sym(W_gate @ W_in.T) * u.sum(),
+        "each hidden unit a writes W_out[a] to the residual stream, so its weight for direction "
+        "u is h_a = W_out[a] . u (h = W_out @ u, one number per hidden unit), not the same "
+        "number for all of them.",
+    ),
+    Mistake(
+        "forgot the 1/2",
+        lambda W_gate, W_in, W_out, u: (lambda M: M + M.T)((W_gate * (W_out @ u)) @ W_in.T),
+        "your Q is twice the reference: the symmetric part is (M + M^T) / 2.",
+    ),
+]
+
+
+def _mlp_interaction_cases() -> list[Case]:
+    g = _gen(7)
+
+    def weights(d_model: int, d_mlp: int) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.randn(d_model, d_mlp, generator=g),
+            torch.randn(d_model, d_mlp, generator=g),
+            torch.randn(d_mlp, d_model, generator=g),
+        )
+
+    small, square = weights(4, 6), weights(5, 5)  # square: axis mix-ups give numbers, not crashes
+    return [
+        Case("d_model 4, d_mlp 6, random u", (*small, torch.randn(4, generator=g))),
+        Case("d_model = d_mlp = 5, random u", (*square, torch.randn(5, generator=g))),
+        Case("u = e_1 (one residual coordinate)", (*small, torch.tensor([0.0, 1.0, 0.0, 0.0]))),
+        Case("u = e_0 - e_3 (a difference)", (*square, torch.tensor([1.0, 0, 0, -1.0, 0]))),
+        Case("one hidden unit", (*weights(3, 1), torch.randn(3, generator=g))),
+    ]
+
+
+@exercise("8.7", "mlp_interaction_matrix")
+def mlp_interaction_matrix(learner) -> str:
+    from course_utils.science import bilinear_lm
+
+    return compare_function(
+        learner,
+        bilinear_lm.mlp_interaction_matrix,
+        _mlp_interaction_cases(),
+        MLP_INTERACTION_MISTAKES,
+        atol=1e-4,
+    )

@@ -75,11 +75,63 @@ def as_javascript_numbers(value: Any) -> Any:
     return value
 
 
+def _stream_text(index: int, text: str, shown: str = "") -> tuple[str, int]:
+    """JupyterLab 4's terminal-like stream model: write ``text`` into ``shown`` at ``index``.
+
+    A port of ``processText`` in @jupyterlab/outputarea (4.6): ``\r`` returns to the start of the
+    line and the next characters overwrite it (a tqdm bar keeps only its last state), ``\b``
+    deletes, ``\n`` starts a new line. Returns the new text and the cursor.
+    """
+    if not any(c in text for c in "\b\r\n"):
+        return shown[:index] + text + shown[index + len(text) :], index + len(text)
+    cursor, start = index, 0
+    while True:
+        stop = next((k for k in range(start, len(text)) if text[k] in "\n\b\r"), -1)
+        chunk = text[start : len(text) if stop == -1 else stop]
+        shown = shown[:cursor] + chunk + shown[cursor + len(chunk) :]
+        start, cursor = stop + 1, cursor + len(chunk)
+        if stop == -1:
+            return shown, cursor
+        if text[stop] == "\b":
+            if cursor > 0 and shown[cursor - 1] != "\n":
+                shown, cursor = shown[: cursor - 1] + shown[cursor + 1 :], cursor - 1
+        elif text[stop] == "\r":
+            while cursor > 0 and shown[cursor - 1] != "\n":
+                cursor -= 1
+        else:
+            shown += "\n"
+            cursor = len(shown)
+
+
+def as_jupyterlab_streams(outputs: list[dict]) -> list[dict]:
+    """``outputs`` as JupyterLab holds them: consecutive stream outputs of one name merged into
+    one, carriage returns and backspaces applied (so a progress bar stores its final state)."""
+    merged: list[dict] = []
+    last_name, cursor = "", 0
+    for output in outputs:
+        if output.get("output_type") != "stream":
+            merged.append(output)
+            last_name = ""
+            continue
+        text = output["text"] if isinstance(output["text"], str) else "".join(output["text"])
+        if output["name"] == last_name and merged:
+            merged[-1]["text"], cursor = _stream_text(cursor, text, merged[-1]["text"])
+        else:
+            shown, cursor = _stream_text(0, text)
+            merged.append({**output, "text": shown})
+            last_name = output["name"]
+    return merged
+
+
 def notebook_text(notebook: Any) -> str:
     """The file text JupyterLab would save for ``notebook``: kernel metadata, JavaScript numbers,
-    nbformat's sorted keys and line-split sources, a final newline."""
+    streams as its output model holds them, nbformat's sorted keys and line-split sources, a
+    final newline."""
     data = as_javascript_numbers(json.loads(json.dumps(notebook)))
     data["metadata"] = {**data.get("metadata", {}), **NOTEBOOK_METADATA}
+    for cell in data.get("cells", []):
+        if "outputs" in cell:
+            cell["outputs"] = as_jupyterlab_streams(cell["outputs"])
     return nbformat.writes(nbformat.from_dict(data)) + "\n"
 
 

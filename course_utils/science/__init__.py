@@ -17,7 +17,8 @@
                   ablation, steering, attribution patching / integrated gradients vs true ablations
 - ``clt``, ``attribution_graphs``  chapter 07: cross-layer transcoders; the local replacement
                   model, attribution graphs, pruning, interventions, circuit-tracer-style JSON
-- ``bilinear``    chapter 08: bilinear layers as tensors, interaction matrices, eigenvectors,
-                  digit classifiers on scikit-learn's bundled 8x8 digits
+- ``bilinear``, ``bilinear_lm``  chapter 08: bilinear layers as tensors, interaction matrices,
+                  eigenvectors, digit classifiers on scikit-learn's bundled 8x8 digits; a shipped
+                  one-layer transformer with a bilinear MLP, its GELU twin, and token readings
 - ``polytopes``   chapter 09: polytope and spline codes of ReLU MLPs, region maps, boundary crossings
 """

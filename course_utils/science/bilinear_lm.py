@@ -1,0 +1,366 @@
+"""A one-layer transformer with a bilinear MLP and its GELU twin (chapter 08, section 4).
+
+Both are TransformerLens ``HookedTransformer``s trained on the course corpus with the course
+tokenizer (``course-2l``'s ``tokenizer.json``) by the course model's own training loop
+(``course_model.train_model``), same data order, steps and seed; only the MLP differs:
+
+- ``bilinear``: ``gated_mlp=True`` with the gate's activation replaced by the identity, so the MLP
+  is ``W_out^T ((W_gate^T z) * (W_in^T z)) + b_out`` with ``z = ln2(resid_mid)``; ``d_mlp`` 342
+  (three matrices, so 2/3 of the GELU width, as Shazeer 2020 matches parameters). ``b_in`` (which
+  TransformerLens adds after the product, a constant) is frozen at zero.
+- ``gelu``: the usual ``W_out^T GELU(W_in^T z + b_in) + b_out``, ``d_mlp`` 512 (as course-2l).
+
+TransformerLens has no identity activation, so the config says ``act_fn="relu"`` as a placeholder
+and :func:`make_bilinear` swaps the function after construction; always load with
+:func:`load_bilinear_lm`, which does it (and checks it). Hook names are TransformerLens's:
+``blocks.0.mlp.hook_pre`` (gate), ``blocks.0.mlp.hook_pre_linear``, ``blocks.0.mlp.hook_post``.
+
+Shipped files (``course_utils/assets/bilinear-lm/``, written by
+``python -m course_utils.assets build-bilinear-lm``): ``<kind>/config.json`` and
+``<kind>/model.safetensors`` (float16 on disk, float32 in memory) for each kind, ``metadata.json``
+(settings, losses, timings) and ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from course_utils.science import bilinear as bl
+from course_utils.science import course_model as cm
+
+ASSET_NAME = "bilinear-lm"
+KINDS = ("bilinear", "gelu")
+REBUILD_COMMAND = "python -m course_utils.assets build-bilinear-lm"
+METADATA_FILE = "metadata.json"
+
+#: Shared by both twins (course-2l's sizes, one layer instead of two).
+BASE_ARCHITECTURE = {
+    "n_layers": 1,
+    "d_model": 128,
+    "n_heads": 4,
+    "d_head": 32,
+    "n_ctx": 128,
+    "normalization_type": "LN",
+    "positional_embedding_type": "standard",
+    "tokenizer_prepends_bos": True,
+    "default_prepend_bos": True,
+}
+#: What differs. Bilinear: 3 x 128 x 342 = 131,328 MLP weights; GELU: 2 x 128 x 512 + 512 biases
+#: = 131,584 (both + 128 for b_out).
+MLP_ARCHITECTURE = {
+    "bilinear": {"d_mlp": 342, "act_fn": "relu", "gated_mlp": True},  # act_fn: placeholder
+    "gelu": {"d_mlp": 512, "act_fn": "gelu", "gated_mlp": False},
+}
+
+
+@dataclass
+class BilinearLMConfig:
+    """Everything that decides the shipped weights (the training loop is course-2l's)."""
+
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 5e-3
+    warmup_steps: int = 30
+    min_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    threads: int = 1  # on a shared 2-core machine one thread was 2x faster per step than two
+    log_every: int = 25
+    record_first_steps: int = 10
+    validation_windows: int | None = None  # None: the whole validation split
+    kinds: tuple[str, ...] = KINDS
+    base: dict = field(default_factory=lambda: dict(BASE_ARCHITECTURE))
+
+    def course_build_config(self, kind: str) -> cm.BuildConfig:
+        """The same settings in the form ``course_model.train_model`` reads."""
+        return cm.BuildConfig(
+            seed=self.seed,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            min_lr_fraction=self.min_lr_fraction,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            threads=self.threads,
+            log_every=self.log_every,
+            record_first_steps=self.record_first_steps,
+            architecture=architecture(kind, self.base),
+        )
+
+
+class BilinearLMFileError(FileNotFoundError):
+    """A shipped file of the bilinear LM (or its GELU twin) is missing or unreadable."""
+
+
+def asset_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "assets" / ASSET_NAME
+
+
+def architecture(kind: str, base: dict | None = None) -> dict:
+    if kind not in MLP_ARCHITECTURE:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    return {**(BASE_ARCHITECTURE if base is None else base), **MLP_ARCHITECTURE[kind]}
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def make_bilinear(model: HookedTransformer) -> HookedTransformer:
+    """Turn every gated MLP of ``model`` into a bilinear one: identity gate, ``b_in`` = 0, frozen."""
+    if not model.cfg.gated_mlp:
+        raise ValueError("make_bilinear needs a model built with gated_mlp=True.")
+    for block in model.blocks:
+        block.mlp.act_fn = _identity
+        with torch.no_grad():
+            block.mlp.b_in.zero_()
+        block.mlp.b_in.requires_grad_(False)
+    return model
+
+
+def is_bilinear(model: HookedTransformer) -> bool:
+    return bool(model.cfg.gated_mlp) and all(b.mlp.act_fn is _identity for b in model.blocks)
+
+
+def new_model(kind: str, d_vocab: int, tokenizer=None, seed: int = 0, base: dict | None = None):
+    cfg = HookedTransformerConfig(
+        **architecture(kind, base),
+        d_vocab=d_vocab,
+        seed=seed,
+        device="cpu",
+        model_name=f"{kind}-1l",
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    return make_bilinear(model) if kind == "bilinear" else model
+
+
+def n_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def _missing(path: Path) -> str:
+    return (
+        f"the bilinear-LM file {path} is missing. Rebuild it with `{REBUILD_COMMAND}` "
+        "(about 10-20 min on 2 CPU cores), or restore it with `git checkout -- "
+        f"course_utils/assets/{ASSET_NAME}`."
+    )
+
+
+def _corrupt(path: Path, error: Exception) -> str:
+    return (
+        f"the bilinear-LM file {path} is unreadable ({type(error).__name__}: {error}). Restore "
+        f"it with `git checkout -- course_utils/assets/{ASSET_NAME}` or rebuild it with "
+        f"`{REBUILD_COMMAND}`."
+    )
+
+
+def save_model(model: HookedTransformer, kind: str, directory: Path) -> None:
+    """``directory/kind/config.json`` and ``model.safetensors`` (weights stored as float16)."""
+    from safetensors.torch import save_file
+
+    folder = Path(directory) / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = {key: getattr(model.cfg, key) for key in architecture(kind)}
+    config = {"kind": kind, "architecture": arch, "d_vocab": model.cfg.d_vocab}
+    (folder / cm.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(folder / cm.WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def load_bilinear_lm(kind: str = "bilinear", directory: Path | None = None) -> HookedTransformer:
+    """The shipped one-layer model of ``kind`` ("bilinear" or "gelu"), float32, eval mode, with
+    the course tokenizer. Missing or broken files give one error naming the rebuild command."""
+    from safetensors.torch import load_file
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    folder = (asset_dir() if directory is None else Path(directory)) / kind
+    config_path, weights_path = folder / cm.CONFIG_FILE, folder / cm.WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise BilinearLMFileError(_missing(path))
+    try:
+        config = json.loads(config_path.read_text())
+        if config["kind"] != kind:
+            raise ValueError(f"config.json says kind {config['kind']!r}")
+        cfg = HookedTransformerConfig(
+            **config["architecture"],
+            d_vocab=config["d_vocab"],
+            device="cpu",
+            model_name=f"{kind}-1l",
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise BilinearLMFileError(_corrupt(config_path, error)) from None
+    try:
+        state = {k: v.float() for k, v in load_file(str(weights_path)).items()}
+    except Exception as error:  # SafetensorError, OSError
+        raise BilinearLMFileError(_corrupt(weights_path, error)) from None
+    tokenizer = cm.wrap_tokenizer(cm.asset_dir() / cm.TOKENIZER_FILE)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise BilinearLMFileError(_corrupt(weights_path, error)) from None
+    if kind == "bilinear":
+        make_bilinear(model)
+    model.eval()
+    return model
+
+
+def files_sha256(directory: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, str]:
+    return {
+        f"{kind}/{name}": cm.sha256_file(Path(directory) / kind / name)
+        for kind in kinds
+        for name in (cm.CONFIG_FILE, cm.WEIGHTS_FILE)
+    }
+
+
+def read_metadata(directory: Path | None = None) -> dict:
+    path = (asset_dir() if directory is None else Path(directory)) / METADATA_FILE
+    if not path.is_file():
+        raise BilinearLMFileError(_missing(path))
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- data and build
+
+
+def validation_windows(model: HookedTransformer, limit: int | None = None) -> Tensor:
+    """The validation split in course-2l's windows (``model_loss`` scores every position)."""
+    from course_utils.science.activations import corpus_windows
+
+    windows = corpus_windows(model, "validation")
+    return windows if limit is None else windows[:limit]
+
+
+def build(config: BilinearLMConfig, out_dir: Path, log=print) -> dict:
+    """Train each kind in ``config.kinds`` from the same seed on the same batches; save, evaluate
+    (after the float16 round trip, i.e. the weights as shipped) and write ``metadata.json``."""
+    from course_utils.science.activations import _cached_stream, _plain_tokenizer_json
+
+    start = time.perf_counter()
+    torch.set_num_threads(config.threads)
+    tokenizer = cm.wrap_tokenizer(cm.asset_dir() / cm.TOKENIZER_FILE)
+    # the same cached stream corpus_windows uses: tokenised once per process
+    train_stream = _cached_stream(_plain_tokenizer_json(tokenizer.backend_tokenizer), "train")
+    log(f"train tokens {len(train_stream):,} (course-2l tokenizer)")
+    out_dir = Path(out_dir)
+    metadata: dict = {
+        "name": ASSET_NAME,
+        "build_command": REBUILD_COMMAND,
+        "build_config": asdict(config),
+        "torch": torch.__version__,
+        "tokenizer_sha256": cm.sha256_file(cm.asset_dir() / cm.TOKENIZER_FILE),
+        "tokens_trained": config.steps * config.batch_size * config.base["n_ctx"],
+        "models": {},
+    }
+    for kind in config.kinds:
+        torch.manual_seed(config.seed)
+        model = new_model(kind, tokenizer.vocab_size, tokenizer, config.seed, config.base)
+        log(f"{kind}: {n_trainable(model):,} trainable parameters; {config.steps} steps")
+        t0 = time.perf_counter()
+        first, curve = cm.train_model(model, train_stream, config.course_build_config(kind), log)
+        seconds = time.perf_counter() - t0
+        save_model(model, kind, out_dir)
+        shipped = load_bilinear_lm(kind, out_dir)  # measure the float16 weights as shipped
+        windows = validation_windows(shipped, config.validation_windows)
+        metadata["models"][kind] = {
+            "parameters_trainable": n_trainable(model),
+            "mlp_parameters": sum(
+                p.numel() for p in model.blocks[0].mlp.parameters() if p.requires_grad
+            ),
+            "first_losses": first,
+            "loss_curve": curve,
+            "train_seconds": round(seconds, 1),
+            "validation_loss": cm.model_loss(shipped, windows),
+            "validation_loss_float32": cm.model_loss(model, windows),
+            "validation_tokens_scored": int(windows[:, 1:].numel()),
+        }
+        log(f"{kind}: validation loss {metadata['models'][kind]['validation_loss']:.4f}")
+    metadata["build_seconds"] = round(time.perf_counter() - start, 1)
+    metadata["files_sha256"] = files_sha256(out_dir, config.kinds)
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def mlp_interaction_matrix(
+    W_gate: Float[Tensor, "d_model d_mlp"],
+    W_in: Float[Tensor, "d_model d_mlp"],
+    W_out: Float[Tensor, "d_mlp d_model"],
+    u: Float[Tensor, "d_model"],  # noqa: F821
+) -> Float[Tensor, "d_model d_model"]:
+    """The interaction matrix of residual direction ``u`` for a bilinear MLP in TransformerLens
+    shapes: ``u . (mlp_out(z) - b_out) = z^T Q z`` with ``z`` the MLP's input (after ln2).
+
+    TransformerLens multiplies from the right (``z @ W_in``), so in chapter-08 notation
+    ``W1 = W_gate^T``, ``W2 = W_in^T``, ``P = W_out^T``.
+    """
+    if u.ndim != 1 or u.shape[0] != W_out.shape[-1]:
+        raise ValueError(
+            f"the output direction u must be a vector of length d_model = {W_out.shape[-1]} (a "
+            f"direction in the residual stream the MLP writes to), got shape {tuple(u.shape)}."
+        )
+    B = bl.bilinear_tensor(W_gate.T, W_in.T, W_out.T)
+    return bl.interaction_matrix(B, u)
+
+
+def logit_direction(model: HookedTransformer, token: int) -> Float[Tensor, "d_model"]:  # noqa: F821
+    """The residual direction that reads token ``token``'s logit minus the mean logit, through
+    the final LayerNorm with its scale frozen: ``logit_t - mean logit = (u . resid) / scale``.
+
+    Softmax ignores a shift shared by all logits, so the mean is subtracted; LayerNorm centres
+    the residual and multiplies by ``ln_final.w``, which fold into ``u``.
+    """
+    W_U = model.W_U.detach()
+    w = model.ln_final.w.detach()
+    u = w * (W_U[:, token] - W_U.mean(1))
+    return u - u.mean()
+
+
+@torch.no_grad()
+def mlp_inputs(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
+) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch pos d_model"], Tensor]:
+    """(z, mlp_out, ln_final scale): the MLP's input ``ln2(resid_mid)``, its output, and the
+    final LayerNorm's scale, from one forward pass with TransformerLens hooks."""
+    names = ("blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "ln_final.hook_scale")
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    z = model.blocks[0].ln2(cache["blocks.0.hook_resid_mid"])
+    return z, cache["blocks.0.hook_mlp_out"], cache["ln_final.hook_scale"]
+
+
+@torch.no_grad()
+def token_inputs(model: HookedTransformer) -> Float[Tensor, "d_vocab d_model"]:
+    """What the MLP would see if attention added nothing: ``ln2(W_E[t] + mean_p W_pos[p])``."""
+    return model.blocks[0].ln2(model.W_E + model.W_pos.mean(0))
+
+
+def explained_by_top_k(
+    values: Float[Tensor, "d"],  # noqa: F821
+    vectors: Float[Tensor, "d d"],
+    z: Float[Tensor, "n d"],
+    ks: list[int],
+) -> dict[int, float]:
+    """Fraction of the variance of ``z^T Q z`` over the rows of ``z`` that the top-k
+    eigenvectors' terms ``sum_{i<k} l_i (v_i . z)^2`` explain: ``1 - mean((full - top_k)^2) /
+    var(full)`` for each k (k = d gives 1; an offset counts as an error)."""
+    terms = (z @ vectors).pow(2) * values  # [n, d]
+    full = terms.sum(-1)
+    var = full.var(unbiased=False).clamp_min(1e-30)
+    return {k: 1 - ((full - terms[:, :k].sum(-1)).pow(2).mean() / var).item() for k in ks}
