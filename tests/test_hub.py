@@ -79,6 +79,9 @@ def test_postbuild_installs_once_without_moving_the_lock_and_sets_up_lab_like_ma
     make_settings = re.search(r"define LAB_SETTINGS\n(.*?)\nendef", makefile, re.DOTALL).group(1)
     hub_settings = re.search(r"<<'JSON'\n(.*?)\nJSON", script, re.DOTALL).group(1)
     assert json.loads(hub_settings) == json.loads(make_settings)
+    # the save hook make lab registers, registered the same way
+    register = "from course_utils.machinery.jupyter_hooks import SERVER_CONFIG"
+    assert register in makefile and register in script
 
 
 def test_nbgitpuller_link_opens_the_learners_own_copy():
@@ -298,3 +301,29 @@ def test_course_check_writes_nothing_into_a_read_only_shared_install(tmp_path):
     listing = run("list")
     assert "0/3 exercises passed" in listing.stdout, listing.stdout
     assert _snapshot(shared) == before, "course check wrote into the shared install"
+
+
+def test_postbuild_writes_the_lab_settings_and_save_hook_into_the_environment(tmp_path):
+    """Runs postBuild's set-up steps (everything after the installs) into a scratch prefix."""
+    script = (BINDER / "postBuild").read_text()
+    setup = script[script.index("settings=") :]
+    env = {
+        **os.environ,
+        "NB_PYTHON_PREFIX": str(tmp_path),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", setup],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    from course_utils.machinery.jupyter_hooks import SERVER_CONFIG
+
+    server = json.loads((tmp_path / "etc/jupyter/jupyter_server_config.json").read_text())
+    assert server == SERVER_CONFIG
+    lab = json.loads((tmp_path / "share/jupyter/lab/settings/overrides.json").read_text())
+    assert lab["@jupyter-widgets/jupyterlab-manager:plugin"] == {"saveState": True}
