@@ -71,12 +71,25 @@ def get_chapter(key: str | int) -> Chapter:
     raise UnknownChapterError(f"unknown chapter {key!r}.{hint} Valid chapters: {valid}.")
 
 
-def repo_root(start: Path | None = None) -> Path:
-    """The course checkout: the nearest folder above ``start`` holding solutions/ and notebooks/."""
+def working_checkout(start: Path | None = None) -> Path | None:
+    """The course checkout at or above ``start`` (default: the working directory), or None.
+
+    Unlike :func:`repo_root` this never falls back to where the package is installed: on a
+    shared hub that is everyone's read-only copy, not the learner's own.
+    """
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "solutions").is_dir() and (folder / "notebooks").is_dir():
             return folder
+    return None
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The course checkout: the nearest folder above ``start`` holding solutions/ and notebooks/."""
+    here = (start or Path.cwd()).resolve()
+    found = working_checkout(here)
+    if found is not None:
+        return found
     package_parent = Path(__file__).resolve().parents[2]  # machinery/ -> course_utils/ -> checkout
     if (package_parent / "solutions").is_dir():
         return package_parent

@@ -1,4 +1,4 @@
-"""The ``course`` command: list, check, build, doctor, execute, new.
+"""The ``course`` command: list, check, report, hub-link, build, doctor, execute, new.
 
 Every user-facing error is one line on stderr and a non-zero exit, never a library traceback.
 """
@@ -105,6 +105,51 @@ def cmd_check(args: argparse.Namespace) -> int:
     if code and all(r.status == "not attempted" for r in results):
         print("Nothing attempted yet: fill in the first exercise and run `course check` again.")
     return code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from course_utils.machinery.report import available_cores, find_submissions, run_report
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder: pass the folder that holds the submissions.")
+    out = Path(args.out)
+    if not find_submissions(folder, exclude=out):
+        raise UserError(f"no .ipynb files under {folder}: nothing to grade.")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"-j {args.jobs}: the number of parallel kernels must be at least 1.")
+    jobs = args.jobs or available_cores()
+    print(f"Grading the notebooks under {folder} with {jobs} kernel(s) in parallel ...", flush=True)
+    try:
+        subs, seconds = run_report(
+            folder, out, jobs, cell_timeout=args.cell_timeout, notebook_timeout=args.timeout
+        )
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: every notebook graded so far is cached in "
+            f"{out / '.cache'}; run the same command again to go on from there."
+        )
+        return 130
+    broken = sum(1 for s in subs if s.error or not s.chapter)
+    reused = len({s.key for s in subs if s.cached})
+    graded = len({s.key for s in subs if s.key and not s.cached})
+    print(
+        f"{len(subs)} notebooks, {len(subs) - broken} with results and {broken} that could not be "
+        f"graded; distinct notebooks: {graded} graded now, {reused} reused from the cache "
+        f"({seconds:.0f} s)"
+    )
+    print(f"wrote {out / 'report.csv'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_hub_link(args: argparse.Namespace) -> int:
+    from course_utils.machinery.hub import nbgitpuller_link
+
+    try:
+        print(nbgitpuller_link(args.hub, args.repo, args.branch, args.open, args.interface))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -287,6 +332,45 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
     check.add_argument("--no-save", action="store_true", help="do not record progress")
     check.set_defaults(fn=cmd_check)
+    report = sub.add_parser(
+        "report", help="(facilitators) grade a folder of learners' notebooks into one table"
+    )
+    report.add_argument("folder", help="folder of submitted notebooks (any names, any chapters)")
+    report.add_argument(
+        "-o",
+        "--out",
+        default="course-report",
+        help="where report.csv, report.html and the cache go (default: ./course-report)",
+    )
+    report.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=None,
+        help="notebooks graded at once, one kernel each (default: the cores this process may use)",
+    )
+    report.add_argument(
+        "--timeout", type=float, default=1800, help="seconds allowed per notebook (default 1800)"
+    )
+    report.add_argument(
+        "--cell-timeout", type=int, default=600, help="seconds allowed per cell (default 600)"
+    )
+    report.set_defaults(fn=cmd_report)
+    hub = sub.add_parser(
+        "hub-link", help="(facilitators) the nbgitpuller link that gives each learner a copy"
+    )
+    hub.add_argument(
+        "--hub", required=True, help="your JupyterHub's address, https://hub.example.org"
+    )
+    hub.add_argument("--repo", default=None, help="the course's git repository (default: upstream)")
+    hub.add_argument("--branch", default="main")
+    hub.add_argument(
+        "--open",
+        default="notebooks/00_setup_and_tools.ipynb",
+        help="the file to open after the pull, relative to the repository",
+    )
+    hub.add_argument("--interface", choices=("lab", "tree"), default="lab")
+    hub.set_defaults(fn=cmd_hub_link)
     build = sub.add_parser("build", help="regenerate notebooks/ from solutions/")
     build.add_argument("--check", action="store_true", help="only report stale notebooks")
     build.set_defaults(fn=cmd_build)

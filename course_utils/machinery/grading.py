@@ -19,9 +19,16 @@ from pathlib import Path
 
 import nbformat
 
-from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, RESULT_MIME, exercises_of
+from course_utils.checks.core import (
+    FAILED,
+    NOT_ATTEMPTED,
+    PASSED,
+    RESULT_MIME,
+    Exercise,
+    exercises_of,
+)
 from course_utils.machinery.build import read_notebook
-from course_utils.machinery.chapters import Chapter, repo_root
+from course_utils.machinery.chapters import Chapter, working_checkout
 
 PROGRESS_FILE = ".course-progress.json"
 
@@ -35,7 +42,11 @@ class ExerciseResult:
 
 
 def current_env_client(
-    notebook: nbformat.NotebookNode, workdir: Path, cell_timeout: int, allow_errors: bool
+    notebook: nbformat.NotebookNode,
+    workdir: Path,
+    cell_timeout: int,
+    allow_errors: bool,
+    notebook_timeout: float | None = None,
 ):
     """An nbclient runner whose kernel is THIS Python (the course's .venv), headless and offline.
 
@@ -55,7 +66,7 @@ def current_env_client(
     os.environ.setdefault("COURSE_HEADLESS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     manager = KernelManager(kernel_name="course-current-env", kernel_spec_manager=CurrentEnvSpecs())
-    return NotebookClient(
+    client = NotebookClient(
         notebook,
         km=manager,
         timeout=cell_timeout,
@@ -63,15 +74,26 @@ def current_env_client(
         startup_timeout=120,
         resources={"metadata": {"path": str(workdir)}},
     )
+    if notebook_timeout is not None:
+        # A whole-notebook deadline: each cell gets what is left of it (at least 1 s; nbclient
+        # reads 0 or less as "no timeout"), capped by the per-cell timeout.
+        deadline = time.monotonic() + notebook_timeout
+        client.timeout_func = lambda cell: max(1, min(cell_timeout, deadline - time.monotonic()))
+    return client
 
 
 def execute(
-    notebook: nbformat.NotebookNode, workdir: Path, cell_timeout: int
+    notebook: nbformat.NotebookNode,
+    workdir: Path,
+    cell_timeout: int,
+    notebook_timeout: float | None = None,
 ) -> nbformat.NotebookNode:
     """Run every cell (errors do not stop the run) in a fresh kernel; headless and offline."""
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-    client = current_env_client(notebook, workdir, cell_timeout, allow_errors=True)
+    client = current_env_client(
+        notebook, workdir, cell_timeout, allow_errors=True, notebook_timeout=notebook_timeout
+    )
     try:
         # The kernel's own start-up chatter (e.g. "running over TCP without encryption") is noise
         # in a learner's terminal; what the notebook raised is in the cell outputs anyway.
@@ -94,13 +116,17 @@ def _error(cell: nbformat.NotebookNode) -> str | None:
     return None
 
 
+def exercises_of_chapter(chapter: Chapter) -> list[Exercise]:
+    """The chapter's exercises, from its checks module, in exercise-number order."""
+    return exercises_of(importlib.import_module(chapter.checks_module))
+
+
 def tabulate(notebook: nbformat.NotebookNode, chapter: Chapter) -> list[ExerciseResult]:
-    module = importlib.import_module(chapter.checks_module)
     results = []
     records = {
         r["name"]: r for cell in notebook.cells if cell.cell_type == "code" for r in _records(cell)
     }
-    for ex in exercises_of(module):
+    for ex in exercises_of_chapter(chapter):
         if ex.name in records:
             r = records[ex.name]
             results.append(ExerciseResult(ex.number, ex.name, r["status"], r["message"]))
@@ -145,35 +171,60 @@ def exit_code(results: list[ExerciseResult]) -> int:
     return 0 if attempted and all(r.status == PASSED for r in attempted) else 1
 
 
-def check_notebook(path: Path, chapter: Chapter, cell_timeout: int = 600) -> list[ExerciseResult]:
+def check_notebook(
+    path: Path,
+    chapter: Chapter,
+    cell_timeout: int = 600,
+    workdir: Path | None = None,
+    notebook_timeout: float | None = None,
+) -> list[ExerciseResult]:
+    """Run the notebook at ``path`` in a fresh kernel (in ``workdir``, by default its own folder)
+    and tabulate its exercises."""
     notebook = read_notebook(path)
-    executed = execute(notebook, path.resolve().parent, cell_timeout)
+    executed = execute(notebook, workdir or path.resolve().parent, cell_timeout, notebook_timeout)
     return tabulate(executed, chapter)
 
 
-def progress_path() -> Path | None:
-    try:
-        return repo_root() / PROGRESS_FILE
-    except FileNotFoundError:
-        return None
+def state_dir() -> Path:
+    """The learner's own folder for course state when their checkout cannot hold it:
+    ``$COURSE_HOME``, else ``$XDG_STATE_HOME/mi-course``, else ``~/.local/state/mi-course``."""
+    if os.environ.get("COURSE_HOME"):
+        return Path(os.environ["COURSE_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(xdg) / "mi-course"
+
+
+def progress_path() -> Path:
+    """Where ``course check`` records progress: ``$COURSE_HOME`` when set; else the learner's
+    checkout (found from the working directory, never from where the package is installed: on a
+    shared hub that is everyone's read-only copy) when it is writable; else :func:`state_dir`."""
+    if os.environ.get("COURSE_HOME"):
+        return state_dir() / PROGRESS_FILE
+    root = working_checkout()
+    if root is not None and os.access(root, os.W_OK):
+        return root / PROGRESS_FILE
+    return state_dir() / PROGRESS_FILE
 
 
 def save_progress(chapter: Chapter, results: list[ExerciseResult]) -> Path | None:
+    """Record this chapter's results; None (nothing saved) when no location is writable."""
     path = progress_path()
-    if path is None:
-        return None
     data = load_progress()
     data[chapter.number] = {
         "checked_at": time.strftime("%Y-%m-%d %H:%M"),
         "results": [asdict(r) for r in results],
     }
-    path.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    except OSError:
+        return None
     return path
 
 
 def load_progress() -> dict:
     path = progress_path()
-    if path is None or not path.exists():
+    if not path.exists():
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
