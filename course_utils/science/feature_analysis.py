@@ -57,8 +57,10 @@ def lexical_state(
     A small scanner of Python's lexical rules (quotes ' " and triple quotes, backslash escapes,
     ``#`` comments to the end of the line) run over each window's decoded text. A token is "in a
     string" when its first character lies after an opening quote that is not yet closed; the
-    opening quote itself is not inside. A window starts in the middle of a file, so the scanner
-    starts in code: a window that begins inside a docstring is misread until its first quote.
+    opening quote itself is not inside. A window starts in the middle of a file: when its first
+    triple quote looks like a docstring's *closing* one (see :func:`_starts_in_docstring`), the
+    window is taken to start inside that docstring. A window wholly inside a long docstring, with
+    no triple quote, is still read as code.
     Returns ``{"string": ..., "comment": ...}``, boolean masks shaped like ``tokens``.
     """
     if tokens.ndim != 2:
@@ -66,10 +68,15 @@ def lexical_state(
     in_string = torch.zeros(tokens.shape, dtype=torch.bool)
     in_comment = torch.zeros(tokens.shape, dtype=torch.bool)
     for b, row in enumerate(tokens.tolist()):
-        quote, comment, escaped = "", False, False  # the open quote ('', ', ", ''' or """)
+        # the open quote ('', ', ", ''' or """): a window that starts inside a docstring starts
+        # with it open (see _starts_in_docstring)
+        quote = _starts_in_docstring("".join(vocab[i] for i in row[1:]))  # after the BOS
+        comment, escaped = False, False
         for t, token_id in enumerate(row):
-            in_string[b, t], in_comment[b, t] = bool(quote), comment
             text, i = vocab[token_id], 0
+            if text == "<|endoftext|>" and t > 0:  # a new file starts in code (t = 0 is BOS)
+                quote, comment, escaped, text = "", False, False, ""
+            in_string[b, t], in_comment[b, t] = bool(quote), comment
             while i < len(text):
                 ch = text[i]
                 if comment:
@@ -92,10 +99,44 @@ def lexical_state(
     return {"string": in_string, "comment": in_comment}
 
 
+def _starts_in_docstring(text: str) -> str:
+    r"""The triple quote a window starts inside of, or '' when it starts in code.
+
+    The window's first triple quote decides: an *opening* one is followed by text on its own line
+    (a summary line), or follows a line ending in '=', '(', '[' or ',', a line ending in ':' (a
+    docstring on its own line), or the start of a file; otherwise it *closes* a docstring that
+    was opened before the window began, so the window starts inside it.
+    """
+    hits = [(text.find(q), q) for q in ('"""', "'''") if q in text]
+    if not hits:
+        return ""
+    at, q = min(hits)
+    after = text[at + 3 :].split("\n", 1)[0].strip()
+    before = text[:at].rstrip(" \t")
+    line_before = before.split("\n")[-1].strip()
+    if after and not after.startswith((")", ",")):
+        return ""  # """Summary line...: an opener
+    if line_before.endswith(("=", "(", "[", ",")) or before.endswith("<|endoftext|>"):
+        return ""  # x = """ / f(""" / start of a file: an opener
+    if line_before == "" and before.rstrip().endswith(":"):
+        return ""  # def f():\n    """: an opener on its own line
+    return q
+
+
 def _word(tokens: Tensor, vocab: Sequence[str], words: Iterable[str]) -> Tensor:
     wanted = set(words)
     ids = [i for i, s in enumerate(vocab) if s.strip() in wanted]
     return torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype))
+
+
+def _whole_word(tokens: Tensor, vocab: Sequence[str], word: str) -> Tensor:
+    """The word's token, not a piece of a longer name: it starts with whitespace, or the token
+    before it ends with whitespace or opens the window (so '__import__' is not 'import')."""
+    found = _word(tokens, vocab, [word])
+    starts = torch.tensor([s[:1].isspace() for s in vocab])[tokens]
+    prev_ends = torch.tensor([s[-1:].isspace() or s == "<|endoftext|>" for s in vocab])[tokens]
+    prev_ends = torch.cat([torch.ones_like(prev_ends[:, :1]), prev_ends[:, :-1]], dim=1)
+    return found & (starts | prev_ends)
 
 
 def concept_proxy(
@@ -103,17 +144,21 @@ def concept_proxy(
 ) -> Bool[Tensor, "batch pos"]:
     """The course's proxy for one of :data:`CONCEPTS`: a function of the tokens alone.
 
-    - "full stop": a ``.`` token (up to whitespace) in prose: inside a comment or a string;
-    - "for", "else", "import": the keyword's token (up to whitespace) in code, not in prose;
+    - "full stop": a ``.`` token in prose (a comment or a string) followed by whitespace;
+    - "for", "else", "import": the keyword's token, a whole word, in code (not in prose);
     - "open string": every token that starts inside an unclosed string literal;
     - "decorator": the ``@`` token that opens a line (only whitespace before it on the line).
     """
     state = lexical_state(tokens, vocab)
     prose = state["string"] | state["comment"]
     if concept == "full stop":
-        return _word(tokens, vocab, ["."]) & prose
+        # a "." followed by whitespace ends a sentence; an attribute or decimal dot is followed
+        # by a name or a digit. (The next token defines the concept; the model must predict it.)
+        space_next = torch.tensor([s[:1].isspace() for s in vocab])[tokens]
+        space_next = torch.cat([space_next[:, 1:], torch.zeros_like(space_next[:, :1])], dim=1)
+        return _word(tokens, vocab, ["."]) & prose & space_next
     if concept in ("for", "else", "import"):
-        return _word(tokens, vocab, [concept]) & ~prose
+        return _whole_word(tokens, vocab, concept) & ~prose
     if concept == "open string":
         return state["string"].clone()
     if concept == "decorator":
