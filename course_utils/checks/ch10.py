@@ -341,6 +341,8 @@ RUBRIC: tuple[tuple[str, str, int, str | None], ...] = (
      "fits the same proxy", 6, None),
     ("Verdict", "per feature: each criterion pass/fail against thresholds fixed in advance, "
      "with the numbers; failures reported as failures", 8, None),
+    ("Reproducible", "the notebook runs top to bottom in a fresh kernel, seeds fixed; the time "
+     "the project took is stated", 4, None),
 )
 
 

@@ -144,7 +144,7 @@ def concept_proxy(
 ) -> Bool[Tensor, "batch pos"]:
     """The course's proxy for one of :data:`CONCEPTS`: a function of the tokens alone.
 
-    - "full stop": a ``.`` token in prose (a comment or a string) followed by whitespace;
+    - "full stop": a ``.`` token followed by whitespace (not the one of ``from . import``);
     - "for", "else", "import": the keyword's token, a whole word, in code (not in prose);
     - "open string": every token that starts inside an unclosed string literal;
     - "decorator": the ``@`` token that opens a line (only whitespace before it on the line).
@@ -152,11 +152,15 @@ def concept_proxy(
     state = lexical_state(tokens, vocab)
     prose = state["string"] | state["comment"]
     if concept == "full stop":
-        # a "." followed by whitespace ends a sentence; an attribute or decimal dot is followed
-        # by a name or a digit. (The next token defines the concept; the model must predict it.)
+        # A "." followed by whitespace ends a sentence; an attribute or a decimal dot is followed
+        # by a name or a digit, and "from . import" is excluded. No prose test: the scanner can
+        # misread a window that starts inside a docstring. (The next token is part of the
+        # definition: the model has to anticipate it.)
         space_next = torch.tensor([s[:1].isspace() for s in vocab])[tokens]
         space_next = torch.cat([space_next[:, 1:], torch.zeros_like(space_next[:, :1])], dim=1)
-        return _word(tokens, vocab, ["."]) & prose & space_next
+        after_from = _word(tokens, vocab, ["from"])
+        after_from = torch.cat([torch.zeros_like(after_from[:, :1]), after_from[:, :-1]], dim=1)
+        return _word(tokens, vocab, ["."]) & space_next & ~after_from
     if concept in ("for", "else", "import"):
         return _whole_word(tokens, vocab, concept) & ~prose
     if concept == "open string":
