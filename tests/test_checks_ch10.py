@@ -46,7 +46,11 @@ def _by_name(table: dict) -> dict:
 _correct = {**_by_name(t3.CORRECT), **_by_name(t6.CORRECT)}
 _wrong = {**_by_name(t3.WRONG), **_by_name(t6.WRONG)}
 CORRECT = {row[0]: _correct[row[0].exercise.name] for row in FUNCTION_CHECKS}
-WRONG = {row[0]: _wrong[row[0].exercise.name] for row in FUNCTION_CHECKS if row[0].exercise.name in _wrong}
+WRONG = {
+    row[0]: _wrong[row[0].exercise.name]
+    for row in FUNCTION_CHECKS
+    if row[0].exercise.name in _wrong
+}
 # The contract's "every exercise has a test" runs over the function checks; the hand-in checks
 # (2.x, called with a namespace, not a function) are tested below, one mistake at a time.
 _function_module = types.SimpleNamespace(**{row[0].__name__: row[0] for row in FUNCTION_CHECKS})
@@ -207,11 +211,11 @@ def test_proxy_given_as_a_mask_is_rejected(hand_in_ns):
 def test_numbers_on_the_activating_examples_only_are_caught(hand_in_ns):
     """The proxy evaluated (and specificity/sensitivity computed) only where the feature fires."""
     model = check._model()
-    sae = FA.load_analysis_sae(model, hook_name=hand_in_ns["HOOK_NAME"], name="course-2l-res0-seed0")
-    other = FA.load_analysis_sae(model, "course-2l-res0-seed1", hand_in_ns["OTHER_HOOK_NAME"])
-    flawed = _results(
-        model, sae, other, hand_in_ns, None, subset=lambda acts: acts[:, 1:] > 0
+    sae = FA.load_analysis_sae(
+        model, hook_name=hand_in_ns["HOOK_NAME"], name="course-2l-res0-seed0"
     )
+    other = FA.load_analysis_sae(model, "course-2l-res0-seed1", hand_in_ns["OTHER_HOOK_NAME"])
+    flawed = _results(model, sae, other, hand_in_ns, None, subset=lambda acts: acts[:, 1:] > 0)
     ns = dict(hand_in_ns, results=flawed)
     assert outcome(check.hand_in, ns) == (PASSED, "")
     status, message = outcome(check.consistent, ns)
@@ -273,7 +277,9 @@ def _matches(concept, text):
 
 def test_proxies_on_hand_made_text():
     code = 'from . import x\nimport os\n__import__("y")\n@property\ndef f(self):\n'
-    code += '    """Return it. Done."""\n    for a in b:\n        pass\n    else:\n        x = "s"\n'
+    code += (
+        '    """Return it. Done."""\n    for a in b:\n        pass\n    else:\n        x = "s"\n'
+    )
     assert _matches("import", code) == [" import", "import"]  # not __import__
     assert [t.strip() for t in _matches("full stop", code)] == ["."]  # "it." only
     assert _matches("for", code) == [" for"] and _matches("else", code) == [" else"]
@@ -283,7 +289,7 @@ def test_proxies_on_hand_made_text():
 
 
 def test_a_window_that_starts_inside_a_docstring_is_read_as_a_string():
-    text = "    continues the sentence.\n    \"\"\"\n    return 1\n"
+    text = '    continues the sentence.\n    """\n    return 1\n'
     inside = "".join(_matches("open string", text))
     assert "continues the sentence" in inside and "return" not in inside
     assert FA._starts_in_docstring('def f():\n    """Doc."""\n') == ""

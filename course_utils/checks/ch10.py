@@ -72,7 +72,9 @@ ABLATION_CONCEPTS = 2
 
 
 def _missing_message(missing: list[str], table: dict, where: str = "") -> str:
-    parts = [f"`{where}{name}` ({table[name][0]}; {table[name][1]} produces it)" for name in missing]
+    parts = [
+        f"`{where}{name}` ({table[name][0]}; {table[name][1]} produces it)" for name in missing
+    ]
     return "missing " + "; ".join(parts) + "."
 
 
@@ -88,7 +90,9 @@ def _hand_in(ns: dict) -> dict:
     results, features, proxies = ns["results"], ns["features"], ns["proxies"]
     for name, value in (("results", results), ("features", features), ("proxies", proxies)):
         if not isinstance(value, dict):
-            raise CheckFailed(f"`{name}` should be a dict keyed by concept, got {type(value).__name__}.")
+            raise CheckFailed(
+                f"`{name}` should be a dict keyed by concept, got {type(value).__name__}."
+            )
     if len(results) < MIN_CONCEPTS:
         raise CheckFailed(
             f"`results` has {len(results)} concept(s); the brief asks for at least {MIN_CONCEPTS}."
@@ -298,14 +302,18 @@ def consistent(ns: dict) -> str:
         if not isinstance(row["verdict"], str) or len(row["verdict"].split()) < 8:
             problems.append(f"{concept!r} verdict: write a sentence or more, with the numbers")
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)" if len(problems) > 6 else "")
+        shown = "; ".join(problems[:6]) + (
+            f"; ... ({len(problems)} in all)" if len(problems) > 6 else ""
+        )
         raise CheckFailed(
             f"{shown}. Every number must be computed with your functions over every held-out "
             "token (positions 1: of all of eval_tokens), not over a subset such as the "
             "feature's activating examples or top contexts; the neuron and match correlations "
             "over the same positions (BOS dropped)."
         )
-    return f"{len(ns['results'])} concepts x {len(RESULT_KEYS)} results reproduced by your functions"
+    return (
+        f"{len(ns['results'])} concepts x {len(RESULT_KEYS)} results reproduced by your functions"
+    )
 
 
 # ----------------------------------------------------------------------------- the rubric
@@ -316,33 +324,94 @@ RUBRIC: tuple[tuple[str, str, int, str | None], ...] = (
     ("Functions", "ablation_effect passes its check", 4, "ablation_effect"),
     ("Functions", "logit_weights passes its check", 4, "logit_weights"),
     ("Functions", "max_neuron_correlation passes its check", 4, "max_neuron_correlation"),
-    ("Hand-in", "every required result present; proxies are functions that match tokens", 6,
-     "hand_in"),
-    ("Held-out data", "every number on validation windows (never the SAE's training data)", 6,
-     "held_out"),
+    (
+        "Hand-in",
+        "every required result present; proxies are functions that match tokens",
+        6,
+        "hand_in",
+    ),
+    (
+        "Held-out data",
+        "every number on validation windows (never the SAE's training data)",
+        6,
+        "held_out",
+    ),
     ("Not a neuron", "compared with the neurons of the layer the SAE reads", 6, "neuron_layer"),
-    ("Consistency", "stored numbers reproduced by the learner's own functions on all of "
-     "eval_tokens", 6, "consistent"),
-    ("Proxies", "each proxy written down in words BEFORE looking at the feature, defined from the "
-     "tokens alone; its limits named (e.g. the scanner starts each window in code)", 6, None),
-    ("Choosing features", "candidates chosen on a different slice of held-out data than the one "
-     "measured; the rule for choosing stated; at least 3 concepts", 6, None),
-    ("Specificity", "the number AND the activation histogram split by proxy; what the feature "
-     "does on the non-proxy tokens (a few examples read); specificity at high activation", 8, None),
-    ("Sensitivity", "the number AND examples of proxy tokens where the feature does not fire, "
-     "with a reason", 5, None),
-    ("Downstream: ablation", "effect where the feature fires vs elsewhere, sign interpreted; "
-     "which next tokens lose most", 6, None),
-    ("Downstream: logit weights", "top tokens read against the hypothesis; the direct-path "
-     "caveat (later layers ignored) stated", 5, None),
-    ("Not a neuron", "best neuron's correlation AND that neuron's own specificity for the "
-     "proxy; the most specific neuron of all", 6, None),
-    ("Universality", "the matching feature in the second SAE, its correlation, and whether it "
-     "fits the same proxy", 6, None),
-    ("Verdict", "per feature: each criterion pass/fail against thresholds fixed in advance, "
-     "with the numbers; failures reported as failures", 8, None),
-    ("Reproducible", "the notebook runs top to bottom in a fresh kernel, seeds fixed; the time "
-     "the project took is stated", 4, None),
+    (
+        "Consistency",
+        "stored numbers reproduced by the learner's own functions on all of eval_tokens",
+        6,
+        "consistent",
+    ),
+    (
+        "Proxies",
+        "each proxy written down in words BEFORE looking at the feature, defined from the "
+        "tokens alone; its limits named (e.g. the scanner starts each window in code)",
+        6,
+        None,
+    ),
+    (
+        "Choosing features",
+        "candidates chosen on a different slice of held-out data than the one "
+        "measured; the rule for choosing stated; at least 3 concepts",
+        6,
+        None,
+    ),
+    (
+        "Specificity",
+        "the number AND the activation histogram split by proxy; what the feature "
+        "does on the non-proxy tokens (a few examples read); specificity at high activation",
+        8,
+        None,
+    ),
+    (
+        "Sensitivity",
+        "the number AND examples of proxy tokens where the feature does not fire, with a reason",
+        5,
+        None,
+    ),
+    (
+        "Downstream: ablation",
+        "effect where the feature fires vs elsewhere, sign interpreted; "
+        "which next tokens lose most",
+        6,
+        None,
+    ),
+    (
+        "Downstream: logit weights",
+        "top tokens read against the hypothesis; the direct-path "
+        "caveat (later layers ignored) stated",
+        5,
+        None,
+    ),
+    (
+        "Not a neuron",
+        "best neuron's correlation AND that neuron's own specificity for the "
+        "proxy; the most specific neuron of all",
+        6,
+        None,
+    ),
+    (
+        "Universality",
+        "the matching feature in the second SAE, its correlation, and whether it "
+        "fits the same proxy",
+        6,
+        None,
+    ),
+    (
+        "Verdict",
+        "per feature: each criterion pass/fail against thresholds fixed in advance, "
+        "with the numbers; failures reported as failures",
+        8,
+        None,
+    ),
+    (
+        "Reproducible",
+        "the notebook runs top to bottom in a fresh kernel, seeds fixed; the time "
+        "the project took is stated",
+        4,
+        None,
+    ),
 )
 
 
@@ -366,14 +435,16 @@ def marking_summary(results) -> str:
     earned = sum(p for _, _, p, name in auto if status.get(name) == "passed")
     auto_total = sum(r[2] for r in auto)
     human_total = sum(r[2] for r in human)
-    lines = ["", "Marking (rubric of chapter 10)", f"  marked by the program: {earned}/{auto_total}"]
+    lines = [
+        "",
+        "Marking (rubric of chapter 10)",
+        f"  marked by the program: {earned}/{auto_total}",
+    ]
     for criterion, evidence, points, name in auto:
         got = points if status.get(name) == "passed" else 0
         lines.append(f"    {got:>2}/{points:<2} {criterion}: {evidence}")
     lines.append(f"  for a person to mark (read the notebook): __/{human_total}")
     for criterion, evidence, points, _ in human:
         lines.append(f"    [ ] __/{points:<2} {criterion}: {evidence}")
-    lines.append(
-        f"  total: {earned} + __ (person) of {auto_total + human_total}"
-    )
+    lines.append(f"  total: {earned} + __ (person) of {auto_total + human_total}")
     return "\n".join(lines)

@@ -228,8 +228,10 @@ def neuron_hook_for(model: HookedTransformer, hook_name: str) -> str:
     if parts[0] != "blocks" or not parts[1].isdigit():
         raise ValueError(f"{hook_name!r} is not inside a block: no MLP neurons precede it.")
     layer = int(parts[1])
-    if hook_name.endswith("hook_resid_pre") or ".attn." in hook_name or "hook_resid_mid" in (
-        hook_name
+    if (
+        hook_name.endswith("hook_resid_pre")
+        or ".attn." in hook_name
+        or "hook_resid_mid" in (hook_name)
     ):
         layer -= 1
     if layer < 0:
