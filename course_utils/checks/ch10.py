@@ -151,7 +151,6 @@ def hand_in(ns: dict) -> str:
     """Every required result present and well formed; the dictionaries load at their hooks;
     every proxy is a function of the tokens that matches at least one held-out token."""
     ns = _hand_in(ns)
-    model = _model()
     _sae(ns["SAE_NAME"], ns["HOOK_NAME"])
     _sae(ns["OTHER_SAE_NAME"], ns["OTHER_HOOK_NAME"])
     for concept in ns["results"]:
@@ -159,7 +158,6 @@ def hand_in(ns: dict) -> str:
         feature = ns["features"][concept]
         if isinstance(feature, bool) or not isinstance(feature, int):
             raise CheckFailed(f"`features[{concept!r}]` should be an int, got {feature!r}.")
-    del model
     return f"all {len(REQUIRED)} results present for {len(ns['results'])} concepts; proxies match"
 
 
@@ -346,7 +344,7 @@ RUBRIC: tuple[tuple[str, str, int, str | None], ...] = (
     (
         "Proxies",
         "each proxy written down in words BEFORE looking at the feature, defined from the "
-        "tokens alone; its limits named (e.g. the scanner starts each window in code)",
+        "tokens alone; its limits named (e.g. windows that start inside a docstring)",
         6,
         None,
     ),
