@@ -20,4 +20,6 @@
 - ``bilinear``    chapter 08: bilinear layers as tensors, interaction matrices, eigenvectors,
                   digit classifiers on scikit-learn's bundled 8x8 digits
 - ``polytopes``   chapter 09: polytope and spline codes of ReLU MLPs, region maps, boundary crossings
+- ``feature_analysis``  chapter 10 (capstone): concept proxies and a lexical scanner, the neurons a
+                  hook's features can be compared with, held-out tests, the public gelu-1l SAEs
 """
