@@ -49,6 +49,9 @@ CHAPTERS: tuple[Chapter, ...] = (
         240,
     ),
     Chapter("09", "polytope_lens", "The polytope lens", "2 h", 240),
+    Chapter(
+        "10", "capstone_feature_analysis", "Capstone: a feature analysis, marked", "1 day", 600
+    ),
 )
 
 

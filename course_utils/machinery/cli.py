@@ -82,6 +82,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from course_utils.machinery.build import BuildError
     from course_utils.machinery.grading import (
+        chapter_summary,
         check_notebook,
         exit_code,
         render_table,
@@ -96,6 +97,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     except BuildError as error:
         raise UserError(str(error)) from None
     print(render_table(results))
+    summary = chapter_summary(chapter, results)
+    if summary:
+        print(summary)
     print(f"({time.perf_counter() - start:.0f} s)")
     if not args.no_save:
         saved = save_progress(chapter, results)

@@ -165,6 +165,14 @@ def render_table(results: list[ExerciseResult]) -> str:
     return "\n".join(lines)
 
 
+def chapter_summary(chapter: Chapter, results: list[ExerciseResult]) -> str | None:
+    """A chapter's own summary after the table (e.g. chapter 10's marking rubric): its checks
+    module's ``marking_summary(results)``, if it defines one."""
+    module = importlib.import_module(chapter.checks_module)
+    summary = getattr(module, "marking_summary", None)
+    return summary(results) if summary is not None else None
+
+
 def exit_code(results: list[ExerciseResult]) -> int:
     """0 only when something was attempted and every attempted exercise passed."""
     attempted = [r for r in results if r.status != NOT_ATTEMPTED]
