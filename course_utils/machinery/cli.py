@@ -291,7 +291,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             + (
                 "online: the optional GPT-2 / pretrained-SAE paths can download"
                 if online
-                else "offline: the course's default path needs no network"
+                else "not reachable (fine: only the optional online bonus sections need it)"
             )
         )
     try:
