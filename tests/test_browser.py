@@ -385,11 +385,16 @@ def test_a_later_chapters_slider_runs_in_lab_and_redraws_its_figure(lab, path):
     handle.focus()
     for _ in range(3):  # left: a slider may start at its last value (chapter 09's epoch does)
         lab.page.keyboard.press("ArrowLeft")
-    lab.page.wait_for_function(
-        f"([i, b]) => ({FIGURE_STATE})(i) !== b && ({FIGURE_STATE})(i) !== ''",
-        arg=[slider_cell, before],
-        timeout=120_000,
-    )
+    # Three key presses are three redraws: wait until the figure has changed and then stayed the
+    # same (and drawn) for two seconds, so that the count below does not catch one mid-redraw.
+    deadline, seen, steady = time.time() + 180, before, 0
+    while steady < 4:
+        assert time.time() < deadline, "moving the slider did not redraw the figure"
+        lab.page.wait_for_timeout(500)
+        state = lab.js(FIGURE_STATE, slider_cell)
+        drawn = lab.plots_in(slider_cell).count() > 0
+        steady = steady + 1 if (state == seen and state not in ("", before) and drawn) else 0
+        seen = state
     assert lab.plots_in(slider_cell).count() == 1  # redrawn in place, not appended
     _figures_fit(lab, slider_cell)
     lab.screenshot(f"16_{Path(path).stem}_live_slider_moved")
