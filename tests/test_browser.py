@@ -302,6 +302,20 @@ def test_chapter_00_end_to_end_with_every_check_colour_figure_and_the_slider(lab
     lab.shutdown_kernels()
 
 
+def _save_close_and_reopen_slider(lab: LabPage, slider_cell: int):
+    """Save chapter 00, close it, shut its kernel down, reopen it: the slider cell, once drawn."""
+    lab.save()
+    lab.close_all()
+    lab.shutdown_kernels()
+    lab.open(CHAPTER_00)
+    lab.scroll_to(slider_cell)
+    cell = lab.cell(slider_cell)
+    cell.locator(".js-plotly-plot .main-svg").first.wait_for()
+    cell.locator(".jupyter-widgets input, .jupyter-widgets .noUi-handle").first.wait_for()
+    lab.page.wait_for_timeout(2000)
+    return cell
+
+
 def test_saved_slider_reopens_as_a_slider_and_a_figure(lab):
     """Snag 3: save, close, new kernel, reopen: the slider and its figure come back, no error."""
     lab.open(CHAPTER_00)
@@ -320,28 +334,12 @@ def test_saved_slider_reopens_as_a_slider_and_a_figure(lab):
             == "code"
         ):
             lab.run_cell(index)
-    lab.save()
-    lab.close_all()
-    lab.shutdown_kernels()
-    lab.open(CHAPTER_00)
-    lab.scroll_to(slider_cell)
-    cell = lab.cell(slider_cell)
-    cell.locator(".js-plotly-plot .main-svg").first.wait_for()
-    cell.locator(".jupyter-widgets input, .jupyter-widgets .noUi-handle").first.wait_for()
-    lab.page.wait_for_timeout(2000)
+    cell = _save_close_and_reopen_slider(lab, slider_cell)
     assert "dimensions" in lab.plot_title(slider_cell)
     lab.screenshot("13_chapter_00_reopened_slider_and_figure")
     _assert_clean(lab)
     # The next session: save without re-running (no widget is alive), close, reopen.
-    lab.save()
-    lab.close_all()
-    lab.shutdown_kernels()
-    lab.open(CHAPTER_00)
-    lab.scroll_to(slider_cell)
-    cell = lab.cell(slider_cell)
-    cell.locator(".jupyter-widgets input, .jupyter-widgets .noUi-handle").first.wait_for()
-    cell.locator(".js-plotly-plot .main-svg").first.wait_for()
-    lab.page.wait_for_timeout(2000)
+    cell = _save_close_and_reopen_slider(lab, slider_cell)
     assert "model not found" not in cell.inner_text()
     lab.screenshot("14_chapter_00_slider_after_a_second_save")
     _assert_clean(lab)
