@@ -4,12 +4,13 @@
 # course installed exactly the way the notebooks' setup cell does it. Needs a network (about 3 GB:
 # PyPI's torch 2.11 for Python 3.13 is a CUDA build, which runs on the CPU). Reuses the venv.
 #   COLAB_VENV=dir      the environment (default .venv-colab)
-#   COLAB_PYTHON=path   a Python 3.13 (default: python3.13 on PATH, else pyenv's 3.13.x)
+#   COLAB_PYTHON=path   a Python 3.13 (default: the first that runs of python3.13 on PATH,
+#                       pyenv's 3.13.x, /usr/bin/python3.13; see scripts/find_python.sh)
 #   NOTEBOOKS="..."     which solution notebooks (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(realpath -m "${COLAB_VENV:-.venv-colab}")
-python=${COLAB_PYTHON:-$(command -v python3.13 || ls -d ~/.pyenv/versions/3.13.*/bin/python | tail -1)}
+python=$(FIND_PYTHON=${COLAB_PYTHON:-} bash scripts/find_python.sh 3.13)  # a shim that does not run is skipped
 freeze=tests/data/colab/pip-freeze.txt
 colab_python=$(grep -oP '^Python \K[0-9.]+' tests/data/colab/os-info.txt)
 quiet() { grep -v -e '^WARNING: Location' -e '^$' || true; }
