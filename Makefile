@@ -14,19 +14,16 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 QUIET_PIP := { grep -v -e '^WARNING: Location' -e '^$$' || true; }
 
 LOCK := requirements-lock.txt
-NBVAL := -p no:cacheprovider --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg \
-	--nbval-cell-timeout=900 --nbval-kernel-startup-timeout=120
-# Another CPU, simulated: a laptop-class AVX2 machine (torch kernels and MKL without AVX-512).
-OTHER_CPU := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
-# The chapters that train (their numbers move with the CPU); 00-01 only draw and check.
-TRAINING_CHAPTERS := $(filter-out solutions/00_% solutions/01_%,$(wildcard solutions/*.ipynb))
+# What `make test` runs, stage by stage, and which stages share the two cores: scripts/test_stages.py
+STAGES := $(BIN)/python scripts/test_stages.py
 
 .PHONY: help install kernel lab lab-no-browser test test-browser test-other-cpu test-colab check build lint lock clean
 
 help:
 	@echo "make lab             install (first time), register the kernel, open JupyterLab"
 	@echo "make lab-no-browser  the same, printing the URL instead of opening a browser"
-	@echo "make test            install, then unit tests, check tests, browser tests, sync check, nbval"
+	@echo "make test            install, then lint, unit/check/browser tests, every solution notebook"
+	@echo "                     (nbval), the training chapters on a simulated other CPU; stage times"
 	@echo "make test-browser    only the JupyterLab-in-Chromium tests (screenshots in .browser-shots/)"
 	@echo "make test-other-cpu  the training chapters' notebooks again on a simulated other CPU"
 	@echo "make test-colab      (downloads ~3 GB) every notebook in a Colab-like Python 3.13 env"
@@ -81,18 +78,19 @@ lab: kernel
 lab-no-browser: kernel
 	$(BIN)/jupyter lab $(LAB_ARGS) --no-browser $(ROOT_FLAG) $(ARGS)
 
-# Unit tests, exercise-check tests and the notebook sync check, then every solution notebook
-# under nbval (lax: assertion cells carry the science). Offline and headless throughout.
+# Everything CI checks, offline and headless, with a table of stage times at the end: lint; unit,
+# exercise-check, sync and browser tests (two pytest-xdist workers); every solution notebook under
+# nbval (lax: assertion cells carry the science) while, at the same time, the chapters that train
+# run again on a simulated laptop-class CPU (AVX2 kernels in torch and MKL instead of AVX-512), so
+# that no assertion depends on one machine's float rounding. Each notebook's kernel uses one
+# thread, so the two notebook runs share the two cores. ONLY="tests" (or "notebooks other-cpu")
+# runs some stages.
 test: $(STAMP)
-	$(BIN)/ruff check course_utils tests scripts
-	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 $(BIN)/python -m pytest tests -q
-	HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 COURSE_BLOCK_NETWORK=1 $(BIN)/python -m pytest -q \
-		$(NBVAL) --nbval-current-env solutions
+	$(STAGES) $(if $(ONLY),--only $(ONLY))
 
-# The same assertions must hold on a CPU with other instruction sets (CI runs this after `test`).
+# Only the training chapters on the simulated other CPU (part of `make test`).
 test-other-cpu: $(STAMP)
-	$(OTHER_CPU) HF_HUB_OFFLINE=1 COURSE_HEADLESS=1 COURSE_BLOCK_NETWORK=1 $(BIN)/python -m pytest \
-		-q $(NBVAL) --nbval-current-env $(TRAINING_CHAPTERS)
+	$(STAGES) --only other-cpu
 
 # Opt-in, needs a network: Colab's Python, torch, kernel and widget versions, the course installed
 # the way the notebooks' setup cell does it, then every solution notebook under nbval.
