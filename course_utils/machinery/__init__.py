@@ -4,6 +4,7 @@
 - ``chapters``  the chapter table (titles, times, budgets) and where each notebook lives
 - ``build``     solution notebook -> exercise notebook (and the generated Colab badge/setup cell)
 - ``grading``   ``course check``: run a learner's notebook and tabulate its exercises
+- ``claims``    replication records and the table they make (``course claims``, docs/replications.md)
 - ``report``    ``course report``: grade a cohort's folder of notebooks into one CSV and HTML table
 - ``hub``       nbgitpuller and Binder links for a shared hub (``course hub-link``)
 - ``cli``       the ``course`` command

@@ -19,7 +19,7 @@ from typing import Any
 
 import nbformat
 
-from course_utils.machinery import colab
+from course_utils.machinery import claims, colab
 from course_utils.machinery.chapters import (
     Chapter,
     available_chapters,
@@ -30,6 +30,7 @@ from course_utils.machinery.chapters import (
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = "raise NotImplementedError()"
+REPLICATIONS = "docs/replications.md"  # generated: the claims recorded in the executed solutions
 SOLUTION_ONLY, KEEP_OUTPUT = "solution-only", "keep-output"
 #: Notebook metadata exactly as JupyterLab writes it after starting the course kernel (ipykernel's
 #: kernelspec and ``language_info`` for Python 3.11.7, the version CI runs; a kernel on another
@@ -272,4 +273,11 @@ def build_all(root: Path | None = None, check_only: bool = False) -> list[Path]:
             stale.append(target)
             if not check_only:
                 target.write_text(text, encoding="utf-8")
+    # The replication table, from the claims recorded in the executed solutions.
+    report = root / REPLICATIONS
+    text = claims.markdown_report(claims.collect_course(root))
+    if not report.exists() or report.read_text(encoding="utf-8") != text:
+        stale.append(report)
+        if not check_only:
+            report.write_text(text, encoding="utf-8")
     return stale

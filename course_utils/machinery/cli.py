@@ -170,6 +170,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_claims(args: argparse.Namespace) -> int:
+    """The replication table, from the executed solution notebooks (docs/replications.md)."""
+    from course_utils.machinery import claims
+
+    root = repo_root()
+    collected = claims.collect_course(root)
+    if args.chapter is not None:
+        number = get_chapter(args.chapter).number
+        collected = {number: collected.get(number, [])}
+    print(claims.text_report(collected))
+    return 0
+
+
 def cmd_execute(args: argparse.Namespace) -> int:
     """Run solution notebooks in place (outputs kept), then rebuild the exercise notebooks."""
     import nbformat
@@ -378,6 +391,11 @@ def parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="regenerate notebooks/ from solutions/")
     build.add_argument("--check", action="store_true", help="only report stale notebooks")
     build.set_defaults(fn=cmd_build)
+    claims = sub.add_parser(
+        "claims", help="what the course replicates: every claim beside a paper's number"
+    )
+    claims.add_argument("chapter", nargs="?", default=None, help="one chapter (default: all)")
+    claims.set_defaults(fn=cmd_claims)
     run = sub.add_parser("execute", help="(authors) run solution notebooks in place, then build")
     run.add_argument("chapters", nargs="+")
     run.add_argument("--timeout", type=int, default=900)

@@ -1,0 +1,120 @@
+"""Replication records (course_utils/machinery/claims.py): the Claims checklist is enforced when a
+record is made, records survive a notebook's execution, and docs/replications.md is up to date."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from course_utils.machinery import claims
+from course_utils.machinery.build import REPLICATIONS
+from course_utils.machinery.cli import main
+from tests.conftest import ROOT
+
+GOOD = dict(
+    paper="Elhage et al. 2022, fig. 1",
+    quantity="norm ratio of 5 features in 2 dimensions",
+    paper_value="1.0 (regular pentagon)",
+    paper_setting="n=5, m=2, 1-S=0.05",
+    ours="1.04",
+    our_setting="same, 1-S=0.05",
+    sample="3 sparsities, best of 10 instances",
+    baseline="dense: 2 features kept",
+    same_quantity="yes",
+    verdict="replicated",
+)
+
+
+def test_a_complete_record_passes_and_round_trips():
+    record = claims.make_claim("01", "pentagon", **GOOD)
+    assert claims.claim("01", "pentagon", **GOOD) is None  # a notebook's last line shows no repr
+    assert record.problems() == []
+    assert claims.Claim.from_json(json.loads(json.dumps(record.to_json()))) == record
+
+
+@pytest.mark.parametrize(
+    "change, rule",
+    [
+        ({"baseline": " "}, "no baseline"),
+        ({"same_quantity": "no", "differs": "per-token vs per-batch"}, "cannot replicate"),
+        ({"same_quantity": "no", "verdict": "replicated in direction, not size",
+          "differs": "x", "reason": "y"}, "cannot replicate"),
+        ({"same_quantity": "partly"}, "say what differs"),
+        ({"verdict": "not at our budget", "reason": "gap stays", "budgets_tried": ("300 steps",)},
+         "two budgets"),
+        ({"verdict": "differs"}, "needs what it rests on"),
+        ({"paper": ""}, "paper is empty"),
+        ({"verdict": "kind of"}, "verdict must be one of"),
+        ({"same_quantity": "maybe"}, "same_quantity must be one of"),
+        ({"sample": ""}, "sample is empty"),
+    ],
+)  # fmt: skip
+def test_each_checklist_rule_rejects_its_record(change, rule):
+    with pytest.raises(claims.ClaimError, match=rule):
+        claims.make_claim("01", "bad", **{**GOOD, **change})
+
+
+def test_the_rules_accept_what_they_allow():
+    not_at_budget = dict(
+        verdict="not at our budget",
+        reason="the gap stays at 0.1 nats",
+        budgets_tried=["300 steps", "1200 steps"],
+    )
+    claims.make_claim("08", "gap", **{**GOOD, **not_at_budget})
+    claims.make_claim("03", "x", **{**GOOD, "same_quantity": "no", "differs": "zero-ablates the "
+                 "residual, not the MLP", "verdict": "differs", "reason": "other baseline"})  # fmt: skip
+    claims.make_claim("03", "no-paper-number", **{**GOOD, "paper_value": ""})
+
+
+def test_an_unknown_field_is_one_clear_error():
+    with pytest.raises(claims.ClaimError, match="unexpected keyword argument 'paper_valu'"):
+        claims.make_claim("01", "typo", paper_valu="1", **{k: v for k, v in GOOD.items()})
+
+
+def _executed_notebook(tmp_path, source: str):
+    """A tiny notebook run in a real kernel, as `course execute` runs a solution."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_records_live_in_the_executed_notebook_and_are_collected(tmp_path):
+    source = (
+        "from course_utils.machinery.claims import claim\n"
+        f"claim('01', 'pentagon', **{GOOD!r})\n"
+        f"claim('01', 'second', **{{**{GOOD!r}, 'ours': '1.10'}})\n"
+    )
+    path = _executed_notebook(tmp_path, source)
+    outputs = nbformat.read(path, as_version=4).cells[0].outputs
+    assert [o.output_type for o in outputs] == ["display_data", "display_data"]
+    assert "text/markdown" in outputs[0].data  # what JupyterLab shows: a small table
+    found = claims.collect(path)
+    assert [c.key for c in found] == ["pentagon", "second"] and found[1].ours == "1.10"
+
+
+def test_every_recorded_claim_in_the_course_passes_the_checklist_and_keys_are_unique():
+    for number, records in claims.collect_course(ROOT).items():
+        keys = [r.key for r in records]
+        assert len(keys) == len(set(keys)), f"chapter {number}: duplicate claim keys {keys}"
+        for record in records:
+            assert record.chapter == number, f"{record.key} is recorded in chapter {number}"
+            assert record.problems() == [], (number, record.key, record.problems())
+
+
+def test_replication_table_is_up_to_date():
+    expected = claims.markdown_report(claims.collect_course(ROOT))
+    on_disk = (ROOT / REPLICATIONS).read_text(encoding="utf-8")
+    assert on_disk == expected, "docs/replications.md is stale: run `course build` and commit it"
+
+
+def test_course_claims_prints_the_table(capsys):
+    assert main(["claims"]) == 0
+    assert "claims." in capsys.readouterr().out
+    assert main(["claims", "99"]) == 2  # an unknown chapter is one clear error
+    assert "unknown chapter" in capsys.readouterr().err
