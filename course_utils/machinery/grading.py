@@ -303,6 +303,7 @@ def run_notebook(
     ``allow_errors`` False, raises nbclient's CellExecutionError here.
     """
     import asyncio
+    import signal
     import threading
 
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
@@ -315,7 +316,10 @@ def run_notebook(
         try:
             # The kernel's own start-up chatter (e.g. "running over TCP without encryption") is
             # noise in a learner's terminal; what the notebook raised is in the cell outputs.
-            asyncio.run(client.async_execute(stderr=subprocess.DEVNULL))
+            # cleanup_kc: shut the kernel down at the end even though we made its manager (nbclient
+            # leaves alone a kernel whose manager it was given, and it would live on, idle or
+            # still running a timed-out cell, until this process ends).
+            asyncio.run(client.async_execute(cleanup_kc=True, stderr=subprocess.DEVNULL))
         except BaseException as error:  # handed to the waiting thread
             outcome["error"] = error
 
@@ -334,7 +338,10 @@ def run_notebook(
         raise
     finally:
         process = state["process"]
-        if process is not None and process.poll() is not None:
+        if process is not None:
+            if process.poll() is None and not worker.is_alive():  # never left running
+                _signal_group(process, signal.SIGKILL)
+                process.wait(5)
             _LIVE_KERNELS.pop(process.pid, None)
     error = outcome.get("error")
     if error is None:
