@@ -112,6 +112,7 @@ def test_os_exit_names_the_cell_and_the_exit_code(place, capsys):
     tmp_path, marker = place
     nb = tiny_notebook(tmp_path / "00_exit.ipynb", "import os\nos._exit(3)")
     code, out, seconds = check(capsys, str(nb))
+    print(f"[fault] os._exit: course check ended in {seconds:.1f} s")
     assert seconds < 30 and code == 1, out
     assert "The kernel exited with code 3 while running code cell 2 (`import os`)" in out
     assert "0 passed, 0 failed, 0 not attempted, 3 not run" in out
@@ -139,6 +140,7 @@ def test_a_kernel_killed_by_sigkill_is_blamed_on_memory(place, capsys):
     killer.start()
     code, out, seconds = check(capsys, str(nb), "--no-save")
     waited = time.monotonic() - killed_at[0]
+    print(f"[fault] SIGKILL: course check ended {waited:.1f} s after the kill")
     assert waited < 30 and code == 1, out
     assert "The kernel was killed by SIGKILL while running code cell 2 (`import os, time`)" in out
     assert "most likely the machine ran out of memory" in out and "3 not run" in out
@@ -155,13 +157,21 @@ def test_a_kernel_over_its_memory_limit(place, capsys):
     )
     nb = tiny_notebook(tmp_path / "00_memory.ipynb", fault)
     code, out, seconds = check(capsys, str(nb))
+    print(f"[fault] memory limit: course check ended in {seconds:.1f} s")
     assert seconds < 30 and code == 1, out
     assert "Code cell 2 (`import resource, re`) ran out of memory (MemoryError" in out
     assert "0 passed, 3 failed" in out  # the kernel lived on: the checks ran, without `check`
     assert len(progress(tmp_path)["00"]["results"]) == 3
 
 
-def test_an_endless_loop_is_stopped_at_the_cell_timeout(place, capsys):
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        ("--cell-timeout", "was still running after the 3 s cell timeout, so it was stopped"),
+        ("--timeout", "the notebook ran past its 3 s limit in code cell 2"),
+    ],
+)
+def test_an_endless_loop_is_stopped_at_the_timeout(place, capsys, option, words):
     tmp_path, marker = place
     started = tmp_path / "started"
     nb = tiny_notebook(
@@ -171,10 +181,11 @@ def test_an_endless_loop_is_stopped_at_the_cell_timeout(place, capsys):
     threading.Thread(
         target=lambda: (wait_for(started), watcher.append(time.monotonic())), daemon=True
     ).start()
-    code, out, seconds = check(capsys, str(nb), "--cell-timeout", "3", "--no-save")
-    assert time.monotonic() - watcher[0] < 3 + 5 and code == 1, out
-    assert "was still running after the 3 s cell timeout, so it was stopped" in out
-    assert "Code cell 2 (`open(" in out and "3 not run" in out
+    code, out, seconds = check(capsys, str(nb), option, "3", "--no-save")
+    looped = time.monotonic() - watcher[0]
+    print(f"[fault] endless loop, {option} 3: course check ended {looped:.1f} s after it began")
+    assert looped < 3 + 5 and code == 1, out
+    assert words in out and "(`open(" in out and "3 not run" in out
 
 
 def test_course_execute_does_not_rewrite_a_notebook_whose_kernel_died(place, capsys):
@@ -184,6 +195,7 @@ def test_course_execute_does_not_rewrite_a_notebook_whose_kernel_died(place, cap
     start = time.monotonic()
     code = cli.main(["execute", str(nb)])
     err = capsys.readouterr().err
+    print(f"[fault] os._exit: course execute ended in {time.monotonic() - start:.1f} s")
     assert time.monotonic() - start < 30 and code == 2
     assert "was not rewritten: the kernel exited with code 1 while running code cell 2" in err
     assert len(err.strip().splitlines()) == 1 and nb.read_bytes() == before
@@ -241,6 +253,7 @@ def test_ctrl_c_and_sigterm_end_the_check_and_its_kernel(tmp_path, signum, code,
         seconds = time.monotonic() - sent
     finally:
         grader.kill()
+    print(f"[fault] {name}: course check ended {seconds:.2f} s after the signal")
     assert grader.returncode == code and seconds < 2.5, (seconds, out, err)
     assert f"course check: interrupted ({name}); the kernel was shut down" in err
     assert not kernels_left(marker)
@@ -259,6 +272,7 @@ def test_a_corrupt_progress_file_is_kept_aside_and_said(place, capsys):
     (home / PROGRESS_FILE).write_text(corrupt)
     nb = tiny_notebook(tmp_path / "00_fine.ipynb", "y = 2")
     code, out, seconds = check(capsys, str(nb))
+    print(f"[fault] corrupt progress file: course check ended in {seconds:.1f} s")
     assert seconds < 30, out
     kept = list(home.glob(f"{PROGRESS_FILE}.unreadable-*"))
     assert len(kept) == 1 and kept[0].read_text() == corrupt
@@ -305,6 +319,7 @@ def test_concurrent_checks_keep_each_others_chapters(tmp_path, monkeypatch):
     go.touch()
     for saver in savers:
         saver.join(60)
+    print(f"[fault] 3 x 25 concurrent saves: {time.monotonic() - start:.1f} s")
     assert [s.exitcode for s in savers] == [0, 0, 0] and time.monotonic() - start < 30
     data = json.loads((home / PROGRESS_FILE).read_text())
     assert sorted(data) == ["01", "02", "03", "04"], sorted(data)
@@ -346,6 +361,7 @@ def test_a_read_only_checkout_saves_progress_in_the_learners_state_folder(tmp_pa
         _read_only(command, checkout), cwd=checkout, env=env, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
+    print(f"[fault] read-only checkout: course check ended in {time.monotonic() - start:.1f} s")
     assert time.monotonic() - start < 30, done.stdout + done.stderr
     saved = state / "mi-course" / PROGRESS_FILE
     assert f"progress saved to {saved}" in done.stdout, done.stdout + done.stderr

@@ -43,23 +43,10 @@ class ExerciseResult:
     message: str
 
 
-class KernelFault(Exception):
-    """The notebook's run stopped early: its kernel died, or a cell ran out of time."""
-
-    def __init__(self, fault: dict):
-        super().__init__(fault["sentence"])
-        self.fault = fault
-
-
-class GradingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) reached the grader; the kernel has been shut down."""
-
-    exit_code = 130
-    signal_name = "Ctrl-C"
-
-
-class GradingTerminated(GradingInterrupted):
-    """SIGTERM reached the grader; raised in the main thread by :func:`raise_on_sigterm`."""
+class GradingTerminated(KeyboardInterrupt):
+    """SIGTERM reached a course command; raised in the main thread by :func:`raise_on_sigterm`.
+    A KeyboardInterrupt, so that every path that cleans up after Ctrl-C cleans up after it too;
+    Ctrl-C itself stays a plain KeyboardInterrupt (exit 130)."""
 
     exit_code = 143
     signal_name = "SIGTERM"
@@ -152,14 +139,12 @@ def fault_sentence(fault: dict) -> str:
             f"the notebook ran past its {fault['limit']:.0f} s limit in {where}, so it was stopped: "
             "give it more time with --timeout."
         )
-    if kind == "interrupted":
-        return f"the run was interrupted in {where}."
     code = fault.get("returncode")
     died = f"{_describe_exit(code)} while running {where}"
     if code == -9:  # what Linux's out-of-memory killer (and a cgroup's memory limit) sends
         return (
-            f"{died}: most likely the machine ran out of memory. Close other programs (or, with "
-            "`course report`, grade fewer notebooks at once with -j), make that cell use less "
+            f"{died}: most likely the machine ran out of memory, so close other programs (with "
+            "`course report`, grade fewer notebooks at once with -j) or make that cell use less "
             "memory, and run again."
         )
     if code is not None and code < 0:
@@ -299,7 +284,7 @@ def run_notebook(
     nbclient runs in a thread of its own: in the main thread it would install SIGINT and SIGTERM
     handlers that only schedule the kernel's shutdown, so Ctrl-C and ``kill`` would not end the
     command. Here the main thread waits; on Ctrl-C or SIGTERM (see :func:`raise_on_sigterm`) it
-    ends the kernel itself and raises :class:`GradingInterrupted`. A cell that raises, with
+    ends the kernel itself and lets the KeyboardInterrupt (or :class:`GradingTerminated`) go on. A cell that raises, with
     ``allow_errors`` False, raises nbclient's CellExecutionError here.
     """
     import asyncio
