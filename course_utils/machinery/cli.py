@@ -6,6 +6,7 @@ Every user-facing error is one line on stderr and a non-zero exit, never a libra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -440,12 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         stop_kernels()
         how = getattr(stop, "signal_name", "Ctrl-C")
+        kept = {
+            "check": "nothing was saved (progress saved earlier is kept)",
+            "execute": "notebooks not yet rewritten are as they were",
+        }.get(args.command, "nothing was left half-written")
         print(
-            f"\ncourse {args.command}: interrupted ({how}); the kernel was shut down and nothing "
-            "was saved (progress saved earlier is kept).",
+            f"\ncourse {args.command}: interrupted ({how}); the kernel was shut down and {kept}.",
             file=sys.stderr,
         )
-        return getattr(stop, "exit_code", 130)
+        # Leave now: the kernel is gone and nothing is left to write, but an ordinary exit would
+        # wait about a second on the abandoned kernel client's sockets (zmq's linger).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(getattr(stop, "exit_code", 130))
     except (UserError, UnknownChapterError, FileNotFoundError) as error:
         print(f"course: error: {error}", file=sys.stderr)
         return 2

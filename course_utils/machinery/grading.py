@@ -140,7 +140,11 @@ def fault_sentence(fault: dict) -> str:
             "give it more time with --timeout."
         )
     code = fault.get("returncode")
-    died = f"{_describe_exit(code)} while running {where}"
+    died = (
+        f"{_describe_exit(code)} while running {where}"
+        if fault.get("code_cell")
+        else f"{_describe_exit(code)} before the first cell ran"
+    )
     if code == -9:  # what Linux's out-of-memory killer (and a cgroup's memory limit) sends
         return (
             f"{died}: most likely the machine ran out of memory, so close other programs (with "
@@ -294,7 +298,7 @@ def run_notebook(
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     client = current_env_client(notebook, workdir, cell_timeout, allow_errors, notebook_timeout)
-    state = client.course_state
+    state, manager = client.course_state, client.km
     outcome: dict = {}
 
     def target():
@@ -316,10 +320,14 @@ def run_notebook(
     except KeyboardInterrupt:
         # Ctrl-C or SIGTERM: end the kernel (the worker then sees it dead and unwinds).
         stop_kernels()
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + 0.3
         while worker.is_alive() and time.monotonic() < deadline:
             worker.join(0.1)
             stop_kernels(grace=0.1)  # one that was still starting
+        try:
+            manager.cleanup_connection_file()  # what nbclient's clean-up would have removed
+        except Exception:
+            pass
         raise
     finally:
         process = state["process"]
