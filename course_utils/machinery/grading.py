@@ -489,6 +489,8 @@ def grade_notebook(
     """Run the notebook at ``path`` in a fresh kernel (in ``workdir``, by default its own folder)
     and tabulate its exercises."""
     notebook = read_notebook(path)
+    # The checks first (their imports take seconds): after a kernel dies, only the table is left.
+    exercises_of_chapter(chapter)
     executed = execute(notebook, workdir or path.resolve().parent, cell_timeout, notebook_timeout)
     fault = executed.metadata.get("course_check_fault")
     sentence = fault["sentence"] if fault else memory_sentence(executed)
