@@ -264,6 +264,39 @@ def test_ctrl_c_and_sigterm_end_the_check_and_its_kernel(tmp_path, signum, code,
     assert sorted(p.name for p in home.iterdir()) == [PROGRESS_FILE]
 
 
+def test_sigterm_ends_course_report_and_its_workers_kernels(tmp_path):
+    """(Ctrl-C on `course report` is tests/test_report.py's first run.)"""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    started = tmp_path / "started"
+    tiny_notebook(folder / "zoe.ipynb", f"open({str(started)!r}, 'w').close()\nwhile True: pass")
+    marker = uuid.uuid4().hex
+    grader = subprocess.Popen(
+        [sys.executable, "-m", "course_utils.machinery.cli", "report", str(folder)]
+        + ["-o", str(tmp_path / "out"), "-j", "1"],
+        cwd=tmp_path,
+        env={**os.environ, "COURSE_FAULT_TEST": marker},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(started, 90)
+        sent = time.monotonic()
+        grader.send_signal(signal.SIGTERM)
+        out, err = grader.communicate(timeout=30)
+        seconds = time.monotonic() - sent
+    finally:
+        grader.kill()
+    print(f"[fault] SIGTERM: course report ended {seconds:.2f} s after the signal")
+    assert grader.returncode == 143 and seconds < 2, (seconds, out, err)
+    assert "interrupted (SIGTERM): every notebook graded so far is cached" in out
+    time.sleep(0.5)  # the worker's own exit
+    assert not kernels_left(marker)
+    assert not (tmp_path / "out" / "report.csv").exists()
+
+
 # ----------------------------------------------------------------------------- the progress file
 
 

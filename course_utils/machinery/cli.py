@@ -24,6 +24,15 @@ from course_utils.machinery.chapters import (
 KERNEL_NAME = "mi-course"
 
 
+def _leave_now(code: int) -> None:
+    """Exit at once after Ctrl-C or SIGTERM: the kernels are gone and whatever was saved is whole
+    (atomic writes), but an ordinary exit takes one to two seconds more (the abandoned kernel
+    client's sockets linger; the worker pool and torch wind down)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class UserError(Exception):
     """An error a learner can fix; printed as one line."""
 
@@ -158,7 +167,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"\ninterrupted ({how}): every notebook graded so far is cached in "
             f"{out / '.cache'}; run the same command again to go on from there."
         )
-        return getattr(stop, "exit_code", 130)
+        _leave_now(getattr(stop, "exit_code", 130))
     broken = sum(1 for s in subs if s.error or not s.chapter)
     reused = len({s.key for s in subs if s.cached})
     graded = len({s.key for s in subs if s.key and not s.cached})
@@ -449,11 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\ncourse {args.command}: interrupted ({how}); the kernel was shut down and {kept}.",
             file=sys.stderr,
         )
-        # Leave now: the kernel is gone and nothing is left to write, but an ordinary exit would
-        # wait about a second on the abandoned kernel client's sockets (zmq's linger).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(getattr(stop, "exit_code", 130))
+        _leave_now(getattr(stop, "exit_code", 130))
     except (UserError, UnknownChapterError, FileNotFoundError) as error:
         print(f"course: error: {error}", file=sys.stderr)
         return 2
