@@ -6,6 +6,7 @@ Every user-facing error is one line on stderr and a non-zero exit, never a libra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,15 @@ from course_utils.machinery.chapters import (
 )
 
 KERNEL_NAME = "mi-course"
+
+
+def _leave_now(code: int) -> None:
+    """Exit at once after Ctrl-C or SIGTERM: the kernels are gone and whatever was saved is whole
+    (atomic writes), but an ordinary exit takes one to two seconds more (the abandoned kernel
+    client's sockets linger; the worker pool and torch wind down)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class UserError(Exception):
@@ -58,9 +68,17 @@ def _chapter_and_path(target: str, folder: str = "notebooks") -> tuple[Chapter, 
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from course_utils.machinery.grading import load_progress
+    from course_utils.machinery.grading import ProgressUnreadable, progress_path, read_progress
 
-    progress = load_progress()
+    try:
+        progress = read_progress(progress_path())
+    except ProgressUnreadable as why:
+        progress = {}
+        print(
+            f"course: {progress_path()} cannot be read ({why}); it is left as it is, and the next "
+            "`course check` keeps it aside under another name before saving.",
+            file=sys.stderr,
+        )
     try:
         root = repo_root()
     except FileNotFoundError:
@@ -83,8 +101,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from course_utils.machinery.build import BuildError
     from course_utils.machinery.grading import (
         chapter_summary,
-        check_notebook,
         exit_code,
+        grade_notebook,
         render_table,
         save_progress,
     )
@@ -93,18 +111,33 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"Checking {path} (chapter {chapter.number}: {chapter.title}) ...", flush=True)
     start = time.perf_counter()
     try:
-        results = check_notebook(path, chapter, cell_timeout=args.timeout)
+        grading = grade_notebook(
+            path, chapter, cell_timeout=args.cell_timeout, notebook_timeout=args.timeout
+        )
     except BuildError as error:
         raise UserError(str(error)) from None
+    results = grading.results
     print(render_table(results))
     summary = chapter_summary(chapter, results)
     if summary:
         print(summary)
+    if grading.sentence:
+        print(grading.sentence[0].upper() + grading.sentence[1:])
     print(f"({time.perf_counter() - start:.0f} s)")
     if not args.no_save:
         saved = save_progress(chapter, results)
-        if saved:
-            print(f"progress saved to {saved} (see `course list`)")
+        if saved.kept_aside:
+            print(
+                f"Your progress file could not be read ({saved.why}): it is kept as "
+                f"{saved.kept_aside} and a new one was started with this chapter."
+            )
+        if saved.path:
+            print(f"progress saved to {saved.path} (see `course list`)")
+        else:
+            print(
+                f"progress not saved: no writable place for it ({saved.error}); set COURSE_HOME "
+                "to a folder you can write to."
+            )
     code = exit_code(results)
     if code and all(r.status == "not attempted" for r in results):
         print("Nothing attempted yet: fill in the first exercise and run `course check` again.")
@@ -128,12 +161,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         subs, seconds = run_report(
             folder, out, jobs, cell_timeout=args.cell_timeout, notebook_timeout=args.timeout
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        how = getattr(stop, "signal_name", "Ctrl-C")
         print(
-            "\ninterrupted: every notebook graded so far is cached in "
+            f"\ninterrupted ({how}): every notebook graded so far is cached in "
             f"{out / '.cache'}; run the same command again to go on from there."
         )
-        return 130
+        _leave_now(getattr(stop, "exit_code", 130))
     broken = sum(1 for s in subs if s.error or not s.chapter)
     reused = len({s.key for s in subs if s.cached})
     graded = len({s.key for s in subs if s.key and not s.cached})
@@ -193,19 +227,22 @@ def cmd_execute(args: argparse.Namespace) -> int:
         notebook_text,
         read_notebook,
     )
-    from course_utils.machinery.grading import current_env_client
+    from course_utils.machinery.grading import _write_atomically, run_notebook
 
     targets = [_chapter_and_path(t, "solutions") for t in args.chapters]
     for chapter, path in targets:
         notebook = read_notebook(path)
         start = time.perf_counter()
-        current_env_client(notebook, path.parent, args.timeout, allow_errors=False).execute()
+        fault = run_notebook(notebook, path.parent, args.timeout, allow_errors=False)
+        if fault is not None:
+            raise UserError(f"{path} was not rewritten: {fault['sentence']}")
         seconds = time.perf_counter() - start
         notebook.metadata = nbformat.from_dict(NOTEBOOK_METADATA)
         for cell in notebook.cells:
             cell.metadata.pop("execution", None)
-        # stored as JupyterLab saves it, so opening the notebook there changes no byte
-        path.write_text(notebook_text(notebook), encoding="utf-8")
+        # stored as JupyterLab saves it, so opening the notebook there changes no byte; atomically,
+        # so that an interrupted run leaves the old notebook, never half of the new one
+        _write_atomically(path, notebook_text(notebook))
         verdict = "within" if seconds <= chapter.cpu_budget_s else "OVER"
         print(f"{path}: ran in {seconds:.0f} s ({verdict} the {chapter.cpu_budget_s} s budget)")
     build_all()
@@ -346,7 +383,19 @@ def parser() -> argparse.ArgumentParser:
     )
     check = sub.add_parser("check", help="run your exercise notebook and report every exercise")
     check.add_argument("target", help="chapter number (e.g. 01) or a path to a notebook")
-    check.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds allowed for the whole notebook (default 1800)",
+    )
+    check.add_argument(
+        "--cell-timeout",
+        type=float,
+        default=600,
+        help="seconds allowed per cell; a cell still running then is named and stopped "
+        "(default 600)",
+    )
     check.add_argument("--no-save", action="store_true", help="do not record progress")
     check.set_defaults(fn=cmd_check)
     report = sub.add_parser(
@@ -398,7 +447,9 @@ def parser() -> argparse.ArgumentParser:
     claims.set_defaults(fn=cmd_claims)
     run = sub.add_parser("execute", help="(authors) run solution notebooks in place, then build")
     run.add_argument("chapters", nargs="+")
-    run.add_argument("--timeout", type=int, default=900)
+    run.add_argument(
+        "--timeout", type=float, default=900, help="seconds allowed per cell (default 900)"
+    )
     run.set_defaults(fn=cmd_execute)
     new = sub.add_parser("new", help="(authors) start a solution notebook for a chapter")
     new.add_argument("chapter")
@@ -408,9 +459,24 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from course_utils.machinery.grading import raise_on_sigterm, stop_kernels
+
     args = parser().parse_args(argv)
+    raise_on_sigterm()  # SIGTERM ends a command as Ctrl-C does (exit 143 instead of 130)
     try:
         return args.fn(args)
+    except KeyboardInterrupt as stop:
+        stop_kernels()
+        how = getattr(stop, "signal_name", "Ctrl-C")
+        kept = {
+            "check": "nothing was saved (progress saved earlier is kept)",
+            "execute": "notebooks not yet rewritten are as they were",
+        }.get(args.command, "nothing was left half-written")
+        print(
+            f"\ncourse {args.command}: interrupted ({how}); the kernel was shut down and {kept}.",
+            file=sys.stderr,
+        )
+        _leave_now(getattr(stop, "exit_code", 130))
     except (UserError, UnknownChapterError, FileNotFoundError) as error:
         print(f"course: error: {error}", file=sys.stderr)
         return 2

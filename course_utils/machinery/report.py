@@ -44,6 +44,7 @@ from course_utils.machinery.chapters import CHAPTERS, Chapter, get_chapter
 #: Bump when the cached record's meaning changes; old cache entries are then ignored.
 CACHE_FORMAT = 1
 PASSED, FAILED, NOT_ATTEMPTED = "passed", "failed", "not attempted"
+NOT_RUN = "not run"  # the grader could not reach it: the kernel died or a cell ran out of time
 
 _CHECKS_IMPORT = re.compile(r"from\s+course_utils\.checks\s+import\s+ch(\d\d)\s+as\s+check\b")
 _HEADING = re.compile(r"^#\s+(\d\d)\s+[—-]", re.MULTILINE)
@@ -64,7 +65,7 @@ class Submission:
 
     def counts(self) -> dict[str, int]:
         found = Counter(r["status"] for r in self.results)
-        return {s: found.get(s, 0) for s in (PASSED, FAILED, NOT_ATTEMPTED)}
+        return {s: found.get(s, 0) for s in (PASSED, FAILED, NOT_ATTEMPTED, NOT_RUN)}
 
 
 class NotACourseNotebook(ValueError):
@@ -156,14 +157,15 @@ def cache_key(data: bytes, chapter: Chapter) -> str:
 
 
 def grade_one(path: str, chapter_number: str, cell_timeout: int, notebook_timeout: float) -> dict:
-    """Grade one notebook in a fresh kernel (runs in a worker process); never raises."""
-    from course_utils.machinery.grading import check_notebook
+    """Grade one notebook in a fresh kernel (runs in a worker process); never raises. A run that
+    stopped early carries its ``fault`` (:func:`grading.fault_sentence`)."""
+    from course_utils.machinery.grading import grade_notebook
 
     start = time.perf_counter()
     try:
         # A folder of its own: a submission cannot see (or litter) the others.
         with tempfile.TemporaryDirectory(prefix="course-report-") as workdir:
-            results = check_notebook(
+            grading = grade_notebook(
                 Path(path),
                 get_chapter(chapter_number),
                 cell_timeout=cell_timeout,
@@ -171,7 +173,12 @@ def grade_one(path: str, chapter_number: str, cell_timeout: int, notebook_timeou
                 notebook_timeout=notebook_timeout,
             )
         seconds = round(time.perf_counter() - start, 1)
-        return {"results": [asdict(r) for r in results], "error": "", "seconds": seconds}
+        return {
+            "results": [asdict(r) for r in grading.results],
+            "error": "",
+            "seconds": seconds,
+            "fault": grading.fault,
+        }
     except Exception as error:  # the grader itself failed on this file: one row, not a crash
         return {"results": [], "error": f"could not grade: {type(error).__name__}: {error}"[:300]}
 
@@ -191,10 +198,44 @@ def _worker_init(threads: int) -> None:
     os.environ.setdefault("COURSE_HEADLESS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, _worker_stop)  # how the parent stops us
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
 
 
+def _worker_stop(signum, frame) -> None:
+    """SIGTERM from the parent (it was interrupted): end our kernel, then leave at once."""
+    from course_utils.machinery.grading import stop_kernels
+
+    stop_kernels(grace=0.1)
+    os._exit(143)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM to every worker (each ends its kernel and leaves), SIGKILL to any still there 1 s
+    later."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + 1
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+
+
+def _cacheable(record: dict) -> bool:
+    """Not a grading error, nor a kernel killed by a signal: SIGKILL is most often the machine out
+    of memory (too many kernels at once, -j), which the next run may not be."""
+    fault = record.get("fault") or {}
+    return not record["error"] and not (
+        fault.get("kind") == "died" and (fault.get("returncode") or 0) < 0
+    )
+
+
 def _timed_out(record: dict) -> bool:
+    fault = record.get("fault") or {}
+    if fault.get("kind") in ("cell-timeout", "notebook-timeout"):
+        return True
     return any(
         "Timeout" in r["message"] and "not reached" in r["message"] for r in record["results"]
     )
@@ -285,18 +326,17 @@ def grade_folder(
                     record = {"results": [], "error": f"grader crashed: {error}"[:300]}
                 else:
                     record["notebook_timeout"] = notebook_timeout
-                    if not record["error"]:
+                    if _cacheable(record):
                         _write_cache(cache, key, record)
                 for sub in waiting[key]:
                     sub.results, sub.error = record["results"], record["error"]
                     sub.seconds = record.get("seconds", 0.0)
                 bar.update()
         except KeyboardInterrupt:
-            # Ctrl-C: every finished notebook is cached already. Stop the ones in flight now
-            # (the workers ignore Ctrl-C themselves); their kernels follow their worker out.
+            # Ctrl-C or SIGTERM: every finished notebook is cached already. Stop the ones in
+            # flight now (the workers ignore Ctrl-C themselves): each ends its own kernel.
             bar.close()
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.kill()  # not terminate(): nbclient catches SIGTERM and lingers
+            _stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown()
@@ -334,12 +374,15 @@ def cell_text(result: dict | None) -> str:
         return ""
     if result["status"] == FAILED:
         return f"failed: {result['message']}"
+    if result["status"] == NOT_RUN:
+        return result["message"]  # "not run: " and why
     return result["status"]
 
 
 def write_csv(submissions: list[Submission], path: Path) -> None:
     columns = exercise_columns(submissions)
-    header = ["learner", "file", "chapter", "passed", "failed", "not attempted", "error"]
+    header = ["learner", "file", "chapter", "passed", "failed", "not attempted", "not run"]
+    header += ["error"]
     header += [f"ch{c} {n} {name}" for c, n, name in columns]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -367,6 +410,7 @@ th{background:#f6f8fa;position:sticky;top:0}
 td.passed{background:#dafbe1;color:#1a7f37;text-align:center}
 td.failed{background:#ffebe9;color:#a40e26;max-width:16rem}
 td.notattempted{background:#fff8c5;color:#7d4e00;text-align:center}
+td.notrun{background:#eaeef2;color:#57606a;text-align:center}
 td.absent{background:#fff}
 td.score{text-align:right;white-space:nowrap}
 tr.total td{font-weight:600;background:#f6f8fa}
@@ -386,6 +430,9 @@ def _cell_html(result: dict | None) -> str:
         return '<td class="passed" title="passed">✓</td>'
     if status == NOT_ATTEMPTED:
         return '<td class="notattempted" title="not attempted">…</td>'
+    if status == NOT_RUN:
+        full = html.escape(result["message"], quote=True)
+        return f'<td class="notrun" title="{full}">–</td>'
     full = html.escape(result["message"], quote=True)
     short = html.escape(hint_of(result["message"])[:140])
     return f'<td class="failed" title="{full}">✗<span class="hint">{short}</span></td>'
@@ -470,7 +517,9 @@ Generated {stamp} by <code>course report</code> ({fresh} graded now, {cached} fr
 {seconds:.0f} s).</p>
 <p class="legend"><span class="passed" style="background:#dafbe1">✓ passed</span>
 <span style="background:#ffebe9">✗ failed (with the hint; hover for the full message)</span>
-<span style="background:#fff8c5">… not attempted</span></p>
+<span style="background:#fff8c5">… not attempted</span>
+<span style="background:#eaeef2">– not run (the kernel died or a cell ran out of time before it;
+hover for why)</span></p>
 {"".join(sections)}{errors}
 </body></html>
 """
