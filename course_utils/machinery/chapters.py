@@ -50,7 +50,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     ),
     Chapter("09", "polytope_lens", "The polytope lens", "2 h", 240),
     Chapter(
-        "10", "capstone_feature_analysis", "Capstone: a feature analysis, marked", "1 day", 600
+        "11", "capstone_feature_analysis", "Capstone: a feature analysis, marked", "1 day", 600
     ),
 )
 

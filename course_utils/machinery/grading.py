@@ -31,6 +31,9 @@ from course_utils.machinery.build import read_notebook
 from course_utils.machinery.chapters import Chapter, working_checkout
 
 PROGRESS_FILE = ".course-progress.json"
+#: Chapters renumbered since progress files were first written: old number -> (new number, slug).
+#: A saved entry under the old number without a slug (written before the move) is carried over.
+MOVED_CHAPTERS = {"10": ("11", "capstone_feature_analysis")}
 
 
 @dataclass
@@ -166,7 +169,7 @@ def render_table(results: list[ExerciseResult]) -> str:
 
 
 def chapter_summary(chapter: Chapter, results: list[ExerciseResult]) -> str | None:
-    """A chapter's own summary after the table (e.g. chapter 10's marking rubric): its checks
+    """A chapter's own summary after the table (e.g. chapter 11's marking rubric): its checks
     module's ``marking_summary(results)``, if it defines one."""
     module = importlib.import_module(chapter.checks_module)
     summary = getattr(module, "marking_summary", None)
@@ -219,6 +222,7 @@ def save_progress(chapter: Chapter, results: list[ExerciseResult]) -> Path | Non
     path = progress_path()
     data = load_progress()
     data[chapter.number] = {
+        "slug": chapter.slug,
         "checked_at": time.strftime("%Y-%m-%d %H:%M"),
         "results": [asdict(r) for r in results],
     }
@@ -235,6 +239,18 @@ def load_progress() -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return {}
+    return carry_over_moved_chapters(data) if isinstance(data, dict) else {}
+
+
+def carry_over_moved_chapters(data: dict) -> dict:
+    """Progress saved under a chapter's old number (see :data:`MOVED_CHAPTERS`) moves to its new
+    number; an entry that already names another slug belongs to the chapter now at that number."""
+    for old, (new, slug) in MOVED_CHAPTERS.items():
+        entry = data.get(old)
+        if isinstance(entry, dict) and entry.get("slug", slug) == slug:
+            moved = data.pop(old)
+            data.setdefault(new, {**moved, "slug": slug})
+    return data

@@ -21,6 +21,6 @@
                   eigenvectors, digit classifiers on scikit-learn's bundled 8x8 digits; a shipped
                   one-layer transformer with a bilinear MLP, its GELU twin, and token readings
 - ``polytopes``   chapter 09: polytope and spline codes of ReLU MLPs, region maps, boundary crossings
-- ``feature_analysis``  chapter 10 (capstone): concept proxies and a lexical scanner, the neurons a
+- ``feature_analysis``  chapter 11 (capstone): concept proxies and a lexical scanner, the neurons a
                   hook's features can be compared with, held-out tests, the public gelu-1l SAEs
 """

@@ -1,4 +1,4 @@
-"""Checks and the marking rubric for chapter 10, the capstone feature analysis.
+"""Checks and the marking rubric for chapter 11, the capstone feature analysis.
 
 Two kinds of check:
 
@@ -8,7 +8,7 @@ Two kinds of check:
   held-out data, the neurons of the right layer, and numerically consistent with the learner's
   own functions. Each is called with the notebook's ``globals()``.
 
-:func:`marking_summary` turns ``course check 10``'s results into the rubric (:data:`RUBRIC`): the
+:func:`marking_summary` turns ``course check 11``'s results into the rubric (:data:`RUBRIC`): the
 points a program can award, then the checklist a person marks, with a total.
 """
 
@@ -67,7 +67,7 @@ MIN_EVAL_TOKENS = 10_000
 MIN_CONCEPTS = 3
 ABLATION_CHUNK = 32
 #: The ablation is the slow part (two forward passes per chunk and feature): ``consistent``
-#: recomputes it for the first two concepts only, so that ``course check 10`` stays short.
+#: recomputes it for the first two concepts only, so that ``course check 11`` stays short.
 ABLATION_CONCEPTS = 2
 
 
@@ -430,7 +430,7 @@ def rubric_markdown() -> str:
 
 
 def marking_summary(results) -> str:
-    """``course check 10``'s rubric: automatic points from the check results, then the
+    """``course check 11``'s rubric: automatic points from the check results, then the
     checklist a person fills in, and the total so far."""
     status = {r.name: r.status for r in results}
     auto = [r for r in RUBRIC if r[3]]
@@ -440,7 +440,7 @@ def marking_summary(results) -> str:
     human_total = sum(r[2] for r in human)
     lines = [
         "",
-        "Marking (rubric of chapter 10)",
+        "Marking (rubric of chapter 11)",
         f"  marked by the program: {earned}/{auto_total}",
     ]
     for criterion, evidence, points, name in auto:

@@ -1,4 +1,4 @@
-"""Chapter 10 (capstone): the four function checks meet the contract (they reuse the check bodies
+"""Chapter 11 (capstone): the four function checks meet the contract (they reuse the check bodies
 of chapters 03 and 06, so the correct and wrong answers of those chapters' tests apply); the
 hand-in checks accept a correct hand-in and reject each usual mistake with a message that names
 it; the science helpers fail clearly on bad input; the online variant's loader works on local
@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from course_utils.checks import ch10 as check
+from course_utils.checks import ch11 as check
 from course_utils.checks.core import FAILED, NOT_ATTEMPTED, PASSED, exercises_of, outcome
 from course_utils.science import feature_analysis as FA
 from course_utils.science import interventions as I
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(module, checks, names):
-    """The rows of an earlier chapter's CHECKS for ``names``, re-pointed at chapter 10's checks."""
+    """The rows of an earlier chapter's CHECKS for ``names``, re-pointed at chapter 11's checks."""
     rows = {row[0].exercise.name: row for row in checks}
     return [(getattr(module, n), *rows[n][1:]) for n in names]
 
