@@ -1,0 +1,516 @@
+"""Checks for chapter 10, Evaluating and comparing SAEs.
+
+Shapes: one dictionary ``W_dec [d_sae, d]``, true ``features [n_features, d]``, ``latent_acts
+[n, d_sae]``, ``feature_acts [n, n_features]``; the architecture exercises keep chapter 02's
+instance dimension, ``pre``/``acts [batch, inst, d_sae]``, ``W_dec [inst, d_sae, d_in]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from course_utils.checks.core import (
+    Case,
+    Mistake,
+    compare_function,
+    exercise,
+    mismatch,
+    with_options,
+)
+from course_utils.science import sae_eval as E
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------- 1.1 match latents
+
+
+def _by_feature(out):
+    """(latents, features, cos) sorted by feature index, whatever order the learner used."""
+    latents, feats, cos = (torch.as_tensor(t) for t in out)
+    order = feats.argsort()
+    return latents[order].long(), feats[order].long(), cos[order].double()
+
+
+def _compare_matching(expected, actual) -> str | None:
+    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
+        return "return a tuple (latent indices, feature indices, |cos| of each pair)"
+    try:
+        actual = _by_feature(actual)
+    except Exception:  # not three tensors of equal length
+        return "return three 1-D tensors of equal length: (latents, features, |cos|)"
+    return mismatch(_by_feature(expected), actual, 1e-5, 1e-4)
+
+
+def _assignment(cost: torch.Tensor, maximise: bool = False):
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost.double().numpy(), maximize=maximise)
+    return torch.as_tensor(rows), torch.as_tensor(cols)
+
+
+def _match_with(cos: torch.Tensor, maximise: bool = False, score=None):
+    rows, cols = _assignment(cos if maximise else 1 - cos, maximise)
+    score = cos if score is None else score
+    return rows.long(), cols.long(), score[rows, cols]
+
+
+def _minimised(W_dec, features):
+    cos = (_unit(W_dec) @ _unit(features).T).abs()
+    rows, cols = _assignment(cos)
+    return rows.long(), cols.long(), cos[rows, cols]
+
+
+def _greedy_best_latent(W_dec, features):
+    """Each feature takes its best latent, even one another feature already took."""
+    cos = (_unit(W_dec) @ _unit(features).T).abs()
+    if W_dec.shape[0] < features.shape[0]:
+        latents = torch.arange(W_dec.shape[0])
+        feats = cos.argmax(-1)
+        return latents, feats, cos[latents, feats]
+    feats = torch.arange(features.shape[0])
+    latents = cos.argmax(0)
+    return latents, feats, cos[latents, feats]
+
+
+MATCH_MISTAKES = [
+    Mistake(
+        "signed cosine",
+        lambda W_dec, features: _match_with(_unit(W_dec) @ _unit(features).T),
+        "a decoder row pointing the opposite way is the same feature (an SAE latent's sign is "
+        "arbitrary in this metric): match on |cos|, not cos.",
+    ),
+    Mistake(
+        "best latent per feature, shared",
+        _greedy_best_latent,
+        "the matching is one-to-one: two features may not share a latent. Use the Hungarian "
+        "algorithm (`scipy.optimize.linear_sum_assignment`) on the whole |cos| matrix.",
+    ),
+    Mistake(
+        "unnormalised dot products",
+        lambda W_dec, features: _match_with((W_dec @ features.T).abs()),
+        "normalise the decoder rows and the features before the dot products: the rows you are "
+        "given are not unit-norm.",
+    ),
+    Mistake(
+        "minimised |cos|",
+        lambda W_dec, features: _minimised(W_dec, features),
+        "`linear_sum_assignment` *minimises* its cost: pass `1 - |cos|` (or `maximize=True`), "
+        "not |cos| itself.",
+    ),
+]
+
+
+def _match_cases() -> list[Case]:
+    g = _g(0)
+    features = torch.randn(6, 5, generator=g)
+    W_more = torch.randn(8, 5, generator=g) * 3
+    W_fewer = torch.randn(4, 5, generator=g) * 0.5
+    # greedy-vs-Hungarian: latent 0 is the best match of both features; Hungarian gives it to one
+    f2 = _unit(torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]]))
+    W2 = torch.tensor([[0.9, 0.3, 0.0], [0.0, 1.0, 0.2], [0.1, -0.2, 1.0]])
+    flipped = W_more.clone()
+    flipped[::2] *= -1
+    return [
+        Case("8 latents, 6 features, rows not unit-norm", (W_more, features)),
+        Case("4 latents, 6 features (fewer latents than features)", (W_fewer, features)),
+        Case("two features whose best latent is the same one", (W2, f2)),
+        Case("every other decoder row flipped in sign", (flipped, features)),
+        Case("one latent, one feature", (W_more[:1], features[:1])),
+    ]
+
+
+@exercise("1.1", "match_latents")
+def match_latents(learner) -> str:
+    return compare_function(
+        learner, E.match_latents, _match_cases(), MATCH_MISTAKES, compare=_compare_matching
+    )
+
+
+# ---------------------------------------------------------------- 1.2 per-latent F1
+
+
+def _f1_parts(fires, truth):
+    tp = (fires * truth).sum(0)
+    precision = torch.where(fires.sum(0) > 0, tp / fires.sum(0).clamp_min(1), 0.0)
+    recall = torch.where(truth.sum(0) > 0, tp / truth.sum(0).clamp_min(1), 0.0)
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), 0.0)
+    return precision, recall, f1
+
+
+def _f1_with(best_fn, nan=False, swap=False):
+    def f(latent_acts, feature_acts, W_dec, features):
+        best = best_fn(W_dec, features)
+        fires = (latent_acts > 0).float()
+        truth = (feature_acts[:, best] > 0).float()
+        if nan:
+            tp = (fires * truth).sum(0)
+            precision, recall = tp / fires.sum(0), tp / truth.sum(0)
+            return precision, recall, 2 * precision * recall / (precision + recall)
+        p, r, f1 = _f1_parts(fires, truth)
+        return (r, p, f1) if swap else (p, r, f1)
+
+    return f
+
+
+def _abs_best(W_dec, features):
+    return (_unit(W_dec) @ _unit(features).T).abs().argmax(-1)
+
+
+F1_MISTAKES = [
+    Mistake(
+        "signed cosine for the best feature",
+        _f1_with(lambda W, F: (_unit(W) @ _unit(F).T).argmax(-1)),
+        "choose each latent's feature by |cos| (a flipped decoder row still matches it), as "
+        "SynthSAEBench does.",
+    ),
+    Mistake(
+        "NaN for a latent that never fires",
+        _f1_with(_abs_best, nan=True),
+        "a latent that never fires (or whose feature is never active) has an undefined ratio: "
+        "count it as 0, so that dead latents lower the mean F1 instead of making it NaN.",
+    ),
+    Mistake(
+        "precision and recall swapped",
+        _f1_with(_abs_best, swap=True),
+        "precision = true positives / times the latent fired; recall = true positives / times "
+        "its feature was active. Yours are the other way round.",
+    ),
+    Mistake(
+        "raw dot products for the best feature",
+        _f1_with(lambda W, F: (W @ F.T).abs().argmax(-1)),
+        "normalise the decoder rows and the features before taking cosines: the largest raw "
+        "dot product is not the largest |cos|.",
+    ),
+]
+
+
+def _f1_cases() -> list[Case]:
+    g = _g(1)
+    features = torch.randn(5, 4, generator=g)
+    W = torch.randn(7, 4, generator=g) * torch.linspace(0.2, 3, 7)[:, None]
+    W[2] = -W[2]
+    W[4] = features[3] * 0.3 + 0.05 * torch.randn(4, generator=g)
+    feature_acts = torch.relu(torch.randn(40, 5, generator=g)) * (
+        torch.rand(40, 5, generator=g) < 0.4
+    )
+    latent_acts = torch.relu(torch.randn(40, 7, generator=g) - 0.3)
+    latent_acts[:, 5] = 0.0  # a dead latent
+    latent_acts[:, 4] = feature_acts[:, 3] * 0.7  # a perfect latent for feature 3 (F1 = 1)
+    never = feature_acts.clone()
+    never[:, _abs_best(W, features)[0]] = 0.0  # latent 0's feature never active
+    return [
+        Case("7 latents, 5 features, a dead latent, a flipped row", (latent_acts, feature_acts, W, features)),
+        Case("a latent whose feature is never active", (latent_acts, never, W, features)),
+        Case("a batch of one", (latent_acts[:1], feature_acts[:1], W, features)),
+    ]  # fmt: skip
+
+
+@exercise("1.2", "latent_f1")
+def latent_f1(learner) -> str:
+    return compare_function(learner, E.latent_f1, _f1_cases(), F1_MISTAKES)
+
+
+# ---------------------------------------------------------------- 2.1 BatchTopK
+
+
+def _per_token_topk(pre, k):
+    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(pre.shape[1])
+    out = torch.zeros_like(pre)
+    for i in range(pre.shape[1]):
+        kk = int(ks[i])
+        v, idx = pre[:, i].topk(kk, dim=-1)
+        out[:, i] = torch.zeros_like(pre[:, i]).scatter(-1, idx, torch.relu(v))
+    return out
+
+
+def _batchtopk_variant(relu=True, pooled=False, rounding=int):
+    def f(pre, k):
+        batch, inst, d_sae = pre.shape
+        ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
+        acts = torch.relu(pre) if relu else pre
+        if pooled:
+            flat = acts.flatten()
+            n = rounding(float(ks.sum()) * batch)
+            v, idx = flat.topk(n)
+            return torch.zeros_like(flat).scatter(0, idx, v).view_as(pre)
+        out = torch.zeros_like(acts)
+        for i in range(inst):
+            flat = acts[:, i].flatten()
+            v, idx = flat.topk(rounding(float(ks[i]) * batch))
+            out[:, i] = torch.zeros_like(flat).scatter(0, idx, v).view(batch, d_sae)
+        return out
+
+    return f
+
+
+BATCHTOPK_MISTAKES = [
+    Mistake(
+        "k per token (TopK)",
+        _per_token_topk,
+        "that is TopK, k latents on every token. BatchTopK keeps the k × batch largest "
+        "activations of the whole batch (flatten batch and latents together), so one token may "
+        "keep more than k and another fewer.",
+    ),
+    Mistake(
+        "no ReLU",
+        _batchtopk_variant(relu=False),
+        "apply the ReLU first: when fewer than k × batch pre-activations are positive, the "
+        "negative ones must become 0, not survive the top-k.",
+    ),
+    Mistake(
+        "one top-k over all instances",
+        _batchtopk_variant(pooled=True),
+        "each instance is its own SAE: take the top int(k[i] × batch) within instance i only.",
+    ),
+    Mistake(
+        "rounded k × batch",
+        _batchtopk_variant(rounding=round),
+        "keep int(k × batch) activations (rounding down), as SAELens does: with a fractional k "
+        "`round` keeps one too many.",
+    ),
+]
+
+
+def _batchtopk_cases() -> list[Case]:
+    g = _g(2)
+    pre = torch.randn(6, 2, 7, generator=g)
+    negative = torch.randn(4, 1, 6, generator=g) - 1.5
+    return [
+        Case("6 tokens, 2 instances, k = [2, 3]", (pre, torch.tensor([2.0, 3.0]))),
+        Case("fractional k = [1.5, 2.5] on 3 tokens", (pre[:3], torch.tensor([1.5, 2.5]))),
+        Case("mostly negative pre-activations, k = 3", (negative, torch.tensor([3.0]))),
+        Case("a batch of one token, k = 4 (a plain float)", (pre[:1], 4.0)),
+        Case("k = d_sae keeps every positive value", (pre, torch.tensor([7.0, 7.0]))),
+    ]
+
+
+@exercise("2.1", "batchtopk")
+def batchtopk(learner) -> str:
+    return compare_function(learner, E.batchtopk, _batchtopk_cases(), BATCHTOPK_MISTAKES)
+
+
+# ---------------------------------------------------------------- 2.2 inference threshold
+
+
+def _threshold_variant(positive_only=True, swapped=False, keep_empty=True, reduce="min",
+                       pooled=False):  # fmt: skip
+    def f(threshold, acts, lr=0.01):
+        positive = acts > 0
+        if reduce == "min":
+            big = torch.finfo(acts.dtype).max
+            source = acts.masked_fill(~positive, big) if positive_only else acts
+            m = source.amin(dim=(0, 1, 2) if pooled else (0, 2))
+        else:
+            m = (acts * positive).sum((0, 2)) / positive.sum((0, 2)).clamp_min(1)
+        m = m.to(threshold.dtype).expand_as(threshold)
+        new = lr * threshold + (1 - lr) * m if swapped else (1 - lr) * threshold + lr * m
+        if keep_empty:
+            return torch.where(positive.any(0).any(-1), new, threshold)
+        return new
+
+    return f
+
+
+THRESHOLD_MISTAKES = [
+    Mistake(
+        "minimum over zeros too",
+        _threshold_variant(positive_only=False),
+        "take the minimum over the *positive* activations only: almost every latent is 0 on a "
+        "token, so the plain minimum is 0 and the threshold decays to nothing.",
+    ),
+    Mistake(
+        "EMA weights swapped",
+        _threshold_variant(swapped=True),
+        "the update keeps (1 - lr) of the old threshold and adds lr × the new minimum; yours does "
+        "the opposite.",
+    ),
+    Mistake(
+        "mean instead of minimum",
+        _threshold_variant(reduce="mean"),
+        "the threshold follows the *smallest* positive activation BatchTopK kept (the cut-off), "
+        "not their mean.",
+    ),
+    Mistake(
+        "empty batch updates the threshold",
+        _threshold_variant(keep_empty=False),
+        "an instance with no positive activation in this batch must keep its threshold unchanged.",
+    ),
+    Mistake(
+        "one minimum over all instances",
+        _threshold_variant(pooled=True),
+        "each instance has its own threshold: take the minimum within each instance (reduce over "
+        "batch and latents, dims 0 and 2).",
+    ),
+]
+
+
+def _threshold_cases() -> list[Case]:
+    g = _g(3)
+    acts = torch.relu(torch.randn(5, 3, 4, generator=g)) + 0.0
+    acts[:, 2] = 0.0  # instance 2 fired nothing
+    theta = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    base = Case("3 instances, one silent", (theta, acts))
+    one = torch.relu(torch.randn(1, 2, 6, generator=g)) + 0.05 * (
+        torch.rand(1, 2, 6, generator=g) > 0.5
+    )
+    return [
+        base,
+        *with_options(base, lr=0.3),
+        Case("a batch of one, float32 threshold", (torch.tensor([0.5, 0.0]), one), {"lr": 0.05}),
+    ]  # fmt: skip
+
+
+@exercise("2.2", "update_threshold")
+def update_threshold(learner) -> str:
+    return compare_function(learner, E.update_threshold, _threshold_cases(), THRESHOLD_MISTAKES)
+
+
+# ---------------------------------------------------------------- 2.3 Matryoshka loss
+
+
+def _matryoshka_variant(bias=True, reduce="sum", inner_only=False, off_by_one=False,
+                        per_dim=False):  # fmt: skip
+    def f(x, acts, W_dec, b_dec, prefixes):
+        widths = list(prefixes)[:-1] if inner_only else list(prefixes)
+        terms = []
+        for m in widths:
+            m = m + 1 if off_by_one and m < W_dec.shape[1] else m
+            x_hat = torch.einsum("bis,isd->bid", acts[..., :m], W_dec[:, :m])
+            x_hat = x_hat + b_dec if bias else x_hat
+            err = (x_hat - x).pow(2)
+            terms.append(err.mean(-1).mean(0) if per_dim else err.sum(-1).mean(0))
+        if not terms:
+            return torch.zeros(x.shape[1])
+        stacked = torch.stack(terms)
+        return stacked.mean(0) if reduce == "mean" else stacked.sum(0)
+
+    return f
+
+
+MATRYOSHKA_MISTAKES = [
+    Mistake(
+        "no b_dec in the prefix reconstructions",
+        _matryoshka_variant(bias=False),
+        "every prefix reconstruction is b_dec + (first m latents) @ (first m decoder rows): you "
+        "left out b_dec.",
+    ),
+    Mistake(
+        "mean over the prefixes",
+        _matryoshka_variant(reduce="mean"),
+        "sum the prefix losses (SAELens adds them unweighted); yours averages them.",
+    ),
+    Mistake(
+        "inner prefixes only",
+        _matryoshka_variant(inner_only=True),
+        "the last prefix is the full width: its loss (the ordinary reconstruction) is part of "
+        "the sum too.",
+    ),
+    Mistake(
+        "prefix one latent too long",
+        _matryoshka_variant(off_by_one=True),
+        "prefix m means latents 0 .. m-1: slice with `[..., :m]`, not `[..., :m + 1]`.",
+    ),
+    Mistake(
+        "mean over d_in",
+        _matryoshka_variant(per_dim=True),
+        "sum the squared error over d_in (then average over the batch), as chapter 02's loss "
+        "does; yours averages over d_in.",
+    ),
+]
+
+
+def _matryoshka_cases() -> list[Case]:
+    g = _g(4)
+    x = torch.randn(6, 2, 5, generator=g)
+    acts = torch.relu(torch.randn(6, 2, 8, generator=g))
+    W_dec = _unit(torch.randn(2, 8, 5, generator=g)) * 1.3
+    b_dec = torch.randn(2, 5, generator=g)
+    return [
+        Case("prefixes [2, 5, 8]", (x, acts, W_dec, b_dec, [2, 5, 8])),
+        Case("prefixes [1, 8]", (x, acts, W_dec, b_dec, [1, 8])),
+        Case("one prefix, the full width [8]", (x, acts, W_dec, b_dec, [8])),
+        Case("a batch of one, prefixes (3, 4, 8) as a tuple", (x[:1], acts[:1], W_dec, b_dec, (3, 4, 8))),
+    ]  # fmt: skip
+
+
+@exercise("2.3", "matryoshka_loss")
+def matryoshka_loss(learner) -> str:
+    return compare_function(learner, E.matryoshka_loss, _matryoshka_cases(), MATRYOSHKA_MISTAKES)
+
+
+# ---------------------------------------------------------------- 4.1 sparse-probe selection
+
+
+def _selection(score_fn, largest=True):
+    def f(acts, labels, k):
+        labels = labels.bool()
+        return score_fn(acts, labels).topk(k, largest=largest).indices
+
+    return f
+
+
+def _diff(acts, labels):
+    return acts[labels].mean(0) - acts[~labels].mean(0)
+
+
+SELECT_MISTAKES = [
+    Mistake(
+        "signed difference",
+        _selection(_diff),
+        "a dimension that is *lower* on the positives separates them just as well: rank by the "
+        "absolute difference |mean_pos - mean_neg|.",
+    ),
+    Mistake(
+        "smallest differences",
+        _selection(lambda a, y: _diff(a, y).abs(), largest=False),
+        "you picked the k *least* different dimensions: take the largest (`topk`, or argsort "
+        "descending).",
+    ),
+    Mistake(
+        "t-statistic",
+        _selection(lambda a, y: _diff(a, y).abs() / a.std(0).clamp_min(1e-8)),
+        "rank by the raw mean difference (SAEBench's selection), not divided by the spread.",
+    ),
+]
+
+
+def _select_cases() -> list[Case]:
+    g = _g(5)
+    acts = torch.randn(40, 9, generator=g) * torch.linspace(0.5, 3, 9)
+    labels = torch.rand(40, generator=g) < 0.4
+    acts[labels, 2] += 1.5
+    acts[labels, 6] -= 2.5
+    acts[labels, 4] += 0.8
+    return [
+        Case("40 rows, 9 dims, k = 3", (acts, labels, 3)),
+        Case("k = 1", (acts, labels, 1)),
+        Case("k = every dimension (largest first)", (acts, labels, 9)),
+        Case("two rows, one of each class", (acts[[0, 1]], torch.tensor([True, False]), 2)),
+    ]
+
+
+def _compare_selection(expected, actual) -> str | None:
+    if not isinstance(actual, torch.Tensor):
+        return f"return a tensor of k dimension indices, got {type(actual).__name__}"
+    if actual.dtype.is_floating_point or actual.dtype == torch.bool:
+        return "return the *indices* of the k dimensions (an integer tensor), not scores or a mask"
+    return mismatch(expected.long(), actual.long(), 0, 0)
+
+
+@exercise("4.1", "top_k_by_mean_difference")
+def top_k_by_mean_difference(learner) -> str:
+    return compare_function(
+        learner,
+        E.top_k_by_mean_difference,
+        _select_cases(),
+        SELECT_MISTAKES,
+        compare=_compare_selection,
+    )
