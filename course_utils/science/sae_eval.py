@@ -494,14 +494,15 @@ def absorption_rate(
     where the child is active (so the parent is too), the *absorption rate* is the fraction on
     which the parent's latent is silent while a latent whose decoder has |cos| >= 0.1 with the
     parent's direction fires (the parent's direction is carried by another latent; Chanin's
-    "false negative with an absorber"). ``parent_recall_without_child``: the parent latent's
-    recall on samples where the parent fires without a child (a baseline: a dead or useless
-    parent latent scores low there too). Means over the pairs.
+    "false negative with an absorber"). Baseline, ``miss_rate_without_child``: the fraction of
+    samples where the parent is active *without* a child on which its latent is silent (a poor or
+    dead parent latent misses there too; an absorbed one misses only when a child is present).
+    Means over the pairs.
     """
     latents, feats, _ = match_latents(W_dec, features)
     latent_of = dict(zip(feats.tolist(), latents.tolist(), strict=True))
     cos_parent = _unit(W_dec) @ _unit(features).T  # [d_sae, feat], signed
-    rates, recalls = [], []
+    rates, misses = [], []
     for parent, child in pairs:
         lat = latent_of.get(parent)
         if lat is None:
@@ -515,10 +516,10 @@ def absorption_rate(
         if with_child.any():
             rates.append(absorbed[with_child].float().mean().item())
         if alone.any():
-            recalls.append((~silent)[alone].float().mean().item())
+            misses.append(silent[alone].float().mean().item())
     return {
         "absorption_rate": sum(rates) / max(len(rates), 1),
-        "parent_recall_without_child": sum(recalls) / max(len(recalls), 1),
+        "miss_rate_without_child": sum(misses) / max(len(misses), 1),
     }
 
 
