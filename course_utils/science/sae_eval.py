@@ -23,11 +23,13 @@ the metric functions take one dictionary, ``W_dec [d_sae, d_in]``, ``latent_acts
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -421,6 +423,7 @@ def train_saelens(
     from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE
     from sae_lens.saes.topk_sae import TopKTrainingSAE
     from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
+    from tqdm.auto import tqdm
 
     d_in = batches[0].shape[-1]
     cfg = _saelens_config(architecture, d_in, d_sae, k, prefixes, aux_loss_coefficient)
@@ -447,7 +450,11 @@ def train_saelens(
         feature_sampling_window=10**9,
     )
     trainer = SAETrainer(trainer_cfg, theirs, iter(batches))
-    with contextlib.redirect_stderr(io.StringIO()):
+    quiet = functools.partial(tqdm, disable=True)  # its bar would stay at 0% in a notebook
+    with (
+        mock.patch("sae_lens.training.sae_trainer.tqdm", quiet),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         trainer.fit()
     with tempfile.TemporaryDirectory() as folder:
         theirs.save_inference_model(folder)
