@@ -62,9 +62,10 @@ CHECKS = [
 def match_maximize(W_dec, features):
     from scipy.optimize import linear_sum_assignment
 
-    cos = torch.nn.functional.normalize(W_dec, dim=-1) @ torch.nn.functional.normalize(
-        features, dim=-1
-    ).T
+    cos = (
+        torch.nn.functional.normalize(W_dec, dim=-1)
+        @ torch.nn.functional.normalize(features, dim=-1).T
+    )
     rows, cols = linear_sum_assignment(cos.abs().numpy(), maximize=True)
     rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
     return rows, cols, cos.abs()[rows, cols]
@@ -213,8 +214,10 @@ def threshold_max(threshold, acts, lr=0.01):
 WRONG = {
     check.match_latents: [
         match_sorted_by_cos,
-        lambda W, F: (torch.arange(min(len(W), len(F))),) * 2
-        + ((_unit(W[: len(F)]) @ _unit(F[: len(W)]).T).diagonal().abs(),),
+        lambda W, F: (
+            (torch.arange(min(len(W), len(F))),) * 2
+            + ((_unit(W[: len(F)]) @ _unit(F[: len(W)]).T).diagonal().abs(),)
+        ),
     ],
     check.latent_f1: [
         lambda a, f, W, F: E.latent_f1(a, f, W, F)[:2] + (E.latent_f1(a, f, W, F)[2] * 0,),
