@@ -206,3 +206,31 @@ def test_the_shipped_pareto_table_has_every_architecture_at_three_sparsities():
     assert sorted(set(archs)) == ["BatchTopK", "JumpReLU", "Matryoshka", "ReLU-L1", "TopK"]
     assert all(archs.count(a) == 3 for a in set(archs))
     assert all(0 < r["fvu"] < 1.5 and r["l0"] > 0 for r in table)
+
+
+# ----------------------------------------------------------------------------- the online bonus
+
+
+def test_dictionary_report_on_a_local_saelens_folder_matches_the_sweep_numbers():
+    """The bonus's function, on local files: the shipped SAE read from its folder."""
+    from course_utils.assets import ASSETS_DIR
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.models import load_model, load_sae_folder
+
+    model = load_model("course-2l")
+    sae = load_sae_folder(ASSETS_DIR / "saes" / "course-2l-res0-seed0")
+    tokens = corpus_windows(model, "validation")[:4]
+    report = E.dictionary_report(model, sae, tokens, "blocks.0.hook_resid_post")
+    assert report["delta_ce"] == pytest.approx(report["ce_sae"] - report["ce_clean"])
+    assert 0 <= report["dense_fraction"] <= 1 and 0 < report["fvu"] < 1 and report["l0"] > 1
+    with pytest.raises(ValueError, match="d_in=128 but the activation"):
+        E.dictionary_report(model, sae, tokens, "blocks.0.mlp.hook_post")
+
+
+def test_the_public_sae_of_the_bonus_is_one_clear_error_offline(monkeypatch):
+    from course_utils.science.feature_analysis import load_gelu_1l_sae
+    from course_utils.science.models import NetworkRequiredError
+
+    monkeypatch.setenv("COURSE_OFFLINE", "1")
+    with pytest.raises(NetworkRequiredError, match="needs a network connection"):
+        load_gelu_1l_sae("run1")

@@ -627,6 +627,28 @@ def pareto_saes(recipe: dict, d_in: int) -> dict[str, tuple[S.SAE, list[str]]]:
     }  # fmt: skip
 
 
+@torch.no_grad()
+def dictionary_report(model, sae, tokens: Int[Tensor, "batch pos"], hook_name: str) -> dict:
+    """Every number of the chapter's sweep for one dictionary spliced in at ``hook_name``:
+    :func:`~course_utils.science.lm_saes.evaluate_splice` (L0, FVU, CE loss with the SAE, CE
+    recovered against zero- and mean-ablation, KL, dead fraction) plus ``delta_ce`` (CE with the
+    SAE - clean CE) and ``dense_fraction`` (latents firing on more than 10% of the tokens; BOS,
+    position 0, excluded). Any SAE with ``encode``/``decode`` works: ours (one instance, via
+    ``lm_saes.single``), a shipped or local SAELens folder, or a downloaded SAELens release. An SAE
+    whose width does not match the hook is one clear ``ValueError``."""
+    from course_utils.science.lm_saes import evaluate_splice
+
+    numbers = evaluate_splice(model, sae, tokens, hook_name)  # checks the SAE fits the hook
+    _, cache = model.run_with_cache(tokens, names_filter=hook_name)
+    act = cache[hook_name][:, 1:]
+    acts = sae.encode(act.reshape(-1, act.shape[-1]))
+    return {
+        **numbers,
+        "delta_ce": numbers["ce_sae"] - numbers["ce_clean"],
+        "dense_fraction": ((acts > 0).float().mean(0) > 0.1).float().mean().item(),
+    }
+
+
 def build_pareto_table(out_path, recipe: dict | None = None, log=print, threads: int = 2) -> list:
     """Train the sweep (:data:`PARETO`) and write one CSV row per SAE (:data:`PARETO_COLUMNS`).
 
@@ -640,7 +662,7 @@ def build_pareto_table(out_path, recipe: dict | None = None, log=print, threads:
     from pathlib import Path
 
     from course_utils.science.activations import ActivationStore, corpus_windows
-    from course_utils.science.lm_saes import evaluate_splice, single
+    from course_utils.science.lm_saes import single
     from course_utils.science.models import load_model
 
     recipe = {**PARETO, **(recipe or {})}
@@ -659,18 +681,8 @@ def build_pareto_table(out_path, recipe: dict | None = None, log=print, threads:
         t0 = time.perf_counter()
         train_dictionary(sae, batches, lr=recipe["lr"])
         for i, label in enumerate(labels):
-            one = single(sae, i)
-            numbers = evaluate_splice(model, one, tokens, hook)
-            with torch.no_grad():
-                _, cache = model.run_with_cache(tokens, names_filter=hook)
-                acts = one.encode(cache[hook][:, 1:].reshape(-1, sae.d_in))
-            row = {
-                "architecture": name,
-                "setting": label,
-                **numbers,
-                "delta_ce": numbers["ce_sae"] - numbers["ce_clean"],
-                "dense_fraction": ((acts > 0).float().mean(0) > 0.1).float().mean().item(),
-            }
+            numbers = dictionary_report(model, single(sae, i), tokens, hook)
+            row = {"architecture": name, "setting": label, **numbers}
             rows.append({c: (round(row[c], 5) if isinstance(row[c], float) else row[c])
                          for c in PARETO_COLUMNS})  # fmt: skip
             log(
