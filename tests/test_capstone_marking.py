@@ -1,4 +1,4 @@
-"""`course check 10` end to end: the worked solution earns every automatic point, and a flawed
+"""`course check 11` end to end: the worked solution earns every automatic point, and a flawed
 submission, generated from it with the three usual mistakes, is caught on each one.
 
 The flawed notebook is the solution with three edits (each asserted to apply exactly once, so a
@@ -18,7 +18,7 @@ import time
 
 import nbformat
 
-from course_utils.checks import ch10
+from course_utils.checks import ch11
 from course_utils.machinery.build import read_notebook
 from course_utils.machinery.chapters import get_chapter, solution_path
 from course_utils.machinery.grading import tabulate
@@ -42,7 +42,7 @@ MISTAKES = {
 
 def flawed_notebook(path) -> None:
     """Write the solution with the three mistakes to ``path``."""
-    nb = nbformat.read(solution_path(get_chapter("10"), ROOT), as_version=4)
+    nb = nbformat.read(solution_path(get_chapter("11"), ROOT), as_version=4)
     for name, (right, wrong) in MISTAKES.items():
         hits = [c for c in nb.cells if c.cell_type == "code" and right in c.source]
         assert len(hits) == 1 and hits[0].source.count(right) == 1, f"{name}: {right!r} not unique"
@@ -54,15 +54,15 @@ def flawed_notebook(path) -> None:
 
 
 def test_the_worked_solution_earns_every_automatic_point():
-    chapter = get_chapter("10")
+    chapter = get_chapter("11")
     results = tabulate(read_notebook(solution_path(chapter, ROOT)), chapter)
     assert [r.status for r in results] == ["passed"] * 8, results
-    summary = ch10.marking_summary(results)
+    summary = ch11.marking_summary(results)
     assert "marked by the program: 40/40" in summary and "total: 40 + __ (person) of 100" in summary
 
 
 def test_course_check_catches_each_mistake_of_the_flawed_submission(tmp_path):
-    path = tmp_path / "10_flawed_submission.ipynb"
+    path = tmp_path / "11_flawed_submission.ipynb"
     flawed_notebook(path)
     start = time.perf_counter()
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e|build-clt|build-bilinear-lm|freeze-corpus``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e|build-clt|build-bilinear-lm|build-sae-pareto|freeze-corpus``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -68,7 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     blm.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
     blm.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     blm.add_argument("--threads", type=int, default=1)
+    pareto = sub.add_parser(
+        "build-sae-pareto",
+        help="rerun the chapter-10 sweep: 5 SAE architectures x 3 sparsities on one layer",
+    )
+    pareto.add_argument("--out", type=Path, default=None, help="CSV (default: shipped)")
+    pareto.add_argument("--steps", type=int, default=None, help="training steps (default 600)")
+    pareto.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+
+    if args.command == "build-sae-pareto":
+        from course_utils.science import sae_eval
+
+        out = args.out or Path(__file__).parent / "saes" / sae_eval.PARETO_TABLE
+        recipe = {} if args.steps is None else {"steps": args.steps}
+        return _timed(
+            "the chapter-10 SAE sweep",
+            lambda log: sae_eval.build_pareto_table(out, recipe, log=log, threads=args.threads),
+        )
 
     if args.command == "build-bilinear-lm":
         from course_utils.science import bilinear_lm

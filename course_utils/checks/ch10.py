@@ -1,453 +1,516 @@
-"""Checks and the marking rubric for chapter 10, the capstone feature analysis.
+"""Checks for chapter 10, Evaluating and comparing SAEs.
 
-Two kinds of check:
-
-- the learner's four functions against the references of chapters 03 and 06 (the same check
-  bodies, the same ``Mistake`` hints: one source of truth for each criterion);
-- the hand-in: the required results under the documented names (:data:`REQUIRED`), computed on
-  held-out data, the neurons of the right layer, and numerically consistent with the learner's
-  own functions. Each is called with the notebook's ``globals()``.
-
-:func:`marking_summary` turns ``course check 10``'s results into the rubric (:data:`RUBRIC`): the
-points a program can award, then the checklist a person marks, with a total.
+Shapes: one dictionary ``W_dec [d_sae, d]``, true ``features [n_features, d]``, ``latent_acts
+[n, d_sae]``, ``feature_acts [n, n_features]``; the architecture exercises keep chapter 02's
+instance dimension, ``pre``/``acts [batch, inst, d_sae]``, ``W_dec [inst, d_sae, d_in]``.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 
-from course_utils.checks import ch03, ch06
-from course_utils.checks.core import CheckFailed, exercise
-
-# ----------------------------------------------------------------------------- 1.x the functions
-# The same check bodies as chapters 03 and 06 (``__wrapped__`` is the body under @exercise).
-
-specificity_sensitivity = exercise("1.1", "specificity_sensitivity")(
-    ch03.specificity_sensitivity.__wrapped__
+from course_utils.checks.core import (
+    Case,
+    Mistake,
+    compare_function,
+    exercise,
+    mismatch,
+    with_options,
 )
-ablation_effect = exercise("1.2", "ablation_effect")(ch06.ablation_effect.__wrapped__)
-logit_weights = exercise("1.3", "logit_weights")(ch03.logit_weights.__wrapped__)
-max_neuron_correlation = exercise("1.4", "max_neuron_correlation")(
-    ch03.max_neuron_correlation.__wrapped__
-)
-SS_MISTAKES, EFFECT_MISTAKES = ch03.SS_MISTAKES, ch06.EFFECT_MISTAKES
-LOGIT_MISTAKES, CORR_MISTAKES = ch03.LOGIT_MISTAKES, ch03.CORR_MISTAKES
-
-# ----------------------------------------------------------------------------- 2.x the hand-in
-
-#: Every required result: name -> (what it is, the step of the notebook that produces it).
-REQUIRED: dict[str, tuple[str, str]] = {
-    "SAE_NAME": ("the dictionary you analyse (a shipped name or a folder)", "Step 1"),
-    "HOOK_NAME": ("the hook it reads", "Step 1"),
-    "eval_tokens": ("the held-out windows every number is computed on, [windows, pos]", "Step 1"),
-    "proxies": ("concept -> a function of the tokens returning a boolean mask", "Step 2"),
-    "features": ("concept -> the feature index you chose", "Step 2"),
-    "NEURON_HOOK": ("the MLP neurons you compare features with", "Step 5"),
-    "OTHER_SAE_NAME": ("the second dictionary (another seed or layer)", "Step 6"),
-    "OTHER_HOOK_NAME": ("the hook the second dictionary reads", "Step 6"),
-    "results": ("concept -> dict of the numbers below", "Steps 3-7"),
-}
-#: Every key of ``results[concept]``: key -> (what it is, the step that produces it).
-RESULT_KEYS: dict[str, tuple[str, str]] = {
-    "specificity": ("activation mass on proxy tokens / all mass", "Step 3"),
-    "sensitivity": ("fraction of proxy tokens where the feature fires", "Step 3"),
-    "ablation": ("mean change in log p(next token) where the feature fires, ablated", "Step 4"),
-    "top_logit_tokens": ("the 10 token ids with the largest logit weight", "Step 4"),
-    "neuron": ("the most correlated neuron at NEURON_HOOK", "Step 5"),
-    "neuron_corr": ("its Pearson correlation with the feature", "Step 5"),
-    "neuron_specificity": ("that neuron's own specificity for the proxy", "Step 5"),
-    "match": ("the most correlated feature of the second dictionary", "Step 6"),
-    "match_corr": ("its Pearson correlation with the feature", "Step 6"),
-    "verdict": ("your written verdict, with the numbers", "Step 7"),
-}
-MIN_EVAL_TOKENS = 10_000
-MIN_CONCEPTS = 3
-ABLATION_CHUNK = 32
-#: The ablation is the slow part (two forward passes per chunk and feature): ``consistent``
-#: recomputes it for the first two concepts only, so that ``course check 10`` stays short.
-ABLATION_CONCEPTS = 2
+from course_utils.science import sae_eval as E
 
 
-def _missing_message(missing: list[str], table: dict, where: str = "") -> str:
-    parts = [
-        f"`{where}{name}` ({table[name][0]}; {table[name][1]} produces it)" for name in missing
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------- 1.1 match latents
+
+
+def _by_feature(out):
+    """(latents, features, cos) sorted by feature index, whatever order the learner used."""
+    latents, feats, cos = (torch.as_tensor(t) for t in out)
+    order = feats.argsort()
+    return latents[order].long(), feats[order].long(), cos[order].double()
+
+
+def _compare_matching(expected, actual) -> str | None:
+    if not isinstance(actual, (tuple, list)) or len(actual) != 3:
+        return "return a tuple (latent indices, feature indices, |cos| of each pair)"
+    try:
+        actual = _by_feature(actual)
+    except Exception:  # not three tensors of equal length
+        return "return three 1-D tensors of equal length: (latents, features, |cos|)"
+    return mismatch(_by_feature(expected), actual, 1e-5, 1e-4)
+
+
+def _assignment(cost: torch.Tensor, maximise: bool = False):
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost.double().numpy(), maximize=maximise)
+    return torch.as_tensor(rows), torch.as_tensor(cols)
+
+
+def _match_with(cos: torch.Tensor, maximise: bool = False, score=None):
+    rows, cols = _assignment(cos if maximise else 1 - cos, maximise)
+    score = cos if score is None else score
+    return rows.long(), cols.long(), score[rows, cols]
+
+
+def _minimised(W_dec, features):
+    cos = (_unit(W_dec) @ _unit(features).T).abs()
+    rows, cols = _assignment(cos)
+    return rows.long(), cols.long(), cos[rows, cols]
+
+
+def _greedy_best_latent(W_dec, features):
+    """Each feature takes its best latent, even one another feature already took."""
+    cos = (_unit(W_dec) @ _unit(features).T).abs()
+    if W_dec.shape[0] < features.shape[0]:
+        latents = torch.arange(W_dec.shape[0])
+        feats = cos.argmax(-1)
+        return latents, feats, cos[latents, feats]
+    feats = torch.arange(features.shape[0])
+    latents = cos.argmax(0)
+    return latents, feats, cos[latents, feats]
+
+
+MATCH_MISTAKES = [
+    Mistake(
+        "signed cosine",
+        lambda W_dec, features: _match_with(_unit(W_dec) @ _unit(features).T),
+        "a decoder row pointing the opposite way is the same feature (an SAE latent's sign is "
+        "arbitrary in this metric): match on |cos|, not cos.",
+    ),
+    Mistake(
+        "best latent per feature, shared",
+        _greedy_best_latent,
+        "the matching is one-to-one: two features may not share a latent. Use the Hungarian "
+        "algorithm (`scipy.optimize.linear_sum_assignment`) on the whole |cos| matrix.",
+    ),
+    Mistake(
+        "unnormalised dot products",
+        lambda W_dec, features: _match_with((W_dec @ features.T).abs()),
+        "normalise the decoder rows and the features before the dot products: the rows you are "
+        "given are not unit-norm.",
+    ),
+    Mistake(
+        "minimised |cos|",
+        lambda W_dec, features: _minimised(W_dec, features),
+        "`linear_sum_assignment` *minimises* its cost: pass `1 - |cos|` (or `maximize=True`), "
+        "not |cos| itself.",
+    ),
+]
+
+
+def _match_cases() -> list[Case]:
+    g = _g(0)
+    features = torch.randn(6, 5, generator=g)
+    W_more = torch.randn(8, 5, generator=g) * 3
+    W_fewer = torch.randn(4, 5, generator=g) * 0.5
+    # greedy-vs-Hungarian: latent 0 is the best match of both features; Hungarian gives it to one
+    f2 = _unit(torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]]))
+    W2 = torch.tensor([[0.9, 0.3, 0.0], [0.0, 1.0, 0.2], [0.1, -0.2, 1.0]])
+    flipped = W_more.clone()
+    flipped[::2] *= -1
+    return [
+        Case("8 latents, 6 features, rows not unit-norm", (W_more, features)),
+        Case("4 latents, 6 features (fewer latents than features)", (W_fewer, features)),
+        Case("two features whose best latent is the same one", (W2, f2)),
+        Case("every other decoder row flipped in sign", (flipped, features)),
+        Case("one latent, one feature", (W_more[:1], features[:1])),
     ]
-    return "missing " + "; ".join(parts) + "."
 
 
-def _hand_in(ns: dict) -> dict:
-    """The required results, validated; NotImplementedError when none exists yet."""
-    if not isinstance(ns, dict):
-        raise CheckFailed("pass the notebook's namespace: `check.hand_in(globals())`.")
-    missing = [name for name in REQUIRED if name not in ns]
-    if len(missing) == len(REQUIRED):
-        error = NotImplementedError()
-        error.not_attempted = (
-            "not attempted yet: none of the required results exists (Steps 1-7 define them; "
-            "the table under the brief lists them)."
-        )
-        raise error
-    if missing:
-        raise CheckFailed(_missing_message(missing, REQUIRED))
-    results, features, proxies = ns["results"], ns["features"], ns["proxies"]
-    for name, value in (("results", results), ("features", features), ("proxies", proxies)):
-        if not isinstance(value, dict):
-            raise CheckFailed(
-                f"`{name}` should be a dict keyed by concept, got {type(value).__name__}."
-            )
-    if len(results) < MIN_CONCEPTS:
-        raise CheckFailed(
-            f"`results` has {len(results)} concept(s); the brief asks for at least {MIN_CONCEPTS}."
-        )
-    for concept, row in results.items():
-        for name, table in (("features", features), ("proxies", proxies)):
-            if concept not in table:
-                raise CheckFailed(
-                    f"`results` has {concept!r} but `{name}` does not ({REQUIRED[name][1]})."
-                )
-        if not isinstance(row, dict):
-            raise CheckFailed(f"`results[{concept!r}]` should be a dict, got {type(row).__name__}.")
-        gone = [k for k in RESULT_KEYS if k not in row]
-        if gone:
-            raise CheckFailed(_missing_message(gone, RESULT_KEYS, f"results[{concept!r}]."))
-        if not callable(proxies[concept]):
-            raise CheckFailed(
-                f"`proxies[{concept!r}]` is a {type(proxies[concept]).__name__}: it must be a "
-                "function of the tokens (tokens -> boolean mask), defined from the concept alone, "
-                "so that it can be applied to any text, not a mask computed on some examples."
-            )
-    tokens = ns["eval_tokens"]
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        raise CheckFailed("`eval_tokens` should be a [windows, pos] tensor of token ids.")
-    return ns
-
-
-@functools.lru_cache(maxsize=1)
-def _model():
-    from course_utils.science.models import load_model
-
-    return load_model("course-2l", device="cpu")
-
-
-def _sae(name: str, hook_name: str):
-    from course_utils.science.feature_analysis import load_analysis_sae
-
-    try:
-        return load_analysis_sae(_model(), name, hook_name)
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        raise CheckFailed(f"cannot load {name!r} at {hook_name!r}: {error}") from None
-
-
-def _proxy(ns: dict, concept: str) -> torch.Tensor:
-    from course_utils.science.feature_analysis import check_proxy
-
-    tokens = ns["eval_tokens"]
-    try:
-        return check_proxy(ns["proxies"][concept](tokens.clone()), tokens, concept)
-    except ValueError as error:
-        raise CheckFailed(str(error)) from None
-
-
-@exercise("2.1", "hand_in")
-def hand_in(ns: dict) -> str:
-    """Every required result present and well formed; the dictionaries load at their hooks;
-    every proxy is a function of the tokens that matches at least one held-out token."""
-    ns = _hand_in(ns)
-    _sae(ns["SAE_NAME"], ns["HOOK_NAME"])
-    _sae(ns["OTHER_SAE_NAME"], ns["OTHER_HOOK_NAME"])
-    for concept in ns["results"]:
-        _proxy(ns, concept)
-        feature = ns["features"][concept]
-        if isinstance(feature, bool) or not isinstance(feature, int):
-            raise CheckFailed(f"`features[{concept!r}]` should be an int, got {feature!r}.")
-    return f"all {len(REQUIRED)} results present for {len(ns['results'])} concepts; proxies match"
-
-
-@exercise("2.2", "held_out")
-def held_out(ns: dict) -> str:
-    """eval_tokens come from the validation split (the SAEs never saw it) and are enough."""
-    from course_utils.science.feature_analysis import held_out_fraction, split_stream
-
-    ns = _hand_in(ns)
-    tokens = ns["eval_tokens"]
-    inside = held_out_fraction(tokens, split_stream(_model(), "validation"))
-    n_tokens = tokens[:, 1:].numel()
-    if not inside.all():
-        raise CheckFailed(
-            f"{int((~inside).sum())} of {len(tokens)} windows of `eval_tokens` are not from the "
-            "validation split (the shipped SAEs were trained on the training split: numbers "
-            "measured there flatter them). Use `corpus_windows(model, 'validation')` (Step 1)."
-        )
-    if n_tokens < MIN_EVAL_TOKENS:
-        raise CheckFailed(
-            f"`eval_tokens` holds {n_tokens:,} tokens; use at least {MIN_EVAL_TOKENS:,} so that "
-            "a rare concept occurs often enough to measure."
-        )
-    return f"all {len(tokens)} windows ({n_tokens:,} tokens) are from the validation split"
-
-
-@exercise("2.3", "neuron_layer")
-def neuron_layer(ns: dict) -> str:
-    """NEURON_HOOK holds the neurons whose output the analysed dictionary reads."""
-    from course_utils.science.feature_analysis import neuron_hook_for
-
-    ns = _hand_in(ns)
-    try:
-        right = neuron_hook_for(_model(), ns["HOOK_NAME"])
-    except (KeyError, ValueError) as error:
-        raise CheckFailed(str(error)) from None
-    if ns["NEURON_HOOK"] != right:
-        raise CheckFailed(
-            f"NEURON_HOOK is {ns['NEURON_HOOK']!r} but the SAE reads {ns['HOOK_NAME']!r}: the "
-            f"neurons that could carry its features are {right!r} (the MLP whose output it reads). "
-            "A later layer's neurons see the feature's effects, not the feature (Step 5)."
-        )
-    return f"features compared with {right}"
-
-
-def _close(stored, mine: float, atol: float, rtol: float) -> bool:
-    try:
-        stored = float(stored)
-    except (TypeError, ValueError):
-        return False
-    return abs(stored - mine) <= atol + rtol * abs(mine)
-
-
-def _ablation_mean(fn: Callable, model, sae, tokens, hook_name, feature, acts) -> float:
-    """Mean over firing positions of the learner's ablation effect, in chunks of windows."""
-    total, count = 0.0, 0
-    for start in range(0, len(tokens), ABLATION_CHUNK):
-        chunk = tokens[start : start + ABLATION_CHUNK]
-        fires = acts[start : start + ABLATION_CHUNK, :-1] > 0
-        fires[:, 0] = False
-        if fires.any():
-            with torch.no_grad():
-                effect = fn(model, sae, chunk, hook_name, feature)
-            total += float(effect[fires].sum())
-            count += int(fires.sum())
-    return total / max(count, 1)
-
-
-def _vocab_set(ids) -> set:
-    vocab = _vocab()
-    out = set()
-    for i in list(ids):
-        out.add(vocab[int(i)] if not isinstance(i, str) else i)
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _vocab() -> tuple[str, ...]:
-    from course_utils.science.feature_analysis import vocab_strings
-
-    return tuple(vocab_strings(_model().tokenizer))
-
-
-def _learner_fn(ns: dict, name: str) -> Callable:
-    fn = ns.get(name)
-    if not callable(fn):
-        raise CheckFailed(f"your function `{name}` is not defined (Exercise 1.x defines it).")
-    return fn
-
-
-@exercise("2.4", "consistent")
-def consistent(ns: dict) -> str:
-    """Each stored number equals what the learner's own functions give on all of eval_tokens
-    (positions 1:, BOS dropped), with the stated SAEs, proxies, features and neurons (the
-    ablation for the first :data:`ABLATION_CONCEPTS` concepts)."""
-    from course_utils.science import lm_saes as L
-
-    ns = _hand_in(ns)
-    ss = _learner_fn(ns, "specificity_sensitivity")
-    effect_fn = _learner_fn(ns, "ablation_effect")
-    lw = _learner_fn(ns, "logit_weights")
-    corr_fn = _learner_fn(ns, "max_neuron_correlation")
-    model, tokens = _model(), ns["eval_tokens"]
-    sae = _sae(ns["SAE_NAME"], ns["HOOK_NAME"])
-    other = _sae(ns["OTHER_SAE_NAME"], ns["OTHER_HOOK_NAME"])
-    acts = L.feature_acts_on(model, sae, tokens, ns["HOOK_NAME"])
-    other_acts = L.feature_acts_on(model, other, tokens, ns["OTHER_HOOK_NAME"])[:, 1:]
-    other_acts = other_acts.reshape(-1, other_acts.shape[-1])
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=ns["NEURON_HOOK"])
-        weights = lw(sae.W_dec.detach(), model.W_U.detach())
-    neurons = cache[ns["NEURON_HOOK"]][:, 1:].reshape(-1, model.cfg.d_mlp)
-    problems = []
-    for k, (concept, row) in enumerate(ns["results"].items()):
-        f = ns["features"][concept]
-        proxy = _proxy(ns, concept)[:, 1:].flatten()
-        a = acts[:, 1:, f].flatten()
-        spec, sens = ss(a, proxy)
-        corr, n = corr_fn(a, neurons)
-        n_spec, _ = ss(neurons[:, int(row["neuron"])], proxy)
-        m_corr, m = corr_fn(a, other_acts)
-        top = weights[f].topk(10).indices.tolist()
-        mine = {
-            "specificity": spec, "sensitivity": sens, "neuron_corr": corr, "neuron": n,
-            "neuron_specificity": n_spec, "match_corr": m_corr, "match": m,
-        }  # fmt: skip
-        if k < ABLATION_CONCEPTS:  # the slow one: the first concepts only
-            mine["ablation"] = _ablation_mean(
-                effect_fn, model, sae, tokens, ns["HOOK_NAME"], f, acts[..., f]
-            )
-        for key, value in mine.items():
-            tol = (1e-4, 0.02) if key == "ablation" else (2e-3, 0.0)
-            if not _close(row[key], float(value), *tol):
-                problems.append(
-                    f"{concept!r} {key}: stored {row[key]!r:.10}, your own functions give "
-                    f"{value:.4g} on all of eval_tokens"
-                )
-        if _vocab_set(row["top_logit_tokens"]) != _vocab_set(top):
-            problems.append(f"{concept!r} top_logit_tokens differ from your logit_weights' top 10")
-        if not isinstance(row["verdict"], str) or len(row["verdict"].split()) < 8:
-            problems.append(f"{concept!r} verdict: write a sentence or more, with the numbers")
-    if problems:
-        shown = "; ".join(problems[:6]) + (
-            f"; ... ({len(problems)} in all)" if len(problems) > 6 else ""
-        )
-        raise CheckFailed(
-            f"{shown}. Every number must be computed with your functions over every held-out "
-            "token (positions 1: of all of eval_tokens), not over a subset such as the "
-            "feature's activating examples or top contexts; the neuron and match correlations "
-            "over the same positions (BOS dropped)."
-        )
-    return (
-        f"{len(ns['results'])} concepts x {len(RESULT_KEYS)} results reproduced by your functions"
+@exercise("1.1", "match_latents")
+def match_latents(learner) -> str:
+    return compare_function(
+        learner, E.match_latents, _match_cases(), MATCH_MISTAKES, compare=_compare_matching
     )
 
 
-# ----------------------------------------------------------------------------- the rubric
-
-#: (criterion, evidence a marker looks for, points, the automatic check that awards it or None).
-RUBRIC: tuple[tuple[str, str, int, str | None], ...] = (
-    ("Functions", "specificity_sensitivity passes its check", 4, "specificity_sensitivity"),
-    ("Functions", "ablation_effect passes its check", 4, "ablation_effect"),
-    ("Functions", "logit_weights passes its check", 4, "logit_weights"),
-    ("Functions", "max_neuron_correlation passes its check", 4, "max_neuron_correlation"),
-    (
-        "Hand-in",
-        "every required result present; proxies are functions that match tokens",
-        6,
-        "hand_in",
-    ),
-    (
-        "Held-out data",
-        "every number on validation windows (never the SAE's training data)",
-        6,
-        "held_out",
-    ),
-    ("Not a neuron", "compared with the neurons of the layer the SAE reads", 6, "neuron_layer"),
-    (
-        "Consistency",
-        "stored numbers reproduced by the learner's own functions on all of eval_tokens",
-        6,
-        "consistent",
-    ),
-    (
-        "Proxies",
-        "each proxy written down in words BEFORE looking at the feature, defined from the "
-        "tokens alone; its limits named (e.g. windows that start inside a docstring)",
-        6,
-        None,
-    ),
-    (
-        "Choosing features",
-        "candidates chosen on a different slice of held-out data than the one "
-        "measured; the rule for choosing stated; at least 3 concepts",
-        6,
-        None,
-    ),
-    (
-        "Specificity",
-        "the number AND the activation histogram split by proxy; what the feature "
-        "does on the non-proxy tokens (a few examples read); specificity at high activation",
-        8,
-        None,
-    ),
-    (
-        "Sensitivity",
-        "the number AND examples of proxy tokens where the feature does not fire, with a reason",
-        5,
-        None,
-    ),
-    (
-        "Downstream: ablation",
-        "effect where the feature fires vs elsewhere, sign interpreted; "
-        "which next tokens lose most",
-        6,
-        None,
-    ),
-    (
-        "Downstream: logit weights",
-        "top tokens read against the hypothesis; the direct-path "
-        "caveat (later layers ignored) stated",
-        5,
-        None,
-    ),
-    (
-        "Not a neuron",
-        "best neuron's correlation AND that neuron's own specificity for the "
-        "proxy; the most specific neuron of all",
-        6,
-        None,
-    ),
-    (
-        "Universality",
-        "the matching feature in the second SAE, its correlation, and whether it "
-        "fits the same proxy",
-        6,
-        None,
-    ),
-    (
-        "Verdict",
-        "per feature: each criterion pass/fail against thresholds fixed in advance, "
-        "with the numbers; failures reported as failures",
-        8,
-        None,
-    ),
-    (
-        "Reproducible",
-        "the notebook runs top to bottom in a fresh kernel, seeds fixed; the time "
-        "the project took is stated",
-        4,
-        None,
-    ),
-)
+# ---------------------------------------------------------------- 1.2 per-latent F1
 
 
-def rubric_markdown() -> str:
-    """The rubric as a markdown table (the notebook shows it; a teaching assistant prints it)."""
-    lines = ["| criterion | evidence | points | marked by |", "| --- | --- | ---: | --- |"]
-    for criterion, evidence, points, auto in RUBRIC:
-        who = f"`course check` ({auto})" if auto else "a person"
-        lines.append(f"| {criterion} | {evidence} | {points} | {who} |")
-    total = sum(r[2] for r in RUBRIC)
-    lines.append(f"| **total** | | **{total}** | |")
-    return "\n".join(lines)
+def _f1_parts(fires, truth):
+    tp = (fires * truth).sum(0)
+    precision = torch.where(fires.sum(0) > 0, tp / fires.sum(0).clamp_min(1), 0.0)
+    recall = torch.where(truth.sum(0) > 0, tp / truth.sum(0).clamp_min(1), 0.0)
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), 0.0)
+    return precision, recall, f1
 
 
-def marking_summary(results) -> str:
-    """``course check 10``'s rubric: automatic points from the check results, then the
-    checklist a person fills in, and the total so far."""
-    status = {r.name: r.status for r in results}
-    auto = [r for r in RUBRIC if r[3]]
-    human = [r for r in RUBRIC if not r[3]]
-    earned = sum(p for _, _, p, name in auto if status.get(name) == "passed")
-    auto_total = sum(r[2] for r in auto)
-    human_total = sum(r[2] for r in human)
-    lines = [
-        "",
-        "Marking (rubric of chapter 10)",
-        f"  marked by the program: {earned}/{auto_total}",
+def _f1_with(best_fn, nan=False, swap=False):
+    def f(latent_acts, feature_acts, W_dec, features):
+        best = best_fn(W_dec, features)
+        fires = (latent_acts > 0).float()
+        truth = (feature_acts[:, best] > 0).float()
+        if nan:
+            tp = (fires * truth).sum(0)
+            precision, recall = tp / fires.sum(0), tp / truth.sum(0)
+            return precision, recall, 2 * precision * recall / (precision + recall)
+        p, r, f1 = _f1_parts(fires, truth)
+        return (r, p, f1) if swap else (p, r, f1)
+
+    return f
+
+
+def _abs_best(W_dec, features):
+    return (_unit(W_dec) @ _unit(features).T).abs().argmax(-1)
+
+
+F1_MISTAKES = [
+    Mistake(
+        "signed cosine for the best feature",
+        _f1_with(lambda W, F: (_unit(W) @ _unit(F).T).argmax(-1)),
+        "choose each latent's feature by |cos| (a flipped decoder row still matches it), as "
+        "SynthSAEBench does.",
+    ),
+    Mistake(
+        "NaN for a latent that never fires",
+        _f1_with(_abs_best, nan=True),
+        "a latent that never fires (or whose feature is never active) has an undefined ratio: "
+        "count it as 0, so that dead latents lower the mean F1 instead of making it NaN.",
+    ),
+    Mistake(
+        "precision and recall swapped",
+        _f1_with(_abs_best, swap=True),
+        "precision = true positives / times the latent fired; recall = true positives / times "
+        "its feature was active. Yours are the other way round.",
+    ),
+    Mistake(
+        "raw dot products for the best feature",
+        _f1_with(lambda W, F: (W @ F.T).abs().argmax(-1)),
+        "normalise the decoder rows and the features before taking cosines: the largest raw "
+        "dot product is not the largest |cos|.",
+    ),
+]
+
+
+def _f1_cases() -> list[Case]:
+    g = _g(1)
+    features = torch.randn(5, 4, generator=g)
+    W = torch.randn(7, 4, generator=g) * torch.linspace(0.2, 3, 7)[:, None]
+    W[2] = -W[2]
+    W[4] = features[3] * 0.3 + 0.05 * torch.randn(4, generator=g)
+    feature_acts = torch.relu(torch.randn(40, 5, generator=g)) * (
+        torch.rand(40, 5, generator=g) < 0.4
+    )
+    latent_acts = torch.relu(torch.randn(40, 7, generator=g) - 0.3)
+    latent_acts[:, 5] = 0.0  # a dead latent
+    latent_acts[:, 4] = feature_acts[:, 3] * 0.7  # a perfect latent for feature 3 (F1 = 1)
+    never = feature_acts.clone()
+    never[:, _abs_best(W, features)[0]] = 0.0  # latent 0's feature never active
+    return [
+        Case("7 latents, 5 features, a dead latent, a flipped row", (latent_acts, feature_acts, W, features)),
+        Case("a latent whose feature is never active", (latent_acts, never, W, features)),
+        Case("a batch of one", (latent_acts[:1], feature_acts[:1], W, features)),
+    ]  # fmt: skip
+
+
+@exercise("1.2", "latent_f1")
+def latent_f1(learner) -> str:
+    return compare_function(learner, E.latent_f1, _f1_cases(), F1_MISTAKES)
+
+
+# ---------------------------------------------------------------- 2.1 BatchTopK
+
+
+def _per_token_topk(pre, k):
+    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(pre.shape[1])
+    out = torch.zeros_like(pre)
+    for i in range(pre.shape[1]):
+        kk = int(ks[i])
+        v, idx = pre[:, i].topk(kk, dim=-1)
+        out[:, i] = torch.zeros_like(pre[:, i]).scatter(-1, idx, torch.relu(v))
+    return out
+
+
+def _batchtopk_variant(relu=True, pooled=False, rounding=int):
+    def f(pre, k):
+        batch, inst, d_sae = pre.shape
+        ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
+        acts = torch.relu(pre) if relu else pre
+        if pooled:
+            flat = acts.flatten()
+            n = rounding(float(ks.sum()) * batch)
+            v, idx = flat.topk(n)
+            return torch.zeros_like(flat).scatter(0, idx, v).view_as(pre)
+        out = torch.zeros_like(acts)
+        for i in range(inst):
+            flat = acts[:, i].flatten()
+            v, idx = flat.topk(rounding(float(ks[i]) * batch))
+            out[:, i] = torch.zeros_like(flat).scatter(0, idx, v).view(batch, d_sae)
+        return out
+
+    return f
+
+
+BATCHTOPK_MISTAKES = [
+    Mistake(
+        "k per token (TopK)",
+        _per_token_topk,
+        "that is TopK, k latents on every token. BatchTopK keeps the k × batch largest "
+        "activations of the whole batch (flatten batch and latents together), so one token may "
+        "keep more than k and another fewer.",
+    ),
+    Mistake(
+        "no ReLU",
+        _batchtopk_variant(relu=False),
+        "apply the ReLU first: when fewer than k × batch pre-activations are positive, the "
+        "negative ones must become 0, not survive the top-k.",
+    ),
+    Mistake(
+        "one top-k over all instances",
+        _batchtopk_variant(pooled=True),
+        "each instance is its own SAE: take the top int(k[i] × batch) within instance i only.",
+    ),
+    Mistake(
+        "rounded k × batch",
+        _batchtopk_variant(rounding=round),
+        "keep int(k × batch) activations (rounding down), as SAELens does: with a fractional k "
+        "`round` keeps one too many.",
+    ),
+]
+
+
+def _batchtopk_cases() -> list[Case]:
+    g = _g(2)
+    pre = torch.randn(6, 2, 7, generator=g)
+    negative = torch.randn(4, 1, 6, generator=g) - 1.5
+    return [
+        Case("6 tokens, 2 instances, k = [2, 3]", (pre, torch.tensor([2.0, 3.0]))),
+        Case("fractional k = [1.5, 2.5] on 3 tokens", (pre[:3], torch.tensor([1.5, 2.5]))),
+        Case("mostly negative pre-activations, k = 3", (negative, torch.tensor([3.0]))),
+        Case("a batch of one token, k = 4 (a plain float)", (pre[:1], 4.0)),
+        Case("k = d_sae keeps every positive value", (pre, torch.tensor([7.0, 7.0]))),
     ]
-    for criterion, evidence, points, name in auto:
-        got = points if status.get(name) == "passed" else 0
-        lines.append(f"    {got:>2}/{points:<2} {criterion}: {evidence}")
-    lines.append(f"  for a person to mark (read the notebook): __/{human_total}")
-    for criterion, evidence, points, _ in human:
-        lines.append(f"    [ ] __/{points:<2} {criterion}: {evidence}")
-    lines.append(f"  total: {earned} + __ (person) of {auto_total + human_total}")
-    return "\n".join(lines)
+
+
+@exercise("2.1", "batchtopk")
+def batchtopk(learner) -> str:
+    return compare_function(learner, E.batchtopk, _batchtopk_cases(), BATCHTOPK_MISTAKES)
+
+
+# ---------------------------------------------------------------- 2.2 inference threshold
+
+
+def _threshold_variant(positive_only=True, swapped=False, keep_empty=True, reduce="min",
+                       pooled=False):  # fmt: skip
+    def f(threshold, acts, lr=0.01):
+        positive = acts > 0
+        if reduce == "min":
+            big = torch.finfo(acts.dtype).max
+            source = acts.masked_fill(~positive, big) if positive_only else acts
+            m = source.amin(dim=(0, 1, 2) if pooled else (0, 2))
+        else:
+            m = (acts * positive).sum((0, 2)) / positive.sum((0, 2)).clamp_min(1)
+        m = m.to(threshold.dtype).expand_as(threshold)
+        new = lr * threshold + (1 - lr) * m if swapped else (1 - lr) * threshold + lr * m
+        if keep_empty:
+            return torch.where(positive.any(0).any(-1), new, threshold)
+        return new
+
+    return f
+
+
+THRESHOLD_MISTAKES = [
+    Mistake(
+        "minimum over zeros too",
+        _threshold_variant(positive_only=False),
+        "take the minimum over the *positive* activations only: almost every latent is 0 on a "
+        "token, so the plain minimum is 0 and the threshold decays to nothing.",
+    ),
+    Mistake(
+        "EMA weights swapped",
+        _threshold_variant(swapped=True),
+        "the update keeps (1 - lr) of the old threshold and adds lr × the new minimum; yours does "
+        "the opposite.",
+    ),
+    Mistake(
+        "mean instead of minimum",
+        _threshold_variant(reduce="mean"),
+        "the threshold follows the *smallest* positive activation BatchTopK kept (the cut-off), "
+        "not their mean.",
+    ),
+    Mistake(
+        "empty batch updates the threshold",
+        _threshold_variant(keep_empty=False),
+        "an instance with no positive activation in this batch must keep its threshold unchanged.",
+    ),
+    Mistake(
+        "one minimum over all instances",
+        _threshold_variant(pooled=True),
+        "each instance has its own threshold: take the minimum within each instance (reduce over "
+        "batch and latents, dims 0 and 2).",
+    ),
+]
+
+
+def _threshold_cases() -> list[Case]:
+    g = _g(3)
+    acts = torch.relu(torch.randn(5, 3, 4, generator=g)) + 0.0
+    acts[:, 2] = 0.0  # instance 2 fired nothing
+    theta = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+    base = Case("3 instances, one silent", (theta, acts))
+    one = torch.relu(torch.randn(1, 2, 6, generator=g)) + 0.05 * (
+        torch.rand(1, 2, 6, generator=g) > 0.5
+    )
+    return [
+        base,
+        *with_options(base, lr=0.3),
+        Case("a batch of one, float32 threshold", (torch.tensor([0.5, 0.0]), one), {"lr": 0.05}),
+    ]  # fmt: skip
+
+
+@exercise("2.2", "update_threshold")
+def update_threshold(learner) -> str:
+    return compare_function(learner, E.update_threshold, _threshold_cases(), THRESHOLD_MISTAKES)
+
+
+# ---------------------------------------------------------------- 2.3 Matryoshka loss
+
+
+def _matryoshka_variant(bias=True, reduce="sum", inner_only=False, off_by_one=False,
+                        per_dim=False):  # fmt: skip
+    def f(x, acts, W_dec, b_dec, prefixes):
+        widths = list(prefixes)[:-1] if inner_only else list(prefixes)
+        terms = []
+        for m in widths:
+            m = m + 1 if off_by_one and m < W_dec.shape[1] else m
+            x_hat = torch.einsum("bis,isd->bid", acts[..., :m], W_dec[:, :m])
+            x_hat = x_hat + b_dec if bias else x_hat
+            err = (x_hat - x).pow(2)
+            terms.append(err.mean(-1).mean(0) if per_dim else err.sum(-1).mean(0))
+        if not terms:
+            return torch.zeros(x.shape[1])
+        stacked = torch.stack(terms)
+        return stacked.mean(0) if reduce == "mean" else stacked.sum(0)
+
+    return f
+
+
+MATRYOSHKA_MISTAKES = [
+    Mistake(
+        "no b_dec in the prefix reconstructions",
+        _matryoshka_variant(bias=False),
+        "every prefix reconstruction is b_dec + (first m latents) @ (first m decoder rows): you "
+        "left out b_dec.",
+    ),
+    Mistake(
+        "mean over the prefixes",
+        _matryoshka_variant(reduce="mean"),
+        "sum the prefix losses (SAELens adds them unweighted); yours averages them.",
+    ),
+    Mistake(
+        "inner prefixes only",
+        _matryoshka_variant(inner_only=True),
+        "the last prefix is the full width: its loss (the ordinary reconstruction) is part of "
+        "the sum too.",
+    ),
+    Mistake(
+        "prefix one latent too long",
+        _matryoshka_variant(off_by_one=True),
+        "prefix m means latents 0 .. m-1: slice with `[..., :m]`, not `[..., :m + 1]`.",
+    ),
+    Mistake(
+        "mean over d_in",
+        _matryoshka_variant(per_dim=True),
+        "sum the squared error over d_in (then average over the batch), as chapter 02's loss "
+        "does; yours averages over d_in.",
+    ),
+]
+
+
+def _matryoshka_cases() -> list[Case]:
+    g = _g(4)
+    x = torch.randn(6, 2, 5, generator=g)
+    acts = torch.relu(torch.randn(6, 2, 8, generator=g))
+    W_dec = _unit(torch.randn(2, 8, 5, generator=g)) * 1.3
+    b_dec = torch.randn(2, 5, generator=g)
+    return [
+        Case("prefixes [2, 5, 8]", (x, acts, W_dec, b_dec, [2, 5, 8])),
+        Case("prefixes [1, 8]", (x, acts, W_dec, b_dec, [1, 8])),
+        Case("one prefix, the full width [8]", (x, acts, W_dec, b_dec, [8])),
+        Case("a batch of one, prefixes (3, 4, 8) as a tuple", (x[:1], acts[:1], W_dec, b_dec, (3, 4, 8))),
+    ]  # fmt: skip
+
+
+@exercise("2.3", "matryoshka_loss")
+def matryoshka_loss(learner) -> str:
+    return compare_function(learner, E.matryoshka_loss, _matryoshka_cases(), MATRYOSHKA_MISTAKES)
+
+
+# ---------------------------------------------------------------- 4.1 sparse-probe selection
+
+
+def _selection(score_fn, largest=True):
+    def f(acts, labels, k):
+        labels = labels.bool()
+        return score_fn(acts, labels).topk(k, largest=largest).indices
+
+    return f
+
+
+def _diff(acts, labels):
+    return acts[labels].mean(0) - acts[~labels].mean(0)
+
+
+SELECT_MISTAKES = [
+    Mistake(
+        "signed difference",
+        _selection(_diff),
+        "a dimension that is *lower* on the positives separates them just as well: rank by the "
+        "absolute difference |mean_pos - mean_neg|.",
+    ),
+    Mistake(
+        "smallest differences",
+        _selection(lambda a, y: _diff(a, y).abs(), largest=False),
+        "you picked the k *least* different dimensions: take the largest (`topk`, or argsort "
+        "descending).",
+    ),
+    Mistake(
+        "t-statistic",
+        _selection(lambda a, y: _diff(a, y).abs() / a.std(0).clamp_min(1e-8)),
+        "rank by the raw mean difference (SAEBench's selection), not divided by the spread.",
+    ),
+]
+
+
+def _select_cases() -> list[Case]:
+    g = _g(5)
+    acts = torch.randn(40, 9, generator=g) * torch.linspace(0.5, 3, 9)
+    labels = torch.rand(40, generator=g) < 0.4
+    acts[labels, 2] += 1.5
+    acts[labels, 6] -= 2.5
+    acts[labels, 4] += 0.8
+    return [
+        Case("40 rows, 9 dims, k = 3", (acts, labels, 3)),
+        Case("k = 1", (acts, labels, 1)),
+        Case("k = every dimension (largest first)", (acts, labels, 9)),
+        Case("two rows, one of each class", (acts[[0, 1]], torch.tensor([True, False]), 2)),
+    ]
+
+
+def _compare_selection(expected, actual) -> str | None:
+    if not isinstance(actual, torch.Tensor):
+        return f"return a tensor of k dimension indices, got {type(actual).__name__}"
+    if actual.dtype.is_floating_point or actual.dtype == torch.bool:
+        return "return the *indices* of the k dimensions (an integer tensor), not scores or a mask"
+    return mismatch(expected.long(), actual.long(), 0, 0)
+
+
+@exercise("4.1", "top_k_by_mean_difference")
+def top_k_by_mean_difference(learner) -> str:
+    return compare_function(
+        learner,
+        E.top_k_by_mean_difference,
+        _select_cases(),
+        SELECT_MISTAKES,
+        compare=_compare_selection,
+    )

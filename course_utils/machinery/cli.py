@@ -53,6 +53,11 @@ def _chapter_and_path(target: str, folder: str = "notebooks") -> tuple[Chapter, 
                 f"cannot tell the chapter of {as_path.name!r}: notebook names start with the chapter "
                 "number, e.g. 01_toy_models_of_superposition.ipynb."
             )
+        from course_utils.machinery.grading import MOVED_CHAPTERS
+
+        new, slug = MOVED_CHAPTERS.get(prefix, (prefix, None))
+        if slug is not None and as_path.stem.startswith(f"{prefix}_{slug}"):
+            prefix = new  # a notebook saved before its chapter was renumbered
         return get_chapter(prefix), as_path
     chapter = get_chapter(target)
     root = repo_root()

@@ -33,6 +33,9 @@ from course_utils.machinery.chapters import Chapter, working_checkout
 PROGRESS_FILE = ".course-progress.json"
 #: An exercise the grader could not reach: the kernel died or a cell ran out of time before it.
 NOT_RUN = "not run"
+#: Chapters renumbered since progress files were first written: old number -> (new number, slug).
+#: A saved entry under the old number without a slug (written before the move) is carried over.
+MOVED_CHAPTERS = {"10": ("11", "capstone_feature_analysis")}
 
 
 @dataclass
@@ -455,7 +458,7 @@ def render_table(results: list[ExerciseResult]) -> str:
 
 
 def chapter_summary(chapter: Chapter, results: list[ExerciseResult]) -> str | None:
-    """A chapter's own summary after the table (e.g. chapter 10's marking rubric): its checks
+    """A chapter's own summary after the table (e.g. chapter 11's marking rubric): its checks
     module's ``marking_summary(results)``, if it defines one."""
     module = importlib.import_module(chapter.checks_module)
     summary = getattr(module, "marking_summary", None)
@@ -560,7 +563,7 @@ def read_progress(path: Path) -> dict:
         isinstance(v, dict) and isinstance(v.get("results"), list) for v in data.values()
     ):
         raise ProgressUnreadable("not a progress record")
-    return data
+    return carry_over_moved_chapters(data)  # progress saved under a renumbered chapter's old number
 
 
 class _Locked:
@@ -614,6 +617,7 @@ def save_progress(chapter: Chapter, results: list[ExerciseResult]) -> SavedProgr
     renamed ``.course-progress.json.unreadable-<time>`` and a new one started, never overwritten.
     Tries the checkout, then :func:`state_dir`; ``path`` None when neither is writable."""
     entry = {
+        "slug": chapter.slug,
         "checked_at": time.strftime("%Y-%m-%d %H:%M"),
         "results": [asdict(r) for r in results],
     }
@@ -649,3 +653,14 @@ def load_progress() -> dict:
         return read_progress(progress_path())
     except ProgressUnreadable:
         return {}
+
+
+def carry_over_moved_chapters(data: dict) -> dict:
+    """Progress saved under a chapter's old number (see :data:`MOVED_CHAPTERS`) moves to its new
+    number; an entry that already names another slug belongs to the chapter now at that number."""
+    for old, (new, slug) in MOVED_CHAPTERS.items():
+        entry = data.get(old)
+        if isinstance(entry, dict) and entry.get("slug", slug) == slug:
+            moved = data.pop(old)
+            data.setdefault(new, {**moved, "slug": slug})
+    return data

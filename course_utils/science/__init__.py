@@ -21,6 +21,9 @@
                   eigenvectors, digit classifiers on scikit-learn's bundled 8x8 digits; a shipped
                   one-layer transformer with a bilinear MLP, its GELU twin, and token readings
 - ``polytopes``   chapter 09: polytope and spline codes of ReLU MLPs, region maps, boundary crossings
-- ``feature_analysis``  chapter 10 (capstone): concept proxies and a lexical scanner, the neurons a
+- ``sae_eval``    chapter 10: ground-truth data with hierarchy, matching/MCC/F1, BatchTopK and
+                  Matryoshka SAEs, training on fixed batches (ours and SAELens's), absorption on
+                  known trees, sparse probing, the ``build-sae-pareto`` sweep
+- ``feature_analysis``  chapter 11 (capstone): concept proxies and a lexical scanner, the neurons a
                   hook's features can be compared with, held-out tests, the public gelu-1l SAEs
 """

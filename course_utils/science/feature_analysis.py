@@ -1,4 +1,4 @@
-"""The capstone (chapter 10): a Towards-Monosemanticity feature analysis, end to end.
+"""The capstone (chapter 11): a Towards-Monosemanticity feature analysis, end to end.
 
 Everything a learner needs around the five criteria, and nothing that decides them: the
 criteria's references are chapter 03's (:func:`~course_utils.science.lm_saes.specificity_sensitivity`,
