@@ -128,6 +128,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(summary)
     if grading.sentence:
         print(grading.sentence[0].upper() + grading.sentence[1:])
+    if grading.other_error:
+        print("! " + grading.other_error[0].upper() + grading.other_error[1:])
     print(f"({time.perf_counter() - start:.0f} s)")
     if not args.no_save:
         saved = save_progress(chapter, results)

@@ -475,11 +475,40 @@ def exit_code(results: list[ExerciseResult]) -> int:
 @dataclass
 class Grading:
     """What grading one notebook gave: a result per exercise, the fault that stopped the run early
-    (None when every cell ran) and the one sentence to print about it, if any."""
+    (None when every cell ran) and the one sentence to print about it, if any, and the first error
+    in a cell that is not a check cell (see :func:`first_error_outside_checks`)."""
 
     results: list[ExerciseResult]
     fault: dict | None = None
     sentence: str | None = None
+    other_error: str | None = None
+
+
+def first_error_outside_checks(notebook: nbformat.NotebookNode, chapter: Chapter) -> str | None:
+    """The first error raised by a cell that is not a check call, as one sentence, when nothing
+    before it was left unfinished: a replication assert that fails although every exercise passed
+    its check (a learner's function subtly wrong in a way the check does not see). Errors after a
+    ``NotImplementedError`` are the unfinished exercise's consequences and are not reported."""
+    names = "|".join(re.escape(ex.name) for ex in exercises_of_chapter(chapter))
+    call = re.compile(rf"\bcheck\.({names})\(") if names else None
+    number = 0
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        number += 1
+        error = _error(cell)
+        if error is None:
+            continue
+        if "NotImplementedError" in error:
+            return None
+        if call is not None and call.search(cell.source):
+            continue  # a check cell: its exercise's row already says what went wrong
+        return (
+            f"code cell {number} (`{_first_line(cell.source)}`), not a check cell, raised "
+            f"{error.splitlines()[0]}: a cell that uses your work failed although its checks may "
+            "pass, so look there first (cells after it may fail because of it)."
+        )
+    return None
 
 
 def grade_notebook(
@@ -497,7 +526,8 @@ def grade_notebook(
     executed = execute(notebook, workdir or path.resolve().parent, cell_timeout, notebook_timeout)
     fault = executed.metadata.get("course_check_fault")
     sentence = fault["sentence"] if fault else memory_sentence(executed)
-    return Grading(tabulate(executed, chapter), fault, sentence)
+    other = None if fault else first_error_outside_checks(executed, chapter)
+    return Grading(tabulate(executed, chapter), fault, sentence, other)
 
 
 def check_notebook(
