@@ -85,7 +85,9 @@ lab-no-browser: kernel
 # that no assertion depends on one machine's float rounding. Each notebook's kernel uses one
 # thread, so the two notebook runs share the two cores. ONLY="tests" (or "notebooks other-cpu")
 # runs some stages.
-test: $(STAMP)
+# The server config and Lab settings first: tests/test_learner_screen.py reads the config, and
+# with two workers it may run before the browser tests' `make lab` would have written it.
+test: $(STAMP) $(SERVER_CONFIG) $(LAB_OVERRIDES)
 	$(STAGES) $(if $(ONLY),--only $(ONLY))
 
 # Only the training chapters on the simulated other CPU (part of `make test`).
