@@ -53,7 +53,7 @@ CHECKS = [
         check.top_k_by_mean_difference,
         E.top_k_by_mean_difference,
         check.SELECT_MISTAKES,
-        lambda acts, labels, k: E.top_k_by_mean_difference(acts, labels, k).sort().values,
+        lambda acts, labels, k: E.top_k_by_mean_difference(acts, labels, k).flip(0),
     ),
 ]
 
@@ -110,7 +110,7 @@ def f1_nan_to_num(latent_acts, feature_acts, W_dec, features):
 
 def batchtopk_threshold_by_kth(pre, k):
     batch, inst, _ = pre.shape
-    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
+    ks = torch.as_tensor(k, dtype=torch.float64).flatten().expand(inst)
     acts = pre.clamp(min=0)
     out = []
     for i in range(inst):
@@ -127,7 +127,7 @@ def batchtopk_einops(pre, k):
     import einops
 
     batch, inst, d_sae = pre.shape
-    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst).tolist()
+    ks = [float(k)] * inst if not torch.is_tensor(k) else k.double().flatten().expand(inst).tolist()
     flat = einops.rearrange(torch.relu(pre), "b i s -> i (b s)")
     kept = torch.zeros_like(flat)
     for i, kk in enumerate(ks):
@@ -237,3 +237,152 @@ WRONG = {
 
 
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
+
+
+# ------------------------------------------------------------ a newcomer's wrong answers, each
+# with the message it must get (the hint of its own mistake, or the gradient / type / dtype note)
+def batchtopk_detached(pre, k):
+    return E.batchtopk(pre, k).detach()
+
+
+def batchtopk_no_grad(pre, k):
+    with torch.no_grad():
+        return E.batchtopk(pre, k)
+
+
+def batchtopk_float32_k(pre, k):
+    batch, inst, d_sae = pre.shape
+    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
+    out = torch.zeros_like(pre)
+    for i in range(inst):
+        flat = torch.relu(pre[:, i]).flatten()
+        values, indices = flat.topk(int(ks[i].item() * batch))
+        out[:, i] = torch.zeros_like(flat).scatter(0, indices, values).view(batch, d_sae)
+    return out
+
+
+def batchtopk_ceil(pre, k):
+    batch, inst, d_sae = pre.shape
+    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
+    out = torch.zeros_like(pre)
+    for i in range(inst):
+        flat = torch.relu(pre[:, i]).flatten()
+        values, indices = flat.topk(int(torch.ceil(ks[i] * batch)))
+        out[:, i] = torch.zeros_like(flat).scatter(0, indices, values).view(batch, d_sae)
+    return out
+
+
+def batchtopk_plus_one(pre, k):
+    batch, inst, d_sae = pre.shape
+    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
+    out = torch.zeros_like(pre)
+    for i in range(inst):
+        flat = torch.relu(pre[:, i]).flatten()
+        values, indices = flat.topk(int(ks[i] * batch) + 1)
+        out[:, i] = torch.zeros_like(flat).scatter(0, indices, values).view(batch, d_sae)
+    return out
+
+
+def matryoshka_detached(x, acts, W_dec, b_dec, prefixes):
+    return E.matryoshka_loss(x, acts, W_dec, b_dec, prefixes).detach()
+
+
+def matryoshka_sum_batch(x, acts, W_dec, b_dec, prefixes):
+    total = 0
+    for m in prefixes:
+        x_hat = torch.einsum("bis,isd->bid", acts[..., :m], W_dec[:, :m]) + b_dec
+        total = total + (x_hat - x).pow(2).sum(-1).sum(0)
+    return total
+
+
+def match_cos_as_list(W, F):
+    latents, feats, cos = E.match_latents(W, F)
+    return latents, feats, cos.tolist()
+
+
+def match_no_abs(W, F):
+    from scipy.optimize import linear_sum_assignment
+
+    cos = _unit(W) @ _unit(F).T
+    r, c = linear_sum_assignment(-cos.numpy())
+    return torch.as_tensor(r), torch.as_tensor(c), cos[r, c].abs()
+
+
+def match_greedy_argmax(W, F):
+    cos = (_unit(W) @ _unit(F).T).abs()
+    c = cos.argmax(-1)
+    r = torch.arange(len(W))
+    return r, c, cos[r, c]
+
+
+def f1_hungarian(la, fa, W, F):
+    lat, feat, _ = E.match_latents(W, F)
+    best = torch.zeros(len(W), dtype=torch.long)
+    best[lat] = feat
+    fired, on = la > 0, fa[:, best] > 0
+    tp, nf, na = (fired & on).sum(0).float(), fired.sum(0).float(), on.sum(0).float()
+    p = torch.where(nf > 0, tp / nf.clamp_min(1), 0.0)
+    r = torch.where(na > 0, tp / na.clamp_min(1), 0.0)
+    return p, r, torch.where(p + r > 0, 2 * p * r / (p + r).clamp_min(1e-12), 0.0)
+
+
+def threshold_float32(th, acts, lr=0.01):
+    return E.update_threshold(th, acts, lr).float()
+
+
+def threshold_min_all(th, acts, lr=0.01):
+    return ((1 - lr) * th + lr * acts.amin(dim=(0, 2))).to(th.dtype)
+
+
+def threshold_silent_inf(th, acts, lr=0.01):
+    m = acts.masked_fill(acts <= 0, float("inf")).amin(dim=(0, 2))
+    return (1 - lr) * th + lr * m.to(th.dtype)
+
+
+def threshold_mean_token_minima(th, acts, lr=0.01):
+    a = acts.masked_fill(acts <= 0, float("inf")).amin(-1)
+    a = a.masked_fill(a.isinf(), float("nan")).nanmean(0)
+    fired = (acts > 0).any(0).any(-1)
+    return torch.where(fired, (1 - lr) * th + lr * a.to(th.dtype), th)
+
+
+NEWCOMER = [
+    (check.batchtopk, batchtopk_detached, "no gradient flows back to `pre`"),
+    (check.batchtopk, batchtopk_no_grad, "no gradient flows back to `pre`"),
+    (check.batchtopk, batchtopk_float32_k, "compute k × batch in float64"),
+    (check.batchtopk, batchtopk_ceil, "`ceil` keeps one too many"),
+    (check.batchtopk, batchtopk_plus_one, "yours keeps one more"),
+    (check.matryoshka_loss, matryoshka_detached, "no gradient flows back to `x`"),
+    (check.matryoshka_loss, matryoshka_sum_batch, "(`.mean(0)`), do not sum it"),
+    (check.match_latents, match_cos_as_list, "return three torch tensors, got list"),
+    (check.match_latents, match_no_abs, "take |cos| *before* matching"),
+    (check.match_latents, match_greedy_argmax, "the matching must be one-to-one"),
+    (check.latent_f1, f1_hungarian, "each latent takes its own argmax feature"),
+    (check.update_threshold, threshold_float32, "keep its dtype"),
+    (check.update_threshold, threshold_min_all, "*positive* activations only"),
+    (check.update_threshold, threshold_silent_inf, "keeps its threshold unchanged"),
+    (check.update_threshold, threshold_mean_token_minima, "not the mean of each token's minimum"),
+    (
+        check.top_k_by_mean_difference,
+        lambda a, y, k: a[y].mean(0).abs().topk(k).indices,
+        "rank by the *difference* between the classes",
+    ),
+    (
+        check.top_k_by_mean_difference,
+        lambda a, y, k: (a[y].mean(0) - a[~y].mean(0)).abs().topk(k).indices.sort().values,
+        "largest difference first",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "check_fn, wrong, expected",
+    NEWCOMER,
+    ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(NEWCOMER)],
+)
+def test_newcomer_wrong_answer_gets_its_own_message(check_fn, wrong, expected):
+    from course_utils.checks.core import FAILED, outcome
+
+    status, message = outcome(check_fn, wrong)
+    assert status == FAILED, message
+    assert expected in message, message

@@ -172,12 +172,35 @@ def test_absorption_rate_is_one_for_an_absorbed_parent_and_zero_for_the_truth():
     F = data.directions
     parent, child = data.parent_child_pairs[0]
     perfect = E.absorption_rate(f, f, F, F, [(parent, child)])
-    assert perfect == {"absorption_rate": 0.0, "miss_rate_without_child": 0.0}
+    assert perfect == {
+        "absorption_rate": 0.0,
+        "miss_rate_without_child": 0.0,
+        "matched_excess": 0.0,
+    }
     acts, W = f.clone(), F.clone()
     acts[f[:, child] > 0, parent] = 0.0  # the parent latent has a hole where the child fires
     W[child] = F[parent] + F[child]  # and the child latent's decoder carries the parent
     absorbed = E.absorption_rate(acts, f, W, F, [(parent, child)])
     assert absorbed["absorption_rate"] == 1.0 and absorbed["miss_rate_without_child"] == 0.0
+    # Negative control: the same hole with no absorber (no other latent carries the parent's
+    # direction above chance) is a miss, not absorption; the matched excess still sees the miss.
+    missed = E.absorption_rate(acts, f, F, F, [(parent, child)])
+    assert missed["absorption_rate"] < 0.1 and missed["matched_excess"] > 0.9
+
+
+def test_parent_latent_is_chosen_by_firing_not_by_decoder_direction():
+    data = E.HierarchicalFeatureData()
+    _, f = data.sample(4000)
+    parent, child = data.parent_child_pairs[0]
+    acts = torch.zeros(len(f), 3)
+    acts[:, 2] = f[:, parent]  # fires exactly with the parent
+    acts[:, 0] = f[:, child]  # fires only with the child
+    assert E.parent_latents(acts, f, [parent]) == [2]
+
+
+def test_batchtopk_rounds_k_times_batch_down_in_float64_as_saelens():
+    pre = torch.rand(10, 1, 5) + 0.1  # all positive
+    assert (E.batchtopk(pre, 0.7) > 0).sum().item() == int(0.7 * 10) == 7
 
 
 # ----------------------------------------------------------------------------- sparse probing

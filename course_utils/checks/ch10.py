@@ -7,11 +7,14 @@ instance dimension, ``pre``/``acts [batch, inst, d_sae]``, ``W_dec [inst, d_sae,
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from course_utils.checks.core import (
     Case,
     Mistake,
+    compare_differentiable,
     compare_function,
     exercise,
     mismatch,
@@ -41,6 +44,12 @@ def _by_feature(out):
 def _compare_matching(expected, actual) -> str | None:
     if not isinstance(actual, (tuple, list)) or len(actual) != 3:
         return "return a tuple (latent indices, feature indices, |cos| of each pair)"
+    kinds = [type(t).__name__ for t in actual if not isinstance(t, torch.Tensor)]
+    if kinds:
+        return (
+            f"return three torch tensors, got {', '.join(kinds)} among them (later cells call "
+            "`.mean()` and index with them): wrap with `torch.as_tensor(...)`"
+        )
     try:
         actual = _by_feature(actual)
     except Exception:  # not three tensors of equal length
@@ -79,7 +88,33 @@ def _greedy_best_latent(W_dec, features):
     return latents, feats, cos[latents, feats]
 
 
+def _each_latent_argmax(W_dec, features):
+    """Each latent takes its best feature (not one-to-one)."""
+    cos = (_unit(W_dec) @ _unit(features).T).abs()
+    latents = torch.arange(W_dec.shape[0])
+    feats = cos.argmax(-1)
+    return latents, feats, cos[latents, feats]
+
+
+def _signed_match_abs_score(W_dec, features):
+    cos = _unit(W_dec) @ _unit(features).T
+    return _match_with(cos, score=cos.abs())
+
+
 MATCH_MISTAKES = [
+    Mistake(
+        "signed cosine, |cos| reported",
+        _signed_match_abs_score,
+        "take |cos| *before* matching: a flipped decoder row is the same direction, so the "
+        "Hungarian algorithm must see |cos|, not cos.",
+    ),
+    Mistake(
+        "each latent takes its argmax feature",
+        _each_latent_argmax,
+        "the matching must be one-to-one: each feature gets at most one latent and each latent "
+        "at most one feature. Use `scipy.optimize.linear_sum_assignment` on the |cos| matrix, "
+        "not an argmax.",
+    ),
     Mistake(
         "signed cosine",
         lambda W_dec, features: _match_with(_unit(W_dec) @ _unit(features).T),
@@ -164,7 +199,31 @@ def _abs_best(W_dec, features):
     return (_unit(W_dec) @ _unit(features).T).abs().argmax(-1)
 
 
+def _f1_one_to_one(latent_acts, feature_acts, W_dec, features, unmatched="argmax"):
+    """Scores each latent against its Hungarian partner instead of its own best feature
+    (an unmatched latent keeps its argmax, or feature 0 as a zero-initialised index would)."""
+    cos = (_unit(W_dec) @ _unit(features).T).abs()
+    rows, cols = _assignment(1 - cos)
+    best = cos.argmax(-1) if unmatched == "argmax" else torch.zeros(len(cos), dtype=torch.long)
+    best[rows] = cols
+    fires = (latent_acts > 0).float()
+    truth = (feature_acts[:, best] > 0).float()
+    return _f1_parts(fires, truth)
+
+
 F1_MISTAKES = [
+    Mistake(
+        "one-to-one matching instead of each latent's best feature",
+        _f1_one_to_one,
+        "each latent takes its own argmax feature (`|cos|.argmax(-1)`), even one another latent "
+        "also takes: F1 is not the one-to-one Hungarian matching of exercise 1.1.",
+    ),
+    Mistake(
+        "one-to-one matching, unmatched latents on feature 0",
+        lambda a, f, W, F: _f1_one_to_one(a, f, W, F, unmatched="zero"),
+        "each latent takes its own argmax feature (`|cos|.argmax(-1)`), even one another latent "
+        "also takes: F1 is not the one-to-one Hungarian matching of exercise 1.1.",
+    ),
     Mistake(
         "signed cosine for the best feature",
         _f1_with(lambda W, F: (_unit(W) @ _unit(F).T).argmax(-1)),
@@ -222,7 +281,7 @@ def latent_f1(learner) -> str:
 
 
 def _per_token_topk(pre, k):
-    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(pre.shape[1])
+    ks = torch.as_tensor(k, dtype=torch.float64).flatten().expand(pre.shape[1])
     out = torch.zeros_like(pre)
     for i in range(pre.shape[1]):
         kk = int(ks[i])
@@ -231,10 +290,12 @@ def _per_token_topk(pre, k):
     return out
 
 
-def _batchtopk_variant(relu=True, pooled=False, rounding=int):
+def _batchtopk_variant(relu=True, pooled=False, rounding=int, dtype=torch.float64, detach=False):
     def f(pre, k):
+        if detach:
+            pre = pre.detach()
         batch, inst, d_sae = pre.shape
-        ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
+        ks = torch.as_tensor(k, dtype=dtype).flatten().expand(inst)
         acts = torch.relu(pre) if relu else pre
         if pooled:
             flat = acts.flatten()
@@ -271,6 +332,24 @@ BATCHTOPK_MISTAKES = [
         "each instance is its own SAE: take the top int(k[i] × batch) within instance i only.",
     ),
     Mistake(
+        "one more than k × batch",
+        _batchtopk_variant(rounding=lambda v: int(v) + 1),
+        "keep exactly int(k × batch) activations; yours keeps one more.",
+    ),
+    Mistake(
+        "ceil of k × batch",
+        _batchtopk_variant(rounding=math.ceil),
+        "round k × batch *down* with `int(...)`, as SAELens does; `ceil` keeps one too many when "
+        "k × batch is fractional.",
+    ),
+    Mistake(
+        "k in float32",
+        _batchtopk_variant(dtype=torch.float32),
+        "compute k × batch in float64, as SAELens does with a Python float "
+        "(`int(self.k * num_samples)`): 0.7 in float32 is 0.69999999, and int(0.69999999 × 10) "
+        "keeps 6, not 7. Use `float(k_i) * batch` with k in float64.",
+    ),
+    Mistake(
         "rounded k × batch",
         _batchtopk_variant(rounding=round),
         "keep int(k × batch) activations (rounding down), as SAELens does: with a fractional k "
@@ -288,13 +367,20 @@ def _batchtopk_cases() -> list[Case]:
         Case("fractional k = [1.5, 2.5] on 3 tokens", (pre[:3], torch.tensor([1.5, 2.5]))),
         Case("mostly negative pre-activations, k = 3", (negative, torch.tensor([3.0]))),
         Case("a batch of one token, k = 4 (a plain float)", (pre[:1], 4.0)),
+        Case(
+            "k = 0.7 (a plain float, not exact in binary) on 10 tokens",
+            (torch.randn(10, 1, 5, generator=g), 0.7),
+        ),  # SAELens keeps int(0.7 * 10) = 7
         Case("k = d_sae keeps every positive value", (pre, torch.tensor([7.0, 7.0]))),
     ]
 
 
 @exercise("2.1", "batchtopk")
 def batchtopk(learner) -> str:
-    return compare_function(learner, E.batchtopk, _batchtopk_cases(), BATCHTOPK_MISTAKES)
+    return compare_differentiable(
+        learner, E.batchtopk, _batchtopk_cases(), BATCHTOPK_MISTAKES, {"pre": 0},
+        "`pre` at the kept positions (training backpropagates through them)",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- 2.2 inference threshold
@@ -319,12 +405,47 @@ def _threshold_variant(positive_only=True, swapped=False, keep_empty=True, reduc
     return f
 
 
+def _threshold_inf_for_silent(threshold, acts, lr=0.01):
+    m = acts.masked_fill(acts <= 0, float("inf")).amin(dim=(0, 2))
+    return (1 - lr) * threshold + lr * m.to(threshold.dtype)
+
+
+def _threshold_mean_of_token_minima(threshold, acts, lr=0.01):
+    per_token = acts.masked_fill(acts <= 0, float("inf")).amin(-1)  # [batch, inst]
+    m = per_token.masked_fill(per_token.isinf(), float("nan")).nanmean(0)
+    fired = (acts > 0).any(0).any(-1)
+    return torch.where(fired, (1 - lr) * threshold + lr * m.to(threshold.dtype), threshold)
+
+
+_POSITIVE_ONLY = (
+    "take the minimum over the *positive* activations only (the smallest activation BatchTopK "
+    "kept): almost every latent is 0 on a token, so the plain minimum is 0 and the threshold "
+    "decays to nothing."
+)
+
+_KEEPS = (
+    "an instance with no positive activation in this batch keeps its threshold unchanged (its "
+    "minimum over an empty set is inf, or 0 over the zeros): use `torch.where` on "
+    "`(acts > 0).any(0).any(-1)`."
+)
+
 THRESHOLD_MISTAKES = [
+    Mistake(
+        "minimum over zeros too, silent instance updated",
+        _threshold_variant(positive_only=False, keep_empty=False),
+        _POSITIVE_ONLY,
+    ),
+    Mistake("silent instance goes to inf", _threshold_inf_for_silent, _KEEPS),
+    Mistake(
+        "mean of per-token minima",
+        _threshold_mean_of_token_minima,
+        "take one minimum per instance over the whole batch (dims 0 and 2 together), not the "
+        "mean of each token's minimum.",
+    ),
     Mistake(
         "minimum over zeros too",
         _threshold_variant(positive_only=False),
-        "take the minimum over the *positive* activations only: almost every latent is 0 on a "
-        "token, so the plain minimum is 0 and the threshold decays to nothing.",
+        _POSITIVE_ONLY,
     ),
     Mistake(
         "EMA weights swapped",
@@ -341,7 +462,7 @@ THRESHOLD_MISTAKES = [
     Mistake(
         "empty batch updates the threshold",
         _threshold_variant(keep_empty=False),
-        "an instance with no positive activation in this batch must keep its threshold unchanged.",
+        _KEEPS,
     ),
     Mistake(
         "one minimum over all instances",
@@ -368,16 +489,29 @@ def _threshold_cases() -> list[Case]:
     ]  # fmt: skip
 
 
+def _compare_threshold(expected, actual) -> str | None:
+    if isinstance(actual, torch.Tensor) and actual.dtype != expected.dtype:
+        return (
+            f"the new threshold has dtype {str(actual.dtype).replace('torch.', '')}, but `threshold` "
+            f"was {str(expected.dtype).replace('torch.', '')}: keep its dtype (SAELens keeps it in "
+            "float64), e.g. convert the minimum with `.to(threshold.dtype)` before the update"
+        )
+    return mismatch(expected, actual, 1e-5, 1e-4)
+
+
 @exercise("2.2", "update_threshold")
 def update_threshold(learner) -> str:
-    return compare_function(learner, E.update_threshold, _threshold_cases(), THRESHOLD_MISTAKES)
+    return compare_function(
+        learner, E.update_threshold, _threshold_cases(), THRESHOLD_MISTAKES,
+        compare=_compare_threshold,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- 2.3 Matryoshka loss
 
 
 def _matryoshka_variant(bias=True, reduce="sum", inner_only=False, off_by_one=False,
-                        per_dim=False):  # fmt: skip
+                        per_dim=False, batch_sum=False):  # fmt: skip
     def f(x, acts, W_dec, b_dec, prefixes):
         widths = list(prefixes)[:-1] if inner_only else list(prefixes)
         terms = []
@@ -386,7 +520,10 @@ def _matryoshka_variant(bias=True, reduce="sum", inner_only=False, off_by_one=Fa
             x_hat = torch.einsum("bis,isd->bid", acts[..., :m], W_dec[:, :m])
             x_hat = x_hat + b_dec if bias else x_hat
             err = (x_hat - x).pow(2)
-            terms.append(err.mean(-1).mean(0) if per_dim else err.sum(-1).mean(0))
+            if batch_sum:
+                terms.append(err.sum(-1).sum(0))
+            else:
+                terms.append(err.mean(-1).mean(0) if per_dim else err.sum(-1).mean(0))
         if not terms:
             return torch.zeros(x.shape[1])
         stacked = torch.stack(terms)
@@ -396,6 +533,12 @@ def _matryoshka_variant(bias=True, reduce="sum", inner_only=False, off_by_one=Fa
 
 
 MATRYOSHKA_MISTAKES = [
+    Mistake(
+        "sum over the batch",
+        _matryoshka_variant(batch_sum=True),
+        "average each prefix's squared error over the batch (`.mean(0)`), do not sum it: the "
+        "loss must not grow with the batch size.",
+    ),
     Mistake(
         "no b_dec in the prefix reconstructions",
         _matryoshka_variant(bias=False),
@@ -443,7 +586,10 @@ def _matryoshka_cases() -> list[Case]:
 
 @exercise("2.3", "matryoshka_loss")
 def matryoshka_loss(learner) -> str:
-    return compare_function(learner, E.matryoshka_loss, _matryoshka_cases(), MATRYOSHKA_MISTAKES)
+    return compare_differentiable(
+        learner, E.matryoshka_loss, _matryoshka_cases(), MATRYOSHKA_MISTAKES,
+        {"x": 0, "acts": 1, "W_dec": 2, "b_dec": 3}, "`x`, `acts`, `W_dec` and `b_dec`",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- 4.1 sparse-probe selection
@@ -462,6 +608,19 @@ def _diff(acts, labels):
 
 
 SELECT_MISTAKES = [
+    Mistake(
+        "positive mean only",
+        _selection(lambda a, y: a[y].mean(0).abs()),
+        "rank by the *difference* between the classes, `acts[labels].mean(0) - "
+        "acts[~labels].mean(0)`, then its absolute value: a dimension that is large on every row "
+        "separates nothing.",
+    ),
+    Mistake(
+        "indices sorted by index",
+        lambda acts, labels, k: _diff(acts, labels.bool()).abs().topk(k).indices.sort().values,
+        "return the indices in ranking order, largest difference first (as `topk` gives them), "
+        "not sorted by index.",
+    ),
     Mistake(
         "signed difference",
         _selection(_diff),
