@@ -90,7 +90,7 @@ def run_group(group: list[Stage]) -> None:
     width = max(len(s.name) for s in group)
     lock = threading.Lock()
 
-    def pump(stage: Stage, process: subprocess.Popen) -> None:
+    def pump(stage: Stage, process: subprocess.Popen, start: float) -> None:
         assert process.stdout is not None
         for line in process.stdout:
             stage.last_lines = [*stage.last_lines[-4:], line]
@@ -98,6 +98,9 @@ def run_group(group: list[Stage]) -> None:
                 prefix = f"[{stage.name:<{width}}] " if len(group) > 1 else ""
                 sys.stdout.write(prefix + line)
                 sys.stdout.flush()
+        # each stage's own end: stages of a group finish at different times
+        stage.returncode = process.wait()
+        stage.seconds = time.perf_counter() - start
 
     running = []
     for stage in group:
@@ -112,13 +115,11 @@ def run_group(group: list[Stage]) -> None:
             text=True,
             bufsize=1,
         )
-        thread = threading.Thread(target=pump, args=(stage, process))
+        thread = threading.Thread(target=pump, args=(stage, process, start))
         thread.start()
-        running.append((stage, process, thread, start))
-    for stage, process, thread, start in running:
-        stage.returncode = process.wait()
+        running.append(thread)
+    for thread in running:
         thread.join()
-        stage.seconds = time.perf_counter() - start
 
 
 def table(all_stages: list[Stage], total: float) -> str:
