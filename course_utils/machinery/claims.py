@@ -216,7 +216,9 @@ def markdown_report(claims: dict[str, list[Claim]]) -> str:
         title = get_chapter(number).title
         lines += [f"## {number} — {title}", ""]
         if not records:
-            lines += ["No replication claims recorded yet.", ""]
+            notebook = f"solutions/{get_chapter(number).filename}"
+            lines += [f"Not recorded here yet: its replication checks are the assert cells of "
+                      f"`{notebook}`.", ""]  # fmt: skip
             continue
         lines.append("| " + " | ".join(COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
