@@ -171,8 +171,12 @@ def latent_f1(
             f"{feature_acts.shape[0]}: both must come from the same samples."
         )
     best = abs_cosines(W_dec, features).argmax(-1)
-    fires = (latent_acts > 0).float()
-    truth = (feature_acts[:, best] > 0).float()
+    return f1_from_firing((latent_acts > 0).float(), (feature_acts[:, best] > 0).float())
+
+
+def f1_from_firing(fires: Tensor, truth: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-column precision, recall and F1 of 0/1 ``fires`` against 0/1 ``truth`` ([batch, n]);
+    0 where a column never fires (precision), is never true (recall) or both are 0 (F1)."""
     tp = (fires * truth).sum(0)
     precision = torch.where(fires.sum(0) > 0, tp / fires.sum(0).clamp_min(1), 0.0)
     recall = torch.where(truth.sum(0) > 0, tp / truth.sum(0).clamp_min(1), 0.0)
