@@ -55,10 +55,47 @@ CHECKS = [
         check.SELECT_MISTAKES,
         lambda acts, labels, k: E.top_k_by_mean_difference(acts, labels, k).flip(0),
     ),
+    (
+        check.coactivation_cosine,
+        E.coactivation_cosine,
+        check.COACT_MISTAKES,
+        lambda a, b: E.coactivation_cosine(a, b).clamp(max=0.95),
+    ),
 ]
 
 
 # ------------------------------------------------------------ correct alternatives
+def coact_loop(a, b):
+    """One pair at a time, with explicit masks."""
+    out = torch.zeros(a.shape[1], b.shape[1])
+    for i in range(a.shape[1]):
+        for j in range(b.shape[1]):
+            best = 0.0
+            for mask in (a[:, i] > 0, b[:, j] > 0):
+                u, v = a[mask, i], b[mask, j]
+                if u.norm() > 0 and v.norm() > 0:
+                    best = max(best, float(u @ v / (u.norm() * v.norm())))
+            out[i, j] = best
+    return out
+
+
+def coact_masked_float64(a, b):
+    a, b = a.double(), b.double()
+    fa, fb = (a > 0).double(), (b > 0).double()
+    dot = torch.einsum("ni,nj->ij", a, b)
+    on_a = dot / torch.sqrt(torch.einsum("ni,nj->ij", a**2, torch.ones_like(b)) * torch.einsum("ni,nj->ij", fa, b**2))
+    on_b = dot / torch.sqrt(torch.einsum("ni,nj->ij", a**2, fb) * torch.einsum("ni,nj->ij", torch.ones_like(a), b**2))
+    return torch.maximum(on_a.nan_to_num(0), on_b.nan_to_num(0))
+
+
+def coact_no_guard(a, b):
+    a, b = a.double(), b.double()
+    dot = a.T @ b
+    on_a = dot / (a.norm(dim=0)[:, None] * ((a > 0).double().T @ b**2).sqrt())
+    on_b = dot / ((a**2).T @ (b > 0).double()).sqrt() / b.norm(dim=0)[None, :]
+    return torch.maximum(on_a, on_b)
+
+
 def match_maximize(W_dec, features):
     from scipy.optimize import linear_sum_assignment
 
@@ -190,6 +227,7 @@ CORRECT = {
     check.update_threshold: [threshold_loop, threshold_inf_fill],
     check.matryoshka_loss: [matryoshka_masks, matryoshka_cumulative],
     check.top_k_by_mean_difference: [select_argsort, select_masked_means],
+    check.coactivation_cosine: [coact_loop, coact_masked_float64],
 }
 
 
@@ -228,6 +266,11 @@ WRONG = {
     check.matryoshka_loss: [
         lambda x, a, W, b, p: E.matryoshka_loss(x, a, W, b, p) / len(p),
         lambda x, a, W, b, p: E.matryoshka_loss(x, a, W, b, p) ** 0.5,
+    ],
+    check.coactivation_cosine: [
+        lambda a, b: E.coactivation_cosine(b, a),  # [b, a]: transposed
+        lambda a, b: E.coactivation_cosine(a, b).nan_to_num(0) * 0 + 1,  # everything linked
+        coact_no_guard,
     ],
     check.top_k_by_mean_difference: [
         lambda acts, labels, k: torch.arange(k),
@@ -362,6 +405,12 @@ NEWCOMER = [
     (check.update_threshold, threshold_min_all, "*positive* activations only"),
     (check.update_threshold, threshold_silent_inf, "keeps its threshold unchanged"),
     (check.update_threshold, threshold_mean_token_minima, "not the mean of each token's minimum"),
+    (check.coactivation_cosine, coact_no_guard, "your result has NaN"),
+    (
+        check.coactivation_cosine,
+        lambda a, b: torch.nn.functional.normalize(a, dim=0).T @ torch.nn.functional.normalize(b, dim=0),
+        "restrict each cosine to the tokens where one latent fires",
+    ),
     (
         check.top_k_by_mean_difference,
         lambda a, y, k: a[y].mean(0).abs().topk(k).indices,

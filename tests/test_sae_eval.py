@@ -257,3 +257,66 @@ def test_the_public_sae_of_the_bonus_is_one_clear_error_offline(monkeypatch):
     monkeypatch.setenv("COURSE_OFFLINE", "1")
     with pytest.raises(NetworkRequiredError, match="needs a network connection"):
         load_gelu_1l_sae("run1")
+
+
+# ------------------------------------------------------------ probe-based absorption (section 7)
+def _absorption_setup():
+    probe = torch.tensor([1.0, 0.0, 0.0])
+    W_dec = torch.tensor([[1.0, 0.0, 0.0],  # 0: the main latent, along the probe
+                          [0.6, 0.8, 0.0],  # 1: an absorber (cos 0.6)
+                          [0.05, 0.0, 1.0]])  # 2: barely aligned (cos < 0.1): never an absorber
+    return probe, W_dec
+
+
+def test_absorption_fraction_cases():
+    probe, W_dec = _absorption_setup()
+    x = torch.tensor([[2.0, 0, 0]] * 5)
+    acts = torch.tensor([
+        [2.0, 0.0, 0.0],  # the main latent carries all of x.p: 0
+        [0.0, 2.0, 0.0],  # main silent, absorber carries 1.2 >= 0.4 * 2: 1
+        [1.0, 2.0, 0.0],  # partial: min(1.2, 2 - 1) / (1 + 1) = 0.5
+        [0.0, 1.0, 0.0],  # absorber carries 0.6 < 0.8: 0
+        [0.0, 0.0, 9.0],  # only an unaligned latent fires: 0
+    ])
+    got = E.absorption_fraction(x, acts, W_dec, probe, [0])
+    assert torch.allclose(got, torch.tensor([0.0, 1.0, 0.5, 0.0, 0.0]))
+    # the probe's norm does not matter; x.p <= 0 is never absorption
+    assert torch.allclose(E.absorption_fraction(x, acts, W_dec, 3 * probe, [0]), got)
+    assert E.absorption_fraction(-x[:1], acts[1:2], W_dec, probe, [0]).item() == 0.0
+    with pytest.raises(ValueError, match="rows"):
+        E.absorption_fraction(x, acts[:, :2], W_dec, probe, [0])
+
+
+def test_main_latents_grows_k_only_on_an_f1_jump():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.rand(2000, generator=g) < 0.3
+    half = torch.rand(2000, generator=g) < 0.5
+    acts = torch.rand(2000, 6, generator=g) * 0.1
+    acts[:, 0] += (labels & half).float() * 3  # the concept split over two latents
+    acts[:, 1] += (labels & ~half).float() * 2.5
+    chosen, scores = E.main_latents(acts[:1500], labels[:1500], acts[1500:], labels[1500:])
+    assert sorted(chosen) == [0, 1], (chosen, scores)
+    assert scores[1] > scores[0] + 0.03 and len(scores) == 3
+
+
+def test_linear_probe_finds_the_labelled_direction():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, 4, generator=g)
+    labels = x[:, 2] > 0.5
+    direction, _ = E.linear_probe(x, labels)
+    assert direction.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert direction[2].item() > 0.95
+    with pytest.raises(ValueError, match="one label per row"):
+        E.linear_probe(x, labels[:10])
+
+
+def test_coactivation_cosine_links_a_child_to_its_parent_and_rejects_bad_shapes():
+    g = torch.Generator().manual_seed(2)
+    parent = torch.relu(torch.randn(500, generator=g))
+    child = parent * (torch.rand(500, generator=g) < 0.3)
+    other = torch.relu(torch.randn(500, generator=g))
+    link = E.coactivation_cosine(parent[:, None], torch.stack([child, other, torch.zeros(500)], -1))
+    assert link[0, 0] > 0.99 > 0.9 > link[0, 1]  # through the child's tokens; an unrelated latent is lower
+    assert link[0, 2] == 0.0  # a dead latent links to nothing
+    with pytest.raises(ValueError, match="same n tokens"):
+        E.coactivation_cosine(parent[:, None], child[:10, None])

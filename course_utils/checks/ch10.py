@@ -667,3 +667,113 @@ def top_k_by_mean_difference(learner) -> str:
         SELECT_MISTAKES,
         compare=_compare_selection,
     )
+
+
+# ---------------------------------------------------------------- 6.1 co-activation cosine
+
+
+def _masked_cos(a, b, mask_a=True, mask_b=True, reduce=torch.maximum):
+    a, b = a.double(), b.double()
+    dot = a.T @ b
+    cos_a = dot / (a.norm(dim=0)[:, None] * ((a > 0).double().T @ b.square()).sqrt()).clamp_min(1e-12)
+    cos_b = dot / ((a.square().T @ (b > 0).double()).sqrt() * b.norm(dim=0)[None, :]).clamp_min(1e-12)
+    if mask_a and mask_b:
+        return reduce(cos_a, cos_b)
+    return cos_a if mask_a else cos_b
+
+
+def _plain_cos(a, b):
+    a, b = a.double(), b.double()
+    return (a.T @ b) / (a.norm(dim=0)[:, None] * b.norm(dim=0)[None, :]).clamp_min(1e-12)
+
+
+def _both_fire_cos(a, b):
+    a, b = a.double(), b.double()
+    both = ((a > 0).double().T @ (b > 0).double()) > 0
+    na = (a.square().T @ (b > 0).double()).sqrt()
+    nb = ((a > 0).double().T @ b.square()).sqrt()
+    return torch.where(both, (a.T @ b) / (na * nb).clamp_min(1e-12), 0.0)
+
+
+def _pearson(a, b):
+    return _plain_cos(a - a.mean(0), b - b.mean(0))
+
+
+COACT_MISTAKES = [
+    Mistake(
+        "cosine over every token",
+        _plain_cos,
+        "restrict each cosine to the tokens where one latent fires: over *all* tokens a rare latent "
+        "looks unrelated to a common one that covers it (Bricken et al.'s point).",
+    ),
+    Mistake(
+        "only latent i's tokens",
+        lambda a, b: _masked_cos(a, b, mask_b=False),
+        "compute the cosine twice, once over the tokens where latent i fires and once over those "
+        "where latent j fires, and keep the larger: you kept only the first.",
+    ),
+    Mistake(
+        "only latent j's tokens",
+        lambda a, b: _masked_cos(a, b, mask_a=False),
+        "compute the cosine twice, once over the tokens where latent i fires and once over those "
+        "where latent j fires, and keep the larger: you kept only the second.",
+    ),
+    Mistake(
+        "minimum of the two",
+        lambda a, b: _masked_cos(a, b, reduce=torch.minimum),
+        "keep the *larger* of the two cosines (a child that fires on part of its parent's tokens "
+        "is linked through the child's tokens), not the smaller.",
+    ),
+    Mistake(
+        "tokens where both fire",
+        _both_fire_cos,
+        "restrict to the tokens where *one* latent fires (its own zeros stay out, the other's "
+        "zeros stay in), not to the tokens where both fire: there every pair looks alike.",
+    ),
+    Mistake(
+        "firing indicators",
+        lambda a, b: _masked_cos((a > 0).double(), (b > 0).double()),
+        "use the activation values, not whether each latent fires.",
+    ),
+    Mistake(
+        "Pearson correlation",
+        _pearson,
+        "a cosine of the raw activations (no mean subtracted), restricted to one latent's tokens.",
+    ),
+]
+
+
+def _coact_cases() -> list[Case]:
+    g = _g(11)
+    a = torch.relu(torch.randn(60, 5, generator=g) - 0.3)
+    b = torch.relu(torch.randn(60, 7, generator=g) - 0.6)
+    b[:, 0] = a[:, 1] * (torch.rand(60, generator=g) < 0.5)  # a child: half of latent 1's tokens
+    b[:, 1] = 2.0 * a[:, 3]  # the same latent, rescaled
+    b[:, 6] = 0.0  # a dead latent
+    a[:, 4] = 0.0
+    a[:5, 4] = torch.rand(5, generator=g)  # a rare latent
+    return [
+        Case("60 tokens, 5 and 7 latents (a child, a copy, a dead and a rare latent)", (a, b)),
+        Case("the same dictionary twice", (a, a.clone())),
+        Case("a single token", (a[:1], b[:1])),
+    ]
+
+
+def _compare_coact(expected, actual) -> str | None:
+    if not isinstance(actual, torch.Tensor):
+        return f"return a tensor of shape [a, b], got {type(actual).__name__}"
+    if actual.isnan().any():
+        return ("your result has NaN: a latent that never fires has link 0 with everything "
+                "(guard the division, e.g. `.clamp_min(1e-12)` on the norms' product)")
+    return mismatch(expected.double(), actual.double(), 1e-5, 1e-4)
+
+
+@exercise("6.1", "coactivation_cosine")
+def coactivation_cosine(learner) -> str:
+    return compare_function(
+        learner,
+        E.coactivation_cosine,
+        _coact_cases(),
+        COACT_MISTAKES,
+        compare=_compare_coact,
+    )

@@ -747,3 +747,120 @@ def read_pareto_table(path=None) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [{k: (v if k in ("architecture", "setting") else float(v)) for k, v in row.items()}
                 for row in csv.DictReader(handle)]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- feature splitting
+
+
+def coactivation_cosine(
+    acts_a: Float[Tensor, "n a"], acts_b: Float[Tensor, "n b"]
+) -> Float[Tensor, "a b"]:
+    """Reference for exercise 6.1: Bricken et al.'s (2023, footnote 32) link between latent i of
+    one dictionary and latent j of another, read on the same ``n`` tokens.
+
+    The cosine of their activation vectors over the tokens where i fires, and again over the
+    tokens where j fires; the larger of the two. Restricting to one latent's tokens keeps a rare
+    latent from looking unrelated to a common one that covers it. A latent that never fires has
+    link 0 with everything."""
+    if acts_a.ndim != 2 or acts_b.ndim != 2 or acts_a.shape[0] != acts_b.shape[0]:
+        raise ValueError(
+            f"acts_a {tuple(acts_a.shape)} and acts_b {tuple(acts_b.shape)} must be [n, d_sae] "
+            "activations of two dictionaries on the same n tokens."
+        )
+    a, b = acts_a.clamp_min(0).double(), acts_b.clamp_min(0).double()
+    dot = a.T @ b  # [a, b]: zero outside the tokens where both fire, so no mask is needed here
+    on_a, on_b = (a > 0).double(), (b > 0).double()
+    norm_b_on_a = (on_a.T @ b.square()).sqrt()  # |b_j| over the tokens where i fires
+    norm_a_on_b = (a.square().T @ on_b).sqrt()  # |a_i| over the tokens where j fires
+    cos_on_a = dot / (a.norm(dim=0)[:, None] * norm_b_on_a).clamp_min(1e-12)
+    cos_on_b = dot / (norm_a_on_b * b.norm(dim=0)[None, :]).clamp_min(1e-12)
+    return torch.maximum(cos_on_a, cos_on_b).float()
+
+
+# ----------------------------------------------------------------------------- absorption, probed
+
+
+def linear_probe(
+    acts: Float[Tensor, "n d"], labels: Bool[Tensor, " n"]
+) -> tuple[Float[Tensor, " d"], float]:
+    """A logistic-regression probe on raw activations (balanced classes, sklearn, C 1): its unit
+    direction and intercept. The ground truth of probe-based absorption (Chanin et al.)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if labels.ndim != 1 or labels.shape[0] != acts.shape[0]:
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)} for {acts.shape[0]} rows of acts: one label per row."
+        )
+    probe = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced")
+    probe.fit(acts.double().numpy(), labels.numpy())
+    w = torch.tensor(probe.coef_[0], dtype=torch.float32)
+    return w / w.norm(), float(probe.intercept_[0]) / float(w.norm())
+
+
+def main_latents(
+    train_acts: Float[Tensor, "n d_sae"],
+    train_labels: Bool[Tensor, " n"],
+    test_acts: Float[Tensor, "m d_sae"],
+    test_labels: Bool[Tensor, " m"],
+    max_k: int = 10,
+    jump: float = 0.03,
+    select=top_k_by_mean_difference,
+) -> tuple[list[int], list[float]]:
+    """The latents that represent a concept, by Chanin et al.'s F1-jump rule (SAEBench's
+    ``add_feature_splits_to_metrics_df``): rank latents (here by ``select``, the mean difference
+    of exercise 4.1, where SAEBench ranks by an L1 probe's weights), fit a logistic regression on
+    the top k, and grow k while test F1 rises by more than ``jump``. Returns the chosen latents
+    and the F1 at every k tried."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    max_k = min(max_k, train_acts.shape[-1])
+    ranked = select(train_acts, train_labels, max_k).tolist()
+    chosen, scores = [], []
+    for k in range(1, max_k + 1):
+        dims = ranked[:k]
+        probe = LogisticRegression(max_iter=1000, class_weight="balanced")
+        probe.fit(train_acts[:, dims].double().numpy(), train_labels.numpy())
+        scores.append(float(f1_score(test_labels.numpy(), probe.predict(test_acts[:, dims].double().numpy()))))
+        if k > 1 and scores[-1] <= scores[-2] + jump:
+            break
+        chosen = dims
+    return chosen, scores
+
+
+@torch.no_grad()
+def absorption_fraction(
+    x: Float[Tensor, "n d"],
+    latent_acts: Float[Tensor, "n d_sae"],
+    W_dec: Float[Tensor, "d_sae d"],
+    probe: Float[Tensor, " d"],
+    main: Sequence[int],
+    absorber_cos: float = 0.1,
+    min_share: float = 0.4,
+    max_absorbers: int = 3,
+) -> Float[Tensor, " n"]:
+    """SAEBench's absorption fraction (Chanin et al., with Till's fraction; SAEBench's
+    ``calculate_absorption`` since March 2025), one value per row of ``x``: rows the probe calls
+    positive.
+
+    Latent i contributes ``a_i cos(d_i, p)`` along the unit probe p; the main latents together M;
+    the residual x·p. Absorbers: other latents with cos(d_i, p) >= ``absorber_cos`` and a positive
+    contribution; A is their top ``max_absorbers`` contributions. The fraction is 0 when the main
+    latents carry all of x·p or the absorbers less than ``min_share`` of it; 1 when the main
+    latents carry nothing; otherwise min(A, x·p - M) / (that + M)."""
+    if W_dec.shape[0] != latent_acts.shape[-1]:
+        raise ValueError(f"W_dec has {W_dec.shape[0]} rows for {latent_acts.shape[-1]} latents.")
+    unit = probe / probe.norm()
+    cos = _unit(W_dec) @ unit  # [d_sae]
+    contribution = latent_acts * cos  # [n, d_sae]
+    along = x @ unit  # [n]
+    m = contribution[:, list(main)].sum(-1)
+    absorber = cos >= absorber_cos
+    absorber[list(main)] = False
+    candidates = torch.where(absorber & (contribution > 0), contribution, torch.zeros_like(contribution))
+    a = candidates.topk(min(max_absorbers, candidates.shape[-1]), dim=-1).values.sum(-1)
+    taken = torch.minimum(a, along - m)
+    fraction = (taken / (taken + m).clamp_min(1e-12)).clamp(0, 1)
+    fraction = torch.where(m <= 0, torch.ones_like(fraction), fraction)
+    none = (m >= along) | (along <= 0) | (a < min_share * along)
+    return torch.where(none, torch.zeros_like(fraction), fraction)
