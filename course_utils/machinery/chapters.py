@@ -49,7 +49,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         240,
     ),
     Chapter("09", "polytope_lens", "The polytope lens", "2 h", 240),
-    Chapter("10", "evaluating_saes", "Evaluating and comparing SAEs", "4 h", 480),
+    Chapter("10", "evaluating_saes", "Evaluating and comparing SAEs", "4.5 h", 480),
     Chapter(
         "11", "capstone_feature_analysis", "Capstone: a feature analysis, marked", "1 day", 600
     ),
