@@ -88,6 +88,70 @@ def coact_masked_float64(a, b):
     return torch.maximum(on_a.nan_to_num(0), on_b.nan_to_num(0))
 
 
+def coact_float32_nonzero(a, b):
+    """Float32 throughout, "fires" read as a nonzero activation (the same for ReLU'd codes)."""
+    a, b = a.float(), b.float()
+    dot = a.T @ b
+    on_a = dot / (a.norm(dim=0)[:, None] * ((a != 0).float().T @ b.square()).sqrt()).clamp_min(1e-12)
+    on_b = dot / ((a.square().T @ (b != 0).float()).sqrt() * b.norm(dim=0)[None, :]).clamp_min(1e-12)
+    return torch.maximum(on_a, on_b)
+
+
+def coact_cosine_similarity(a, b):
+    """torch's cosine_similarity on masked copies, one latent of each side at a time."""
+    a, b = a.double(), b.double()
+    on_a = torch.stack([
+        torch.nn.functional.cosine_similarity(a[:, [i]] * (a[:, [i]] > 0), b * (a[:, [i]] > 0), dim=0, eps=1e-12)
+        for i in range(a.shape[1])
+    ])
+    on_b = torch.stack([
+        torch.nn.functional.cosine_similarity(a * (b[:, [j]] > 0), b[:, [j]] * (b[:, [j]] > 0), dim=0, eps=1e-12)
+        for j in range(b.shape[1])
+    ], dim=1)
+    return torch.maximum(on_a, on_b)
+
+
+def coact_any_latent_fires(a, b):
+    """Restricts to the tokens where *any* latent of the dictionary fires, not latent i."""
+    a, b = a.double(), b.double()
+    dot = a.T @ b
+    fa = (a > 0).any(-1, keepdim=True).double().expand_as(a)
+    fb = (b > 0).any(-1, keepdim=True).double().expand_as(b)
+    on_a = dot / (a.norm(dim=0)[:, None] * (fa.T @ b.square()).sqrt()).clamp_min(1e-12)
+    on_b = dot / ((a.square().T @ fb).sqrt() * b.norm(dim=0)[None, :]).clamp_min(1e-12)
+    return torch.maximum(on_a, on_b)
+
+
+def coact_rare_omitted(a, b):
+    """Bricken et al. leave out ultralow-density features; the exercise does not: zeroing the
+    links of latents that fire fewer than 3 times is wrong here."""
+    out = E.coactivation_cosine(a, b).clone()
+    out[(a > 0).sum(0) < 3] = 0
+    out[:, (b > 0).sum(0) < 3] = 0
+    return out
+
+
+def coact_fires_above_threshold(a, b):
+    """Reads "fires" as an activation above 0.1 and drops the smaller activations."""
+    return E.coactivation_cosine(a * (a > 0.1), b * (b > 0.1))
+
+
+def coact_mean_of_two(a, b):
+    a, b = a.double(), b.double()
+    dot = a.T @ b
+    on_a = dot / (a.norm(dim=0)[:, None] * ((a > 0).double().T @ b**2).sqrt()).clamp_min(1e-12)
+    on_b = dot / ((a**2).T @ (b > 0).double()).sqrt().clamp_min(1e-12) / b.norm(dim=0)[None, :].clamp_min(1e-12)
+    return (on_a + on_b) / 2
+
+
+def coact_dead_is_one(a, b):
+    a, b = a.double(), b.double()
+    dot = a.T @ b
+    on_a = dot / (a.norm(dim=0)[:, None] * ((a > 0).double().T @ b**2).sqrt())
+    on_b = dot / ((a**2).T @ (b > 0).double()).sqrt() / b.norm(dim=0)[None, :]
+    return torch.maximum(on_a, on_b).nan_to_num(nan=1.0)
+
+
 def coact_no_guard(a, b):
     a, b = a.double(), b.double()
     dot = a.T @ b
@@ -227,7 +291,7 @@ CORRECT = {
     check.update_threshold: [threshold_loop, threshold_inf_fill],
     check.matryoshka_loss: [matryoshka_masks, matryoshka_cumulative],
     check.top_k_by_mean_difference: [select_argsort, select_masked_means],
-    check.coactivation_cosine: [coact_loop, coact_masked_float64],
+    check.coactivation_cosine: [coact_loop, coact_masked_float64, coact_float32_nonzero, coact_cosine_similarity],
 }
 
 
@@ -271,6 +335,11 @@ WRONG = {
         lambda a, b: E.coactivation_cosine(b, a),  # [b, a]: transposed
         lambda a, b: E.coactivation_cosine(a, b).nan_to_num(0) * 0 + 1,  # everything linked
         coact_no_guard,
+        coact_any_latent_fires,
+        coact_rare_omitted,
+        coact_fires_above_threshold,
+        coact_mean_of_two,
+        coact_dead_is_one,
     ],
     check.top_k_by_mean_difference: [
         lambda acts, labels, k: torch.arange(k),
@@ -406,6 +475,8 @@ NEWCOMER = [
     (check.update_threshold, threshold_silent_inf, "keeps its threshold unchanged"),
     (check.update_threshold, threshold_mean_token_minima, "not the mean of each token's minimum"),
     (check.coactivation_cosine, coact_no_guard, "your result has NaN"),
+    (check.coactivation_cosine, coact_mean_of_two, "not their mean"),
+    (check.coactivation_cosine, coact_dead_is_one, "its 0/0 is no evidence of a link"),
     (
         check.coactivation_cosine,
         lambda a, b: torch.nn.functional.normalize(a, dim=0).T @ torch.nn.functional.normalize(b, dim=0),

@@ -699,6 +699,15 @@ def _pearson(a, b):
     return _plain_cos(a - a.mean(0), b - b.mean(0))
 
 
+def _dead_linked(a, b):
+    """No guard, and the 0/0 of a silent latent turned into a perfect link."""
+    a, b = a.double(), b.double()
+    dot = a.T @ b
+    cos_a = dot / (a.norm(dim=0)[:, None] * ((a > 0).double().T @ b.square()).sqrt())
+    cos_b = dot / ((a.square().T @ (b > 0).double()).sqrt() * b.norm(dim=0)[None, :])
+    return torch.maximum(cos_a, cos_b).nan_to_num(nan=1.0)
+
+
 COACT_MISTAKES = [
     Mistake(
         "cosine over every token",
@@ -723,6 +732,18 @@ COACT_MISTAKES = [
         lambda a, b: _masked_cos(a, b, reduce=torch.minimum),
         "keep the *larger* of the two cosines (a child that fires on part of its parent's tokens "
         "is linked through the child's tokens), not the smaller.",
+    ),
+    Mistake(
+        "mean of the two",
+        lambda a, b: _masked_cos(a, b, reduce=lambda x, y: (x + y) / 2),
+        "keep the *larger* of the two cosines, not their mean: a child that fires on part of "
+        "its parent's tokens is linked through the child's tokens alone.",
+    ),
+    Mistake(
+        "a silent latent linked to everything",
+        _dead_linked,
+        "a latent that never fires has link 0 with everything: its 0/0 is no evidence of a link "
+        "(guard the division with `.clamp_min(1e-12)` rather than filling NaN with 1).",
     ),
     Mistake(
         "tokens where both fire",
