@@ -118,3 +118,14 @@ def test_course_claims_prints_the_table(capsys):
     assert "claims." in capsys.readouterr().out
     assert main(["claims", "99"]) == 2  # an unknown chapter is one clear error
     assert "unknown chapter" in capsys.readouterr().err
+
+
+def test_the_report_explains_its_verdicts_and_an_empty_chapter():
+    from course_utils.machinery import claims as C
+
+    text = C.markdown_report({"00": [], "05": []})
+    assert "How to read the verdicts" in text
+    for verdict in C.VERDICTS:
+        assert f"**{verdict}" in text or f"**{verdict.split(',')[0]}" in text, verdict
+    assert "puts no number beside a paper's" in text.split("## 05")[0]  # chapter 00: complete
+    assert "Not recorded here yet" in text.split("## 05")[1]  # a chapter without records yet

@@ -195,6 +195,23 @@ def _row(record: Claim) -> list[str]:
     ]
 
 
+#: Chapters whose notebooks make no replication claim (so an empty table is complete).
+NO_PAPER_CLAIMS = frozenset({"00"})
+
+#: How to read a verdict (docs/replications.md prints it under the counts).
+LEGEND = (
+    "How to read the verdicts: **replicated** — our number agrees with the paper's, and \"same "
+    "quantity\" says how close the two quantities are (never \"no\"); **replicated in direction, "
+    "not size** — the paper's sign or ordering, not its magnitude; **not at our budget** — not "
+    "reproduced at two or more budgets, listed in the verdict; **differs** — the verdict cell says "
+    "which: our measurement disagrees, or the quantities are not comparable (\"same quantity: "
+    "no\"), or the result is inconclusive. A verdict whose reason cites an issue (\"issue 24\") "
+    "rests on an independent review's measurement made outside the notebook and awaits "
+    "re-measurement there; a reason that says \"outside the notebook\" rests on runs the notebook "
+    "does not repeat.",
+)
+
+
 def markdown_report(claims: dict[str, list[Claim]]) -> str:
     """docs/replications.md: a course-wide summary, then one table per chapter."""
     from course_utils.machinery.chapters import get_chapter
@@ -211,10 +228,16 @@ def markdown_report(claims: dict[str, list[Claim]]) -> str:
         "",
         f"**{total} claims.** " + " · ".join(f"{v}: {n}" for v, n in summary(claims).items()),
         "",
+        *LEGEND,
+        "",
     ]
     for number, records in sorted(claims.items()):
         title = get_chapter(number).title
         lines += [f"## {number} — {title}", ""]
+        if not records and number in NO_PAPER_CLAIMS:
+            lines += ["No records: this chapter sets up the tools and puts no number beside a "
+                      "paper's.", ""]  # fmt: skip
+            continue
         if not records:
             notebook = f"solutions/{get_chapter(number).filename}"
             lines += [f"Not recorded here yet: its replication checks are the assert cells of "
