@@ -362,37 +362,25 @@ def batchtopk_no_grad(pre, k):
         return E.batchtopk(pre, k)
 
 
-def batchtopk_float32_k(pre, k):
-    batch, inst, d_sae = pre.shape
-    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
-    out = torch.zeros_like(pre)
-    for i in range(inst):
-        flat = torch.relu(pre[:, i]).flatten()
-        values, indices = flat.topk(int(ks[i].item() * batch))
-        out[:, i] = torch.zeros_like(flat).scatter(0, indices, values).view(batch, d_sae)
-    return out
+def _batchtopk_keeping(count):
+    """A per-instance BatchTopK loop that keeps ``count(k, batch)`` activations (k in float32)."""
+
+    def batchtopk(pre, k):
+        batch, inst, d_sae = pre.shape
+        ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
+        out = torch.zeros_like(pre)
+        for i in range(inst):
+            flat = torch.relu(pre[:, i]).flatten()
+            values, indices = flat.topk(count(ks[i], batch))
+            out[:, i] = torch.zeros_like(flat).scatter(0, indices, values).view(batch, d_sae)
+        return out
+
+    return batchtopk
 
 
-def batchtopk_ceil(pre, k):
-    batch, inst, d_sae = pre.shape
-    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
-    out = torch.zeros_like(pre)
-    for i in range(inst):
-        flat = torch.relu(pre[:, i]).flatten()
-        values, indices = flat.topk(int(torch.ceil(ks[i] * batch)))
-        out[:, i] = torch.zeros_like(flat).scatter(0, indices, values).view(batch, d_sae)
-    return out
-
-
-def batchtopk_plus_one(pre, k):
-    batch, inst, d_sae = pre.shape
-    ks = torch.as_tensor(k, dtype=torch.float32).flatten().expand(inst)
-    out = torch.zeros_like(pre)
-    for i in range(inst):
-        flat = torch.relu(pre[:, i]).flatten()
-        values, indices = flat.topk(int(ks[i] * batch) + 1)
-        out[:, i] = torch.zeros_like(flat).scatter(0, indices, values).view(batch, d_sae)
-    return out
+batchtopk_float32_k = _batchtopk_keeping(lambda k, batch: int(k.item() * batch))
+batchtopk_ceil = _batchtopk_keeping(lambda k, batch: int(torch.ceil(k * batch)))
+batchtopk_plus_one = _batchtopk_keeping(lambda k, batch: int(k * batch) + 1)
 
 
 def matryoshka_detached(x, acts, W_dec, b_dec, prefixes):
