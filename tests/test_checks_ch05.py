@@ -77,6 +77,12 @@ CHECKS = [
         check.KEEP_MISTAKES,
         lambda terms, top_k: (terms[:top_k], float(sum(t["value"] for t in terms[top_k:]))),
     ),
+    (
+        check.extended_de_embedding,
+        C.extended_de_embedding,
+        check.EXTENDED_MISTAKES,
+        lambda model, tc0, tc, feature: 2 * C.extended_de_embedding(model, tc0, tc, feature),
+    ),
 ]
 
 
@@ -182,6 +188,22 @@ def keep_heapq(terms, top_k):
     return kept, float(sum(t["value"] for t in terms if id(t) not in ids))
 
 
+def extended_layer_norm(model, tc0, tc, feature):
+    x = model.W_E + model.W_pos.mean(dim=0)
+    normed = torch.nn.functional.layer_norm(x, (model.cfg.d_model,), eps=model.cfg.eps)
+    f = tc.W_enc[:, feature]
+    return ((x + tc0(normed)) @ (f - f.mean())).detach()
+
+
+def extended_via_latents(model, tc0, tc, feature):
+    """Through tc0's latents: direct term + sum_i z_i(token) (f_dec_i . f) + b_dec . f."""
+    x = model.embed.W_E + model.pos_embed.W_pos.mean(0, keepdim=True)
+    centred = x - x.mean(-1, keepdim=True)
+    z = tc0.encode(centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps))
+    f = C.centre(tc.W_enc[:, feature])
+    return (x @ f + z @ (tc0.W_dec @ f) + tc0.b_dec @ f).detach()
+
+
 CORRECT = {
     check.transcoder_forward: [forward_einsum, forward_linear],
     check.transcoder_loss: [loss_reuse_forward, loss_mse_times_width],
@@ -192,6 +214,7 @@ CORRECT = {
     check.head_attribution: [head_einsum, head_forward_then_project],
     check.de_embedding: [de_embedding_submodule, de_embedding_embed_call],
     check.keep_top: [keep_sorted_reverse, keep_heapq],
+    check.extended_de_embedding: [extended_layer_norm, extended_via_latents],
 }
 
 
@@ -258,6 +281,41 @@ def keep_pruned_count(terms, top_k):
     return kept, float(len(terms) - len(kept))
 
 
+def extended_real_mlp(model, tc0, tc, feature):
+    """MLP 0 itself instead of its transcoder: not what was asked (the score must decompose into
+    tc0's features), and not the same numbers."""
+    x = model.W_E + model.W_pos.mean(0)
+    f = tc.W_enc[:, feature]
+    return ((x + model.blocks[0].mlp(model.blocks[0].ln2(x))) @ (f - f.mean())).detach()
+
+
+def extended_ln1(model, tc0, tc, feature):
+    """Layer 0's ln1 (the attention's LayerNorm) with its weight and bias, not ln2's normalisation."""
+    x = model.W_E + model.W_pos.mean(0)
+    f = tc.W_enc[:, feature]
+    return ((x + tc0(model.blocks[0].ln1(x))) @ (f - f.mean())).detach()
+
+
+def extended_pos_summed(model, tc0, tc, feature):
+    """Helper-invented (black box): W_pos summed over positions, not averaged."""
+    x = model.W_E + model.W_pos.sum(0)
+    f = C.centre(tc.W_enc[:, feature])
+    return ((x + tc0(torch.nn.functional.layer_norm(x, (x.shape[-1],)))) @ f).detach()
+
+
+def extended_later_ln1_weight(model, tc0, tc, feature):
+    """Helper-invented: f scaled by layer 1's ln1 weight (passed when that weight was all ones)."""
+    x = model.W_E + model.W_pos.mean(0)
+    f = C.centre(tc.W_enc[:, feature]) * model.blocks[1].ln1.w
+    return ((x + tc0(torch.nn.functional.layer_norm(x, (x.shape[-1],)))) @ f).detach()
+
+
+def extended_mlp_term_negated(model, tc0, tc, feature):
+    x = model.W_E + model.W_pos.mean(0)
+    f = C.centre(tc.W_enc[:, feature])
+    return ((x - tc0(torch.nn.functional.layer_norm(x, (x.shape[-1],)))) @ f).detach()
+
+
 WRONG = {
     check.transcoder_forward: [forward_detached, forward_W_dec_transposed, _forward_leaky],
     check.transcoder_loss: [loss_item, loss_no_grad_latents, CHECKS[1][3]],
@@ -271,6 +329,10 @@ WRONG = {
     check.head_attribution: [head_no_dest, CHECKS[6][3]],
     check.de_embedding: [de_embedding_W_E_transposed, CHECKS[7][3]],
     check.keep_top: [keep_smallest, keep_pruned_count, CHECKS[8][3]],
+    check.extended_de_embedding: [
+        extended_real_mlp, extended_ln1, extended_pos_summed, extended_later_ln1_weight,
+        extended_mlp_term_negated, CHECKS[9][3],
+    ],
 }
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 

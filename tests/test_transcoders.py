@@ -293,3 +293,47 @@ def test_sweep_table_round_trip_and_missing_file(tmp_path):
     assert T.read_sweep_table(path) == [row]
     with pytest.raises(FileNotFoundError, match="build-transcoders"):
         T.read_sweep_table(tmp_path / "missing.csv")
+
+
+def test_pareto_table_round_trip_and_missing_file(tmp_path):
+    row = {"seed": 1000, "family": "skip", "layer": 0, "l1_coeff": 3.0, "l0": 20.5, "fvu": 0.3,
+           "ce_clean": 3.5, "ce_spliced": 3.6, "ce_increase": 0.1, "ce_recovered_zero": 0.9,
+           "kl": 0.1, "dead_fraction": 0.0}  # fmt: skip
+    path = T.write_sweep_table([row], tmp_path / "p.csv", T.PARETO_COLUMNS)
+    assert T.read_pareto_table(path) == [row]
+    with pytest.raises(FileNotFoundError, match="build-transcoder-pareto"):
+        T.read_pareto_table(tmp_path / "missing.csv")
+
+
+def test_pareto_recipe_trains_every_family_alike():
+    """The comparison is only fair if the families share coefficients, steps and clipping."""
+    sweep = T.PARETO["sweep"]
+    assert set(sweep) == {"tc", "sae", "skip"}
+    assert sweep["tc"] == sweep["sae"] == sweep["skip"]
+    assert T.PARETO["max_grad_norm"] is not None and len(T.PARETO["seeds"]) >= 2
+
+
+def test_shared_batch_training_clips_each_instance(model, windows, monkeypatch):
+    """max_grad_norm clips each instance on its own norm (a big-coefficient instance must not
+    shrink its neighbour's step); None never clips; a module without instances is refused."""
+    import course_utils.science.lm_saes as LS
+
+    store = T.MultiHookStore(model, list(T.hook_pair(0)), windows, batch_size=64,
+                             buffer_tokens=512, progress=False)  # fmt: skip
+    batch = store.next_split()
+    calls, clip = [], LS.clip_grad_norm_per_instance
+
+    def recording_clip(params, max_norm):
+        calls.append((max_norm, clip(params, max_norm)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(LS, "clip_grad_norm_per_instance", recording_clip)
+    for max_grad_norm in (None, 0.5):
+        tc = T.Transcoder(128, 64, 128, 2, l1_coeff=[0.1, 10.0], seed=0)
+        T.train_on_shared_batches({"tc": (tc, lambda b: (b[0], b[1]))}, lambda: batch, 2, 1e-3,
+                                  lambda _: None, max_grad_norm)  # fmt: skip
+    assert len(calls) == 2 and all(m == 0.5 for m, _ in calls)  # two steps, only when asked
+    assert calls[0][1].shape == (2,)  # one norm per instance
+    with pytest.raises(TypeError, match="n_instances"):
+        T.train_on_shared_batches({"x": (torch.nn.Linear(2, 2), None)}, lambda: batch, 1, 1e-3,
+                                  lambda _: None, 1.0)  # fmt: skip

@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-e2e|build-clt|build-bilinear-lm|build-sae-pareto|freeze-corpus``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-transcoder-pareto|build-e2e|build-clt|build-bilinear-lm|build-sae-pareto|freeze-corpus``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     tcs.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
     tcs.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
     tcs.add_argument("--threads", type=int, default=2)
+    pareto_tc = sub.add_parser(
+        "build-transcoder-pareto",
+        help="rerun chapter 05's Pareto sweep (transcoders, skip transcoders, MLP-out SAEs, 2 seeds)",
+    )
+    pareto_tc.add_argument("--out", type=Path, default=None, help="CSV (default: shipped)")
+    pareto_tc.add_argument("--steps", type=int, default=None, help="training steps (default 600)")
+    pareto_tc.add_argument("--threads", type=int, default=1)
     e2e = sub.add_parser(
         "build-e2e", help="rerun the chapter-04 lambda sweep (local / e2e / e2e+ds SAEs)"
     )
@@ -136,6 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         return _timed(
             f"sweep into {table}; shipping {', '.join(e2e_saes.SHIPPED.values())} into {out}",
             lambda log: e2e_saes.build_e2e(out, table, recipe, log=log, threads=args.threads),
+        )
+
+    if args.command == "build-transcoder-pareto":
+        from course_utils.assets import ASSETS_DIR
+        from course_utils.science import transcoders
+        from course_utils.science.models import SAE_ASSETS
+
+        out = args.out or ASSETS_DIR / SAE_ASSETS / transcoders.PARETO_TABLE
+        recipe = {} if args.steps is None else {"steps": args.steps}
+        return _timed(
+            f"the chapter-05 Pareto sweep into {out}",
+            lambda log: transcoders.build_transcoder_pareto(out, recipe, log=log, threads=args.threads),
         )
 
     if args.command == "build-transcoders":

@@ -118,6 +118,23 @@ def de_embedding(model: HookedTransformer, tc, feature: int) -> Float[Tensor, " 
     return model.W_E.detach() @ f
 
 
+@torch.no_grad()
+def extended_de_embedding(
+    model: HookedTransformer, tc0, tc, feature: int
+) -> Float[Tensor, " d_vocab"]:
+    """``(x + tc0(normalise(x))) @ centre(f_enc)`` with ``x = W_E + mean(W_pos)``: how much each
+    token, alone at an average position, excites ``feature`` of a later-layer transcoder ``tc``
+    directly AND through MLP 0 (replaced by its transcoder ``tc0``, which reads ln2's normalised
+    output, before ln2's weight and bias). Attention and the later LayerNorm's scale are ignored,
+    as in :func:`de_embedding`. It reads MLP 0 as part of the embedding (an "extended
+    embedding"), a common reading of small transformers."""
+    f = _enc_direction(tc, feature)
+    x = model.W_E.detach() + model.W_pos.detach().mean(0)  # [d_vocab, d_model]
+    centred = x - x.mean(-1, keepdim=True)
+    normalised = centred / (centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    return (x + T.as_single(tc0)(normalised)) @ f
+
+
 def de_embedding_through_head(
     model: HookedTransformer, tc, feature: int, layer: int, head: int
 ) -> Float[Tensor, " d_vocab"]:

@@ -409,16 +409,16 @@ def train_transcoder(
     tc: Transcoder,
     pairs: Callable[[], tuple[Tensor, Tensor]],
     steps: int,
-    max_grad_norm: float | None = None,
+    max_grad_norm: float | None = 1.0,
     **options,
 ) -> dict[str, list]:
     """Train every instance of ``tc`` on ``pairs() -> (x [batch, d_in], y [batch, d_out])``.
 
     The chapter-03 loop itself, :func:`~course_utils.science.lm_saes.train_lm_sae` (Adam, L1 warm-up, lr
     schedule, unit-norm decoder by projection); ``options`` are its keyword arguments (``lr``,
-    ``log_every``, ``progress``, ...). One difference: gradient-norm clipping is off (``None``) by
-    default here, unlike chapter 03, because the shipped transcoders and the chapter-05 sweep were
-    trained unclipped and live runs must be comparable with them. The history holds, every
+    ``log_every``, ``progress``, ...), with the same per-instance gradient-norm clipping at 1 by
+    default (chapter 03 shows what training without it costs; ``None`` turns it off, which is how
+    the shipped transcoders were trained, see ``assets/saes/README.md``). The history holds, every
     ``log_every`` steps, loss, L0, FVU of the target (on the batch) and the number of latents dead
     for the last 1000 steps; plus ``tokens_per_s``.
     """
@@ -618,6 +618,10 @@ REFERENCE = {
     "buffer_tokens": 65536,
     "seed": 0,
     "eval_windows": 64,
+    # The shipped files predate clipping in this sweep; None keeps `build-transcoders` reproducing
+    # them. Unclipped they train worse (chapter 03): the Pareto comparison of chapter 05 uses the
+    # clipped sweep below (PARETO), not these files.
+    "max_grad_norm": None,
     # L1 coefficients per family, one list per layer. Layer 1's MLP output is smaller, so the same
     # coefficient gives a much sparser (and partly dead) dictionary there: the grids differ.
     "sweep": {
@@ -633,6 +637,21 @@ REFERENCE = {
         "sae1": ["sae", 1, 1.0],
     },
 }
+#: Recipe of chapter 05's Pareto comparison (``python -m course_utils.assets build-transcoder-pareto``):
+#: transcoders, skip transcoders and MLP-out SAEs trained alike — same batches, steps, schedule,
+#: per-instance gradient clipping at 1 — at the shipped sweep's L1 coefficients, once per seed of
+#: the initialisation (the batches are the same for every seed). Written to :data:`PARETO_TABLE`.
+PARETO = {
+    **{k: v for k, v in REFERENCE.items() if k not in ("sweep", "shipped", "seed")},
+    "max_grad_norm": 1.0,
+    "seeds": [0, 1000],
+    "sweep": {
+        "tc": [[1.5, 3.0, 6.0, 12.0], [0.5, 1.0, 2.0, 4.0]],
+        "sae": [[1.5, 3.0, 6.0, 12.0], [0.5, 1.0, 2.0, 4.0]],
+        "skip": [[1.5, 3.0, 6.0, 12.0], [0.5, 1.0, 2.0, 4.0]],
+    },
+}
+PARETO_TABLE = "transcoder_pareto.csv"
 REFERENCE_NAMES = {
     "tc0": "course-2l-tc0",
     "tc1": "course-2l-tc1",
@@ -645,6 +664,7 @@ SWEEP_COLUMNS = (
     "family", "layer", "l1_coeff", "l0", "fvu", "ce_clean", "ce_spliced", "ce_increase",
     "ce_recovered_zero", "kl", "dead_fraction",
 )  # fmt: skip
+PARETO_COLUMNS = ("seed", *SWEEP_COLUMNS)
 FAMILY_NAMES = {"tc": "transcoder", "skip": "skip transcoder", "sae": "MLP-out SAE"}
 
 
@@ -663,14 +683,31 @@ def make_dictionaries(family: str, d_model: int, d_sae: int, coeffs: list[float]
 
 
 def train_on_shared_batches(
-    modules: dict, next_batch: Callable[[], list[Tensor]], steps: int, lr: float, log=print
+    modules: dict,
+    next_batch: Callable[[], list[Tensor]],
+    steps: int,
+    lr: float,
+    log=print,
+    max_grad_norm: float | None = None,
 ) -> None:
     """Train several dictionaries on the SAME batches (one model forward pass feeds them all).
 
     ``modules`` maps a key to ``(module, args)``, where ``args(batch) -> tuple`` gives the module's
     ``loss`` arguments from ``next_batch()``'s tensors. Schedule as :func:`train_transcoder` (L1
     warm-up over 5%, lr decayed over the last 20%, unit-norm decoder by projection).
+    ``max_grad_norm`` clips each instance's gradient norm (instance-batched dictionaries only: a
+    cross-layer transcoder's leading axis is its layer, not an instance). It is ``None`` here
+    because the shipped transcoders and the shipped CLT (chapter 07) were trained unclipped and
+    their builds must stay reproducible until they are rebuilt; the chapter-05 Pareto sweep
+    (:data:`PARETO`) passes 1, like :func:`train_transcoder`'s default.
     """
+    if max_grad_norm is not None:
+        for key, (m, _) in modules.items():
+            if not hasattr(m, "n_instances"):
+                raise TypeError(
+                    f"{key}: per-instance clipping needs an instance-batched dictionary "
+                    f"(a {type(m).__name__} has no n_instances); pass max_grad_norm=None."
+                )
     opts = {k: torch.optim.Adam(m.parameters(), lr=lr) for k, (m, _) in modules.items()}
     final = {k: m.l1_coeff.clone() for k, (m, _) in modules.items()}
     for step in range(steps):
@@ -688,6 +725,8 @@ def train_on_shared_batches(
             opts[key].zero_grad()
             out["loss"].sum().backward()
             m.remove_parallel_grad()
+            if max_grad_norm is not None:
+                LS.clip_grad_norm_per_instance(m.parameters(), max_grad_norm)
             opts[key].step()
             m.normalise_decoder()
             losses[key] = [round(v, 2) for v in out["loss"].detach().tolist()]
@@ -724,12 +763,12 @@ def evaluate_dictionary(model, module, family: str, layer: int, tokens) -> dict[
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
 
 
-def write_sweep_table(rows: list[dict], path) -> Path:
+def write_sweep_table(rows: list[dict], path, columns=SWEEP_COLUMNS) -> Path:
     import csv
 
     path = Path(path)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -737,22 +776,33 @@ def write_sweep_table(rows: list[dict], path) -> Path:
 
 def read_sweep_table(path=None) -> list[dict]:
     """The shipped sweep (or ``path``) as a list of dicts with numbers parsed."""
+    return _read_table(path, SWEEP_TABLE, "build-transcoders")
+
+
+def read_pareto_table(path=None) -> list[dict]:
+    """Chapter 05's Pareto sweep (:data:`PARETO`; or ``path``): one dict per (seed, family, layer,
+    L1 coefficient), numbers parsed."""
+    return _read_table(path, PARETO_TABLE, "build-transcoder-pareto")
+
+
+def _read_table(path, default_name: str, command: str) -> list[dict]:
     import csv
 
     if path is None:
         from course_utils.assets import ASSETS_DIR
         from course_utils.science.models import SAE_ASSETS
 
-        path = ASSETS_DIR / SAE_ASSETS / SWEEP_TABLE
+        path = ASSETS_DIR / SAE_ASSETS / default_name
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} does not exist: run `python -m course_utils.assets build-transcoders`."
+            f"{path} does not exist: run `python -m course_utils.assets {command}`."
         )
     with path.open() as f:
         rows = list(csv.DictReader(f))
+    ints = ("layer", "seed")
     return [
-        {k: (v if k == "family" else int(v) if k == "layer" else float(v)) for k, v in r.items()}
+        {k: (v if k == "family" else int(v) if k in ints else float(v)) for k, v in r.items()}
         for r in rows
     ]
 
@@ -763,6 +813,24 @@ def _loss_args(family: str, layer: int) -> Callable:
     if family == "sae":
         return lambda b: (b[2 * layer + 1],)
     return lambda b: (b[2 * layer], b[2 * layer + 1])
+
+
+def _sweep_modules(recipe: dict, d_model: int, seed: int, log=print) -> dict:
+    """One instance-batched module per (family, layer) of ``recipe["sweep"]``, one instance per L1
+    coefficient, initialised from ``seed`` (offset by layer and family so that none share an init)."""
+    modules = {}
+    for f_index, (family, per_layer) in enumerate(recipe["sweep"].items()):
+        for layer, coeffs in enumerate(per_layer):
+            if not coeffs:
+                continue
+            init = seed + 10 * layer + f_index
+            m = make_dictionaries(family, d_model, recipe["d_sae"], [float(c) for c in coeffs], init)
+            modules[(family, layer)] = (m, _loss_args(family, layer))
+    log(
+        f"training {sum(m.n_instances for m, _ in modules.values())} dictionaries "
+        f"({', '.join(f'{f}{layer}x{m.n_instances}' for (f, layer), (m, _) in modules.items())})"
+    )
+    return modules
 
 
 def build_reference_transcoders(
@@ -789,20 +857,10 @@ def build_reference_transcoders(
         progress=False,
         seed=0,
     )
-    d, n = model.cfg.d_model, recipe["d_sae"]
-    modules = {}
-    for f_index, (family, per_layer) in enumerate(recipe["sweep"].items()):
-        for layer, coeffs in enumerate(per_layer):
-            if not coeffs:
-                continue
-            seed = recipe["seed"] + 10 * layer + f_index
-            m = make_dictionaries(family, d, n, [float(c) for c in coeffs], seed)
-            modules[(family, layer)] = (m, _loss_args(family, layer))
-    log(
-        f"training {sum(m.n_instances for m, _ in modules.values())} dictionaries "
-        f"({', '.join(f'{f}{layer}x{m.n_instances}' for (f, layer), (m, _) in modules.items())})"
+    modules = _sweep_modules(recipe, model.cfg.d_model, recipe["seed"], log)
+    train_on_shared_batches(
+        modules, store.next_split, recipe["steps"], recipe["lr"], log, recipe["max_grad_norm"]
     )
-    train_on_shared_batches(modules, store.next_split, recipe["steps"], recipe["lr"], log)
     train_time = time.perf_counter() - start
     log(f"trained on {store.tokens_seen} tokens in {train_time:.0f} s")
 
@@ -842,3 +900,40 @@ def build_reference_transcoders(
                               extra_metadata=extra)  # fmt: skip
         results[name] = row
     return results
+
+
+def build_transcoder_pareto(out_csv, recipe: dict | None = None, log=print, threads: int = 1):
+    """Chapter 05's fair Pareto sweep: every family of ``recipe["sweep"]`` trained alike (same
+    batches, steps, schedule and clipping), once per initialisation seed; writes one row per
+    dictionary (:data:`PARETO_COLUMNS`) to ``out_csv`` and returns the rows. Ships no weights."""
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.models import load_model
+
+    recipe = {**PARETO, **(recipe or {})}
+    torch.set_num_threads(threads)
+    model = load_model("course-2l")
+    tokens = corpus_windows(model, "validation")[: recipe["eval_windows"]]
+    rows = []
+    for seed in recipe["seeds"]:
+        start = time.perf_counter()
+        # the same batches for every seed: the store's shuffling seed is fixed
+        store = MultiHookStore(
+            model, [*hook_pair(0), *hook_pair(1)], corpus_windows(model, "train"),
+            batch_size=recipe["batch_size"], buffer_tokens=recipe["buffer_tokens"],
+            progress=False, seed=0,
+        )  # fmt: skip
+        modules = _sweep_modules(recipe, model.cfg.d_model, seed, log)
+        train_on_shared_batches(
+            modules, store.next_split, recipe["steps"], recipe["lr"], log, recipe["max_grad_norm"]
+        )
+        log(f"seed {seed}: trained on {store.tokens_seen} tokens in {time.perf_counter() - start:.0f} s")
+        for (family, layer), (m, _) in modules.items():
+            for i in range(m.n_instances):
+                one = LS.single(m, i) if family == "sae" else single(m, i)
+                row = {"seed": seed, **evaluate_dictionary(model, one, family, layer, tokens)}
+                log(", ".join(f"{k} {v}" for k, v in row.items()))
+                rows.append(row)
+        # written after every seed, so that a long build leaves a usable table if stopped
+        Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+        write_sweep_table(rows, out_csv, PARETO_COLUMNS)
+    return rows
