@@ -296,7 +296,7 @@ def test_sweep_table_round_trip_and_missing_file(tmp_path):
 
 
 def test_pareto_table_round_trip_and_missing_file(tmp_path):
-    row = {"seed": 1000, "family": "skip", "layer": 0, "l1_coeff": 3.0, "l0": 20.5, "fvu": 0.3,
+    row = {"steps": 600, "seed": 1000, "family": "skip", "layer": 0, "l1_coeff": 3.0, "l0": 20.5, "fvu": 0.3,
            "ce_clean": 3.5, "ce_spliced": 3.6, "ce_increase": 0.1, "ce_recovered_zero": 0.9,
            "kl": 0.1, "dead_fraction": 0.0}  # fmt: skip
     path = T.write_sweep_table([row], tmp_path / "p.csv", T.PARETO_COLUMNS)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     tcs.add_argument("--threads", type=int, default=2)
     pareto_tc = sub.add_parser(
         "build-transcoder-pareto",
-        help="rerun chapter 05's Pareto sweep (transcoders, skip transcoders, MLP-out SAEs, 2 seeds)",
+        help="rerun chapter 05's Pareto sweep (3 families x 2 seeds, then a training-length dose-response)",
     )
     pareto_tc.add_argument("--out", type=Path, default=None, help="CSV (default: shipped)")
     pareto_tc.add_argument("--steps", type=int, default=None, help="training steps (default 600)")

@@ -645,6 +645,8 @@ PARETO = {
     **{k: v for k, v in REFERENCE.items() if k not in ("sweep", "shipped", "seed")},
     "max_grad_norm": 1.0,
     "seeds": [0, 1000],
+    # a dose-response in training length for the two families the paper compares
+    "dose_response": {"steps": [300, 1200], "families": ["tc", "sae"], "seed": 0},
     "sweep": {
         "tc": [[1.5, 3.0, 6.0, 12.0], [0.5, 1.0, 2.0, 4.0]],
         "sae": [[1.5, 3.0, 6.0, 12.0], [0.5, 1.0, 2.0, 4.0]],
@@ -664,7 +666,7 @@ SWEEP_COLUMNS = (
     "family", "layer", "l1_coeff", "l0", "fvu", "ce_clean", "ce_spliced", "ce_increase",
     "ce_recovered_zero", "kl", "dead_fraction",
 )  # fmt: skip
-PARETO_COLUMNS = ("seed", *SWEEP_COLUMNS)
+PARETO_COLUMNS = ("steps", "seed", *SWEEP_COLUMNS)
 FAMILY_NAMES = {"tc": "transcoder", "skip": "skip transcoder", "sae": "MLP-out SAE"}
 
 
@@ -800,7 +802,7 @@ def _read_table(path, default_name: str, command: str) -> list[dict]:
         )
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    ints = ("layer", "seed")
+    ints = ("layer", "seed", "steps")
     return [
         {k: (v if k == "family" else int(v) if k in ints else float(v)) for k, v in r.items()}
         for r in rows
@@ -904,8 +906,10 @@ def build_reference_transcoders(
 
 def build_transcoder_pareto(out_csv, recipe: dict | None = None, log=print, threads: int = 1):
     """Chapter 05's fair Pareto sweep: every family of ``recipe["sweep"]`` trained alike (same
-    batches, steps, schedule and clipping), once per initialisation seed; writes one row per
-    dictionary (:data:`PARETO_COLUMNS`) to ``out_csv`` and returns the rows. Ships no weights."""
+    batches, schedule and clipping) for ``recipe["steps"]``, once per initialisation seed; then
+    the dose-response runs of ``recipe["dose_response"]`` (other step budgets, some families, one
+    seed). Writes one row per dictionary (:data:`PARETO_COLUMNS`) to ``out_csv`` after every run
+    and returns the rows. Ships no weights."""
     from course_utils.science.activations import corpus_windows
     from course_utils.science.models import load_model
 
@@ -913,27 +917,42 @@ def build_transcoder_pareto(out_csv, recipe: dict | None = None, log=print, thre
     torch.set_num_threads(threads)
     model = load_model("course-2l")
     tokens = corpus_windows(model, "validation")[: recipe["eval_windows"]]
+    runs = [(recipe["steps"], seed, list(recipe["sweep"])) for seed in recipe["seeds"]]
+    dose = recipe.get("dose_response") or {}
+    runs += [(steps, dose["seed"], dose["families"]) for steps in dose.get("steps", [])]
     rows = []
-    for seed in recipe["seeds"]:
-        start = time.perf_counter()
-        # the same batches for every seed: the store's shuffling seed is fixed
-        store = MultiHookStore(
-            model, [*hook_pair(0), *hook_pair(1)], corpus_windows(model, "train"),
-            batch_size=recipe["batch_size"], buffer_tokens=recipe["buffer_tokens"],
-            progress=False, seed=0,
-        )  # fmt: skip
-        modules = _sweep_modules(recipe, model.cfg.d_model, seed, log)
-        train_on_shared_batches(
-            modules, store.next_split, recipe["steps"], recipe["lr"], log, recipe["max_grad_norm"]
-        )
-        log(f"seed {seed}: trained on {store.tokens_seen} tokens in {time.perf_counter() - start:.0f} s")
-        for (family, layer), (m, _) in modules.items():
-            for i in range(m.n_instances):
-                one = LS.single(m, i) if family == "sae" else single(m, i)
-                row = {"seed": seed, **evaluate_dictionary(model, one, family, layer, tokens)}
-                log(", ".join(f"{k} {v}" for k, v in row.items()))
-                rows.append(row)
-        # written after every seed, so that a long build leaves a usable table if stopped
+    for steps, seed, families in runs:
+        rows += pareto_run(model, tokens, recipe, steps, seed, families, log)
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         write_sweep_table(rows, out_csv, PARETO_COLUMNS)
+    return rows
+
+
+def pareto_run(model, tokens, recipe: dict, steps: int, seed: int, families, log=print) -> list:
+    """Train ``families`` of ``recipe["sweep"]`` for ``steps`` from init ``seed`` on the fixed
+    batch order, and evaluate each dictionary spliced into ``model`` on ``tokens``."""
+    from course_utils.science.activations import corpus_windows
+
+    start = time.perf_counter()
+    store = MultiHookStore(  # shuffling seed fixed: every run sees the same batches
+        model, [*hook_pair(0), *hook_pair(1)], corpus_windows(model, "train"),
+        batch_size=recipe["batch_size"], buffer_tokens=recipe["buffer_tokens"],
+        progress=False, seed=0,
+    )  # fmt: skip
+    # family order (and so each module's init seed) is the recipe's, whatever subset is trained
+    sub = {**recipe, "sweep": {f: (c if f in families else [[], []])
+                               for f, c in recipe["sweep"].items()}}  # fmt: skip
+    modules = _sweep_modules(sub, model.cfg.d_model, seed, log)
+    train_on_shared_batches(
+        modules, store.next_split, steps, recipe["lr"], log, recipe["max_grad_norm"]
+    )
+    log(f"{steps} steps, seed {seed}: {store.tokens_seen} tokens in {time.perf_counter() - start:.0f} s")
+    rows = []
+    for (family, layer), (m, _) in modules.items():
+        for i in range(m.n_instances):
+            one = LS.single(m, i) if family == "sae" else single(m, i)
+            row = {"steps": steps, "seed": seed,
+                   **evaluate_dictionary(model, one, family, layer, tokens)}  # fmt: skip
+            log(", ".join(f"{k} {v}" for k, v in row.items()))
+            rows.append(row)
     return rows
