@@ -81,7 +81,7 @@ def test_the_rules_accept_what_they_allow():
     provisional = claims.make_claim("06", "p", **{**GOOD, "verdict": "differs",
         "differs_kind": "inconclusive", "reason": "a review (issue 25) measured 0.61",
         "provisional": "issue 25's measurement on 150 random features"})  # fmt: skip
-    assert "differs: inconclusive (PROVISIONAL: rests on issue 25's" in provisional.markdown()
+    assert "differs: inconclusive [PROVISIONAL: issue 25's" in provisional.markdown()
     claims.make_claim("03", "no-paper-number", **{**GOOD, "paper_value": ""})
 
 
@@ -165,7 +165,7 @@ def test_the_summary_counts_differs_kinds_and_provisional_verdicts_apart():
     assert counts["differs: not comparable"] == 0 and counts["provisional"] == 1
     line = claims.summary_line({"01": records})
     assert line.startswith("3 claims.") and "differs: 2 (contradicts: 1, not comparable: 0" in line
-    assert "do not make): 1 of 3" in line
+    assert "re-measurement): 1 of 3" in line
     table = claims.markdown_report({"01": records})
     assert "| differs: contradicts — r |" in table
-    assert "differs: inconclusive (PROVISIONAL: rests on issue 24) — r" in table
+    assert "differs: inconclusive [PROVISIONAL: issue 24] — r" in table

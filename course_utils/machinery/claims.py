@@ -14,6 +14,11 @@ A notebook's replication-check cell keeps its asserts and adds a record::
         same_quantity="yes", verdict="replicated",
     )
 
+A "differs" verdict names its kind (``differs_kind``: "contradicts", "not comparable",
+"inconclusive" or "misprint in paper"), and a verdict that rests on anything the notebook does not
+compute (an issue's review, runs outside the notebook, a pending re-measurement) says what in
+``provisional``; the table marks it PROVISIONAL and the summary counts those apart.
+
 The record is checked against the Claims checklist (``CONVENTIONS.md``) when it is made, so a
 record that breaks it fails the cell with a sentence saying which rule; it is then displayed
 with its own MIME type (JupyterLab shows it as a small table) and so lives in the executed
@@ -118,7 +123,7 @@ class Claim:
         """The verdict cell: label, provisional mark, reason and budgets tried."""
         text = self.verdict_label
         if self.provisional:
-            text += f" (PROVISIONAL: rests on {self.provisional})"
+            text += f" [PROVISIONAL: {self.provisional}]"
         if self.reason:
             text += f" — {self.reason}"
         if self.budgets_tried:
@@ -219,15 +224,15 @@ def summary(claims: dict[str, list[Claim]]) -> dict[str, int]:
 
 
 def summary_line(claims: dict[str, list[Claim]]) -> str:
-    """"73 claims. replicated: 20 · ... · differs: 20 (contradicts: 2, ...) · provisional: 15"."""
+    """The summary as one line: claims, each verdict, the differs kinds, provisional verdicts."""
     counts = summary(claims)
     total = sum(counts[v] for v in VERDICTS)
     kinds = ", ".join(f"{k}: {counts[f'differs: {k}']}" for k in DIFFERS_KINDS)
     parts = [f"{v}: {counts[v]}" for v in VERDICTS]
     parts[-1] += f" ({kinds})"
     return (
-        f"{total} claims. " + " · ".join(parts) + f". Provisional (resting on measurements the "
-        f"notebooks do not make): {counts['provisional']} of {total}"
+        f"{total} claims. " + " · ".join(parts) + ". Provisional (resting on measurements outside "
+        f"the notebooks or awaiting an issue's re-measurement): {counts['provisional']} of {total}"
     )
 
 
@@ -260,15 +265,15 @@ NO_PAPER_CLAIMS = frozenset({"00"})
 LEGEND = (
     "How to read the verdicts:",
     "",
-    "- **replicated** — our number agrees with the paper's, and \"same quantity\" says how close "
-    "the two quantities are (never \"no\"). Where the paper gives no number (\"—\"), the "
+    '- **replicated** — our number agrees with the paper\'s, and "same quantity" says how close '
+    'the two quantities are (never "no"). Where the paper gives no number ("—"), the '
     "paper's stated pattern is reproduced and the record's baseline shows it could have failed.",
     "- **replicated in direction, not size** — the paper's sign or ordering, not its magnitude.",
     "- **not at our budget** — not reproduced at two or more budgets, listed in the verdict: no "
     "evidence against the paper.",
     "- **differs** — always with one of four kinds:",
-    "  - **differs: contradicts** — on a comparable quantity (same quantity \"yes\" or "
-    "\"partly\"), our measurement disagrees with the paper's;",
+    '  - **differs: contradicts** — on a comparable quantity (same quantity "yes" or '
+    '"partly"), our measurement disagrees with the paper\'s;',
     "  - **differs: not comparable** — the two numbers are not the same quantity, sample or "
     "setting, so neither agreement nor disagreement can be read from them;",
     "  - **differs: inconclusive** — our sample, budget or control cannot decide the claim either "
@@ -277,73 +282,139 @@ LEGEND = (
     "measurement agrees with the corrected one.",
     "- **PROVISIONAL** (beside any verdict) — the verdict rests on something the notebook does not "
     "compute: an independent review's measurement or runs made outside the notebook, or it awaits "
-    "a re-measurement tracked in an open issue of the course (\"issue 24\" and the like). The "
+    'a re-measurement tracked in an open issue of the course ("issue 24" and the like). The '
     "mark says what it rests on. Read it as the current best reading, not as a checked result.",
-    "- **paper's value \"—\"** — the paper gives no number for this quantity; the setting in "
+    '- **paper\'s value "—"** — the paper gives no number for this quantity; the setting in '
     "brackets says what it shows instead. A value the course computed itself (a re-run) is never "
     "put in this column.",
 )
 
 #: Terms the records cannot avoid (docs/replications.md prints them under the legend).
 GLOSSARY = (
-    ("course-2l", "the course's own 2-layer transformer trained on Python code (d_model 128, two "
-     "MLPs of 512 GELU neurons); hook names such as blocks.0.hook_resid_post are TransformerLens's "
-     "(the residual stream after layer 0)"),
-    ("SAE, latent, L0", "a sparse autoencoder; its dictionary elements are latents (features); L0 "
-     "is the mean number of latents active per token"),
+    (
+        "course-2l",
+        "the course's own 2-layer transformer trained on Python code (d_model 128, two "
+        "MLPs of 512 GELU neurons); hook names such as blocks.0.hook_resid_post are TransformerLens's "
+        "(the residual stream after layer 0)",
+    ),
+    (
+        "SAE, latent, L0",
+        "a sparse autoencoder; its dictionary elements are latents (features); L0 "
+        "is the mean number of latents active per token",
+    ),
     ("dead latent", "a latent that never fires on the evaluation sample"),
-    ("TopK, BatchTopK, JumpReLU, Matryoshka, AuxK", "SAE variants: keep the k largest latents per "
-     "token / per batch; a thresholded ReLU; nested prefixes of the dictionary each trained to "
-     "reconstruct; AuxK is an auxiliary loss that trains dead latents on the residual error"),
-    ("MMCS", "mean max cosine similarity: for each true feature, the best cosine with any learned "
-     "dictionary element, averaged over the true features (1 = every feature recovered)"),
+    (
+        "TopK, BatchTopK, JumpReLU, Matryoshka, AuxK",
+        "SAE variants: keep the k largest latents per "
+        "token / per batch; a thresholded ReLU; nested prefixes of the dictionary each trained to "
+        "reconstruct; AuxK is an auxiliary loss that trains dead latents on the residual error",
+    ),
+    (
+        "MMCS",
+        "mean max cosine similarity: for each true feature, the best cosine with any learned "
+        "dictionary element, averaged over the true features (1 = every feature recovered)",
+    ),
     ("FVU", "fraction of variance unexplained by the reconstruction (1 - explained variance)"),
-    ("ΔCE, CE recovered, KL", "the increase in next-token cross-entropy (nats) when the "
-     "reconstruction replaces the activation; CE recovered = (L_ablated - L_spliced) / (L_ablated "
-     "- L_clean), 1 = no loss; KL is the per-token KL divergence of the spliced model's next-token "
-     "distribution from the original's"),
-    ("zero / mean ablation", "replacing an activation by zeros, or by its mean over the data; the "
-     "ablated loss is the 0% end of CE recovered"),
-    ("shrinkage, γ", "reconstructions systematically shorter than the activation (an L1 penalty "
-     "causes it); γ = Σ||x̂||² / Σ<x, x̂>, 1 when there is none"),
-    ("MCC, per-latent F1", "on synthetic data with known features: the mean correlation between "
-     "matched true and learned features, and how well each latent's firing predicts its matched "
-     "true feature's"),
-    ("bigram table", "next-token probabilities read off counts of token pairs: a model worse than "
-     "it has not learnt more than pair statistics"),
-    ("de-embedding (direct / extended)", "which input tokens excite a feature straight through the "
-     "embedding (direct), or through the embedding and an earlier layer's transcoder (extended)"),
-    ("splice, error term / error node", "running the model with the reconstruction in place of "
-     "the activation; keeping the error a - â as an extra node makes the splice exact"),
-    ("e2e, e2e+ds, local", "SAEs trained on the model's output KL (end-to-end), on KL plus "
-     "reconstruction at later layers (downstream), or on reconstruction at their own layer (local)"),
-    ("transcoder, PLT, CLT", "a sparse dictionary that maps an MLP's input to its output; per-layer "
-     "transcoders (PLT) replace each MLP on its own, a cross-layer transcoder (CLT) writes from "
-     "one layer to all later ones"),
-    ("completeness / replacement score", "Ameisen et al.'s attribution-graph scores: "
-     "completeness is the share of each node's input that comes from features or embeddings "
-     "rather than error nodes, weighted by the node's influence on the output; replacement is the "
-     "share of end-to-end influence from the embeddings to the logits that travels through "
-     "features only; node threshold: pruning keeps the nodes that carry that share of influence"),
-    ("attribution patching, IG", "a first-order (gradient times activation) estimate of an "
-     "ablation's effect; integrated gradients (IG) averages the gradient along the path from the "
-     "ablated to the real activation"),
-    ("best of N seeds / lowest-loss seed", "N models trained from different random "
-     "initialisations; the one with the lowest training loss is kept and measured"),
-    ("1-S, density, D*, D_i", "the probability that a feature is non-zero (S is sparsity); "
-     "D* = m / ||W||_F^2, the hidden dimensions per represented feature; D_i the share of a "
-     "dimension feature i gets (1/2 for a feature in an antipodal pair: two features on one line, "
-     "pointing opposite ways)"),
-    ("Spearman, Pearson", "rank and linear correlation; \"range-restricted\": measured only on the "
-     "items a predictor ranked highest, which biases it"),
-    ("specificity, sensitivity", "of a feature's firings, the share on tokens of the concept; of "
-     "the concept's tokens, the share where it fires"),
-    ("absorption", "a general latent (\"starts with S\") stays silent on some of its cases "
-     "because a more specific latent (\" short\") has absorbed its direction there"),
-    ("purity, ARI", "clustering scores against labels: the share of items in their cluster's "
-     "majority label; adjusted Rand index (0 = chance, 1 = identical partitions)"),
-    ("spline code, polytope boundary", "the on/off pattern of a ReLU network's neurons for an "
-     "input; inputs with one code share one linear region (polytope), whose faces are boundaries"),
+    (
+        "ΔCE, CE recovered, KL",
+        "the increase in next-token cross-entropy (nats) when the "
+        "reconstruction replaces the activation; CE recovered = (L_ablated - L_spliced) / (L_ablated "
+        "- L_clean), 1 = no loss; KL is the per-token KL divergence of the spliced model's next-token "
+        "distribution from the original's",
+    ),
+    (
+        "zero / mean ablation",
+        "replacing an activation by zeros, or by its mean over the data; the "
+        "ablated loss is the 0% end of CE recovered",
+    ),
+    (
+        "shrinkage, γ",
+        "reconstructions systematically shorter than the activation (an L1 penalty "
+        "causes it); γ = Σ||x̂||² / Σ<x, x̂>, 1 when there is none",
+    ),
+    (
+        "MCC, per-latent F1",
+        "on synthetic data with known features: the mean correlation between "
+        "matched true and learned features, and how well each latent's firing predicts its matched "
+        "true feature's",
+    ),
+    (
+        "bigram table",
+        "next-token probabilities read off counts of token pairs: a model worse than "
+        "it has not learnt more than pair statistics",
+    ),
+    (
+        "de-embedding (direct / extended)",
+        "which input tokens excite a feature straight through the "
+        "embedding (direct), or through the embedding and an earlier layer's transcoder (extended)",
+    ),
+    (
+        "splice, error term / error node",
+        "running the model with the reconstruction in place of "
+        "the activation; keeping the error a - â as an extra node makes the splice exact",
+    ),
+    (
+        "e2e, e2e+ds, local",
+        "SAEs trained on the model's output KL (end-to-end), on KL plus "
+        "reconstruction at later layers (downstream), or on reconstruction at their own layer (local)",
+    ),
+    (
+        "transcoder, PLT, CLT",
+        "a sparse dictionary that maps an MLP's input to its output; per-layer "
+        "transcoders (PLT) replace each MLP on its own, a cross-layer transcoder (CLT) writes from "
+        "one layer to all later ones",
+    ),
+    (
+        "completeness / replacement score",
+        "Ameisen et al.'s attribution-graph scores: "
+        "completeness is the share of each node's input that comes from features or embeddings "
+        "rather than error nodes, weighted by the node's influence on the output; replacement is the "
+        "share of end-to-end influence from the embeddings to the logits that travels through "
+        "features only; node threshold: pruning keeps the nodes that carry that share of influence",
+    ),
+    (
+        "attribution patching, IG",
+        "a first-order (gradient times activation) estimate of an "
+        "ablation's effect; integrated gradients (IG) averages the gradient along the path from the "
+        "ablated to the real activation",
+    ),
+    (
+        "best of N seeds / lowest-loss seed",
+        "N models trained from different random "
+        "initialisations; the one with the lowest training loss is kept and measured",
+    ),
+    (
+        "1-S, density, D*, D_i",
+        "the probability that a feature is non-zero (S is sparsity); "
+        "D* = m / ||W||_F^2, the hidden dimensions per represented feature; D_i the share of a "
+        "dimension feature i gets (1/2 for a feature in an antipodal pair: two features on one line, "
+        "pointing opposite ways)",
+    ),
+    (
+        "Spearman, Pearson",
+        'rank and linear correlation; "range-restricted": measured only on the '
+        "items a predictor ranked highest, which biases it",
+    ),
+    (
+        "specificity, sensitivity",
+        "of a feature's firings, the share on tokens of the concept; of "
+        "the concept's tokens, the share where it fires",
+    ),
+    (
+        "absorption",
+        'a general latent ("starts with S") stays silent on some of its cases '
+        'because a more specific latent (" short") has absorbed its direction there',
+    ),
+    (
+        "purity, ARI",
+        "clustering scores against labels: the share of items in their cluster's "
+        "majority label; adjusted Rand index (0 = chance, 1 = identical partitions)",
+    ),
+    (
+        "spline code, polytope boundary",
+        "the on/off pattern of a ReLU network's neurons for an "
+        "input; inputs with one code share one linear region (polytope), whose faces are boundaries",
+    ),
 )
 
 
