@@ -49,6 +49,15 @@ def test_a_complete_record_passes_and_round_trips():
         ({"verdict": "kind of"}, "verdict must be one of"),
         ({"same_quantity": "maybe"}, "same_quantity must be one of"),
         ({"sample": ""}, "sample is empty"),
+        ({"verdict": "differs", "reason": "the gap is 0.3"}, "needs differs_kind"),
+        ({"verdict": "differs", "reason": "x", "differs_kind": "kind of"}, "needs differs_kind"),
+        ({"differs_kind": "contradicts"}, "only for verdict 'differs'"),
+        ({"same_quantity": "no", "differs": "x", "verdict": "differs", "reason": "y",
+          "differs_kind": "contradicts"}, "cannot contradict"),
+        ({"verdict": "replicated in direction, not size",
+          "reason": "an independent review (issue 25) measured 0.9"}, "provisional"),
+        ({"verdict": "differs", "differs_kind": "inconclusive",
+          "reason": "seeds run outside the notebook disagree"}, "provisional"),
     ],
 )  # fmt: skip
 def test_each_checklist_rule_rejects_its_record(change, rule):
@@ -64,7 +73,15 @@ def test_the_rules_accept_what_they_allow():
     )
     claims.make_claim("08", "gap", **{**GOOD, **not_at_budget})
     claims.make_claim("03", "x", **{**GOOD, "same_quantity": "no", "differs": "zero-ablates the "
-                 "residual, not the MLP", "verdict": "differs", "reason": "other baseline"})  # fmt: skip
+                 "residual, not the MLP", "verdict": "differs", "reason": "other baseline",
+                 "differs_kind": "not comparable"})  # fmt: skip
+    for kind in claims.DIFFERS_KINDS:
+        claims.make_claim("01", kind, **{**GOOD, "verdict": "differs", "reason": "r",
+                                         "differs_kind": kind})  # fmt: skip
+    provisional = claims.make_claim("06", "p", **{**GOOD, "verdict": "differs",
+        "differs_kind": "inconclusive", "reason": "a review (issue 25) measured 0.61",
+        "provisional": "issue 25's measurement on 150 random features"})  # fmt: skip
+    assert "differs: inconclusive [PROVISIONAL: issue 25's" in provisional.markdown()
     claims.make_claim("03", "no-paper-number", **{**GOOD, "paper_value": ""})
 
 
@@ -127,5 +144,28 @@ def test_the_report_explains_its_verdicts_and_an_empty_chapter():
     assert "How to read the verdicts" in text
     for verdict in C.VERDICTS:
         assert f"**{verdict}" in text or f"**{verdict.split(',')[0]}" in text, verdict
+    for kind in C.DIFFERS_KINDS:
+        assert f"**differs: {kind}**" in text, kind
+    assert "**PROVISIONAL**" in text and "Terms used in the records" in text
     assert "puts no number beside a paper's" in text.split("## 05")[0]  # chapter 00: complete
     assert "Not recorded here yet" in text.split("## 05")[1]  # a chapter without records yet
+
+
+def test_the_summary_counts_differs_kinds_and_provisional_verdicts_apart():
+    records = [
+        claims.make_claim("01", "a", **GOOD),
+        claims.make_claim("01", "b", **{**GOOD, "verdict": "differs", "reason": "r",
+                                        "differs_kind": "contradicts"}),
+        claims.make_claim("02", "c", **{**GOOD, "verdict": "differs", "reason": "r",
+                                        "differs_kind": "inconclusive", "provisional": "issue 24"}),
+    ]  # fmt: skip
+    counts = claims.summary({"01": records[:2], "02": records[2:]})
+    assert counts["replicated"] == 1 and counts["differs"] == 2
+    assert counts["differs: contradicts"] == 1 and counts["differs: inconclusive"] == 1
+    assert counts["differs: not comparable"] == 0 and counts["provisional"] == 1
+    line = claims.summary_line({"01": records})
+    assert line.startswith("3 claims.") and "differs: 2 (contradicts: 1, not comparable: 0" in line
+    assert "re-measurement): 1 of 3" in line
+    table = claims.markdown_report({"01": records})
+    assert "| differs: contradicts — r |" in table
+    assert "differs: inconclusive [PROVISIONAL: issue 24] — r" in table

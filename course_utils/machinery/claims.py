@@ -14,6 +14,11 @@ A notebook's replication-check cell keeps its asserts and adds a record::
         same_quantity="yes", verdict="replicated",
     )
 
+A "differs" verdict names its kind (``differs_kind``: "contradicts", "not comparable",
+"inconclusive" or "misprint in paper"), and a verdict that rests on anything the notebook does not
+compute (an issue's review, runs outside the notebook, a pending re-measurement) says what in
+``provisional``; the table marks it PROVISIONAL and the summary counts those apart.
+
 The record is checked against the Claims checklist (``CONVENTIONS.md``) when it is made, so a
 record that breaks it fails the cell with a sentence saying which rule; it is then displayed
 with its own MIME type (JupyterLab shows it as a small table) and so lives in the executed
@@ -23,6 +28,7 @@ solution notebook, where ``collect`` finds it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,13 @@ VERDICTS = (
     "not at our budget",
     "differs",
 )
+#: What a "differs" verdict is: our measurement disagrees with the paper's on a comparable quantity
+#: ("contradicts"); the two numbers are not the same quantity or sample, so they cannot be set
+#: against each other ("not comparable"); our sample or budget cannot decide the claim either way
+#: ("inconclusive"); the paper's printed value or formula is wrong and ours agrees with the
+#: corrected one ("misprint in paper").
+DIFFERS_KINDS = ("contradicts", "not comparable", "inconclusive", "misprint in paper")
+_NOT_IN_NOTEBOOK = re.compile(r"issue \d+|outside the notebook|independent review", re.IGNORECASE)
 
 
 class ClaimError(ValueError):
@@ -58,6 +71,10 @@ class Claim:
     differs: str = ""  # what differs, when same_quantity is "partly" or "no"
     reason: str = ""  # what the verdict rests on (required unless "replicated")
     budgets_tried: tuple[str, ...] = field(default_factory=tuple)  # for "not at our budget"
+    differs_kind: str = ""  # one of DIFFERS_KINDS, required when verdict is "differs"
+    # what the verdict rests on that the notebook does not compute (an issue's review, runs made
+    # outside the notebook); "" when every number the verdict rests on is computed in the notebook
+    provisional: str = ""
 
     def problems(self) -> list[str]:
         """Every Claims-checklist rule this record breaks, as sentences (empty when none)."""
@@ -81,7 +98,37 @@ class Claim:
             out.append("'not at our budget' needs at least two budgets tried (budgets_tried=...)")
         if self.verdict != "replicated" and not self.reason.strip():
             out.append(f"verdict {self.verdict!r} needs what it rests on (reason=...)")
+        if self.verdict == "differs" and self.differs_kind not in DIFFERS_KINDS:
+            out.append(
+                f"verdict 'differs' needs differs_kind, one of {DIFFERS_KINDS}, "
+                f"not {self.differs_kind!r}"
+            )
+        if self.verdict != "differs" and self.differs_kind:
+            out.append(f"differs_kind is only for verdict 'differs', not {self.verdict!r}")
+        if self.differs_kind == "contradicts" and self.same_quantity == "no":
+            out.append("a different quantity cannot contradict the paper's: use 'not comparable'")
+        if _NOT_IN_NOTEBOOK.search(self.reason) and not self.provisional.strip():
+            out.append(
+                "the reason cites a measurement the notebook does not make (an issue, a review, "
+                "runs outside the notebook): say so in provisional=..."
+            )
         return out
+
+    @property
+    def verdict_label(self) -> str:
+        """The verdict as the table shows it: "differs: contradicts", "replicated"."""
+        return self.verdict + (f": {self.differs_kind}" if self.differs_kind else "")
+
+    def verdict_text(self) -> str:
+        """The verdict cell: label, provisional mark, reason and budgets tried."""
+        text = self.verdict_label
+        if self.provisional:
+            text += f" [PROVISIONAL: {self.provisional}]"
+        if self.reason:
+            text += f" — {self.reason}"
+        if self.budgets_tried:
+            text += f" (budgets tried: {'; '.join(self.budgets_tried)})"
+        return text
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -102,10 +149,8 @@ class Claim:
             ("sample", self.sample),
             ("baseline", self.baseline),
             ("same quantity", same),
-            ("verdict", self.verdict + (f": {self.reason}" if self.reason else "")),
+            ("verdict", self.verdict_text()),
         ]
-        if self.budgets_tried:
-            rows.append(("budgets tried", "; ".join(self.budgets_tried)))
         body = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
         return f"**Claim {self.chapter}/{self.key}**\n\n| | |\n|---|---|\n{body}\n"
 
@@ -164,11 +209,31 @@ def collect_course(root: Path) -> dict[str, list[Claim]]:
 
 
 def summary(claims: dict[str, list[Claim]]) -> dict[str, int]:
+    """Records per verdict (each "differs" kind also counted on its own, as "differs: kind"),
+    and "provisional": how many verdicts rest on something the notebooks do not compute."""
     counts = dict.fromkeys(VERDICTS, 0)
+    counts.update(dict.fromkeys((f"differs: {k}" for k in DIFFERS_KINDS), 0))
+    counts["provisional"] = 0
     for records in claims.values():
         for record in records:
             counts[record.verdict] += 1
+            if record.differs_kind:
+                counts[f"differs: {record.differs_kind}"] += 1
+            counts["provisional"] += bool(record.provisional)
     return counts
+
+
+def summary_line(claims: dict[str, list[Claim]]) -> str:
+    """The summary as one line: claims, each verdict, the differs kinds, provisional verdicts."""
+    counts = summary(claims)
+    total = sum(counts[v] for v in VERDICTS)
+    kinds = ", ".join(f"{k}: {counts[f'differs: {k}']}" for k in DIFFERS_KINDS)
+    parts = [f"{v}: {counts[v]}" for v in VERDICTS]
+    parts[-1] += f" ({kinds})"
+    return (
+        f"{total} claims. " + " · ".join(parts) + ". Provisional (resting on measurements outside "
+        f"the notebooks or awaiting an issue's re-measurement): {counts['provisional']} of {total}"
+    )
 
 
 COLUMNS = (
@@ -179,9 +244,7 @@ COLUMNS = (
 
 def _row(record: Claim) -> list[str]:
     same = record.same_quantity + (f": {record.differs}" if record.differs else "")
-    verdict = record.verdict + (f": {record.reason}" if record.reason else "")
-    if record.budgets_tried:
-        verdict += f" (budgets tried: {'; '.join(record.budgets_tried)})"
+    verdict = record.verdict_text()
     return [
         record.key,
         record.paper,
@@ -200,15 +263,158 @@ NO_PAPER_CLAIMS = frozenset({"00"})
 
 #: How to read a verdict (docs/replications.md prints it under the counts).
 LEGEND = (
-    "How to read the verdicts: **replicated** — our number agrees with the paper's, and \"same "
-    "quantity\" says how close the two quantities are (never \"no\"); **replicated in direction, "
-    "not size** — the paper's sign or ordering, not its magnitude; **not at our budget** — not "
-    "reproduced at two or more budgets, listed in the verdict; **differs** — the verdict cell says "
-    "which: our measurement disagrees, or the quantities are not comparable (\"same quantity: "
-    "no\"), or the result is inconclusive. A verdict whose reason cites an issue (\"issue 24\") "
-    "rests on an independent review's measurement made outside the notebook and awaits "
-    "re-measurement there; a reason that says \"outside the notebook\" rests on runs the notebook "
-    "does not repeat.",
+    "How to read the verdicts:",
+    "",
+    '- **replicated** — our number agrees with the paper\'s, and "same quantity" says how close '
+    'the two quantities are (never "no"). Where the paper gives no number ("—"), the '
+    "paper's stated pattern is reproduced and the record's baseline shows it could have failed.",
+    "- **replicated in direction, not size** — the paper's sign or ordering, not its magnitude.",
+    "- **not at our budget** — not reproduced at two or more budgets, listed in the verdict: no "
+    "evidence against the paper.",
+    "- **differs** — always with one of four kinds:",
+    '  - **differs: contradicts** — on a comparable quantity (same quantity "yes" or '
+    '"partly"), our measurement disagrees with the paper\'s;',
+    "  - **differs: not comparable** — the two numbers are not the same quantity, sample or "
+    "setting, so neither agreement nor disagreement can be read from them;",
+    "  - **differs: inconclusive** — our sample, budget or control cannot decide the claim either "
+    "way;",
+    "  - **differs: misprint in paper** — the paper's printed value or formula is wrong, and our "
+    "measurement agrees with the corrected one.",
+    "- **PROVISIONAL** (beside any verdict) — the verdict rests on something the notebook does not "
+    "compute: an independent review's measurement or runs made outside the notebook, or it awaits "
+    'a re-measurement tracked in an open issue of the course ("issue 24" and the like). The '
+    "mark says what it rests on. Read it as the current best reading, not as a checked result.",
+    '- **paper\'s value "—"** — the paper gives no number for this quantity; the setting in '
+    "brackets says what it shows instead. A value the course computed itself (a re-run) is never "
+    "put in this column.",
+)
+
+#: Terms the records cannot avoid (docs/replications.md prints them under the legend).
+GLOSSARY = (
+    (
+        "course-2l",
+        "the course's own 2-layer transformer trained on Python code (d_model 128, two "
+        "MLPs of 512 GELU neurons); hook names such as blocks.0.hook_resid_post are TransformerLens's "
+        "(the residual stream after layer 0)",
+    ),
+    (
+        "SAE, latent, L0",
+        "a sparse autoencoder; its dictionary elements are latents (features); L0 "
+        "is the mean number of latents active per token",
+    ),
+    ("dead latent", "a latent that never fires on the evaluation sample"),
+    (
+        "TopK, BatchTopK, JumpReLU, Matryoshka, AuxK",
+        "SAE variants: keep the k largest latents per "
+        "token / per batch; a thresholded ReLU; nested prefixes of the dictionary each trained to "
+        "reconstruct; AuxK is an auxiliary loss that trains dead latents on the residual error",
+    ),
+    (
+        "MMCS",
+        "mean max cosine similarity: for each true feature, the best cosine with any learned "
+        "dictionary element, averaged over the true features (1 = every feature recovered)",
+    ),
+    ("FVU", "fraction of variance unexplained by the reconstruction (1 - explained variance)"),
+    (
+        "ΔCE, CE recovered, KL",
+        "the increase in next-token cross-entropy (nats) when the "
+        "reconstruction replaces the activation; CE recovered = (L_ablated - L_spliced) / (L_ablated "
+        "- L_clean), 1 = no loss; KL is the per-token KL divergence of the spliced model's next-token "
+        "distribution from the original's",
+    ),
+    (
+        "zero / mean ablation",
+        "replacing an activation by zeros, or by its mean over the data; the "
+        "ablated loss is the 0% end of CE recovered",
+    ),
+    (
+        "shrinkage, γ",
+        "reconstructions systematically shorter than the activation (an L1 penalty "
+        "causes it); γ = Σ||x̂||² / Σ<x, x̂>, 1 when there is none",
+    ),
+    (
+        "MCC, per-latent F1",
+        "on synthetic data with known features: the mean correlation between "
+        "matched true and learned features, and how well each latent's firing predicts its matched "
+        "true feature's",
+    ),
+    (
+        "bigram table",
+        "next-token probabilities read off counts of token pairs: a model worse than "
+        "it has not learnt more than pair statistics",
+    ),
+    (
+        "de-embedding (direct / extended)",
+        "which input tokens excite a feature straight through the "
+        "embedding (direct), or through the embedding and an earlier layer's transcoder (extended)",
+    ),
+    (
+        "splice, error term / error node",
+        "running the model with the reconstruction in place of "
+        "the activation; keeping the error a - â as an extra node makes the splice exact",
+    ),
+    (
+        "e2e, e2e+ds, local",
+        "SAEs trained on the model's output KL (end-to-end), on KL plus "
+        "reconstruction at later layers (downstream), or on reconstruction at their own layer (local)",
+    ),
+    (
+        "transcoder, PLT, CLT",
+        "a sparse dictionary that maps an MLP's input to its output; per-layer "
+        "transcoders (PLT) replace each MLP on its own, a cross-layer transcoder (CLT) writes from "
+        "one layer to all later ones",
+    ),
+    (
+        "completeness / replacement score",
+        "Ameisen et al.'s attribution-graph scores: "
+        "completeness is the share of each node's input that comes from features or embeddings "
+        "rather than error nodes, weighted by the node's influence on the output; replacement is the "
+        "share of end-to-end influence from the embeddings to the logits that travels through "
+        "features only; node threshold: pruning keeps the nodes that carry that share of influence",
+    ),
+    (
+        "attribution patching, IG",
+        "a first-order (gradient times activation) estimate of an "
+        "ablation's effect; integrated gradients (IG) averages the gradient along the path from the "
+        "ablated to the real activation",
+    ),
+    (
+        "best of N seeds / lowest-loss seed",
+        "N models trained from different random "
+        "initialisations; the one with the lowest training loss is kept and measured",
+    ),
+    (
+        "1-S, density, D*, D_i",
+        "the probability that a feature is non-zero (S is sparsity); "
+        "D* = m / ||W||_F^2, the hidden dimensions per represented feature; D_i the share of a "
+        "dimension feature i gets (1/2 for a feature in an antipodal pair: two features on one line, "
+        "pointing opposite ways)",
+    ),
+    (
+        "Spearman, Pearson",
+        'rank and linear correlation; "range-restricted": measured only on the '
+        "items a predictor ranked highest, which biases it",
+    ),
+    (
+        "specificity, sensitivity",
+        "of a feature's firings, the share on tokens of the concept; of "
+        "the concept's tokens, the share where it fires",
+    ),
+    (
+        "absorption",
+        'a general latent ("starts with S") stays silent on some of its cases '
+        'because a more specific latent (" short") has absorbed its direction there',
+    ),
+    (
+        "purity, ARI",
+        "clustering scores against labels: the share of items in their cluster's "
+        "majority label; adjusted Rand index (0 = chance, 1 = identical partitions)",
+    ),
+    (
+        "spline code, polytope boundary",
+        "the on/off pattern of a ReLU network's neurons for an "
+        "input; inputs with one code share one linear region (polytope), whose faces are boundaries",
+    ),
 )
 
 
@@ -216,7 +422,6 @@ def markdown_report(claims: dict[str, list[Claim]]) -> str:
     """docs/replications.md: a course-wide summary, then one table per chapter."""
     from course_utils.machinery.chapters import get_chapter
 
-    total = sum(len(r) for r in claims.values())
     lines = [
         "# What the course replicates",
         "",
@@ -226,9 +431,13 @@ def markdown_report(claims: dict[str, list[Claim]]) -> str:
         "checklist of the course's conventions when it is made: a baseline or why none applies, "
         "whether the two numbers are the same quantity, and what the verdict rests on.",
         "",
-        f"**{total} claims.** " + " · ".join(f"{v}: {n}" for v, n in summary(claims).items()),
+        "**" + summary_line(claims) + ".**",
         "",
         *LEGEND,
+        "",
+        "Terms used in the records:",
+        "",
+        *(f"- **{term}** — {meaning}." for term, meaning in GLOSSARY),
         "",
     ]
     for number, records in sorted(claims.items()):
@@ -255,12 +464,9 @@ def text_report(claims: dict[str, list[Claim]]) -> str:
     out = []
     for number, records in sorted(claims.items()):
         for record in records:
-            out.append(f"{number}/{record.key}  [{record.verdict}]")
+            out.append(f"{number}/{record.key}  [{record.verdict_label}]")
             for name, value in zip(COLUMNS[1:], _row(record)[1:], strict=True):
                 out.append(f"    {name + ':':<26}{value}")
             out.append("")
-    counts = summary(claims)
-    out.append(
-        f"{sum(counts.values())} claims. " + " · ".join(f"{v}: {n}" for v, n in counts.items())
-    )
+    out.append(summary_line(claims) + ".")
     return "\n".join(out)
