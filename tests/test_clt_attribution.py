@@ -166,6 +166,18 @@ def test_graph_json_and_plot(model, graph):
     assert fig.layout.xaxis.title.text == "token position"
 
 
+def test_graph_json_ids_are_unique_with_every_node_kept(graph):
+    """Issue 25: an error node's id was 0_{layer}_{pos}, the id of layer-0 feature `layer` at the
+    same position, so one of the two vanished from the file and the figure."""
+    n = graph.adjacency.shape[0]
+    js = AG.to_json(graph, torch.ones(n, dtype=torch.bool), torch.zeros(n, n, dtype=torch.bool),
+                    lambda t: f"t{t}")  # fmt: skip
+    ids = [node["node_id"] for node in js["nodes"]]
+    assert len(ids) == len(set(ids)) == n
+    errors = [node["node_id"] for node in js["nodes"] if node["feature_type"].endswith("error")]
+    assert errors and all(e.split("_")[1] == "-1" for e in errors)
+
+
 @pytest.mark.skipif(
     not (CLT.asset_dir() / CLT.SHIPPED_NAME / CLT.CFG_FILE).is_file(),
     reason="no shipped CLT: python -m course_utils.assets build-clt",

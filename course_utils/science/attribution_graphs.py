@@ -637,7 +637,9 @@ def to_json(
 ) -> dict:
     """The pruned graph as a dict in circuit-tracer's graph-file layout (``metadata``, ``qParams``,
     ``nodes``, ``links``; node ids as theirs: feature ``{layer}_{feature}_{pos}``, error
-    ``0_{layer}_{pos}``, embedding ``E_{token}_{pos}``, logit ``{L+1}_{token}_{pos}``)."""
+    ``{layer}_-1_{pos}``, embedding ``E_{token}_{pos}``, logit ``{L+1}_{token}_{pos}``). Error ids
+    carry feature index -1, never a real one: the older ``0_{layer}_{pos}`` collided with the id of
+    layer-0 feature ``layer`` at the same position, and one of the two nodes was lost."""
     s = graph.slices()
     infl = node_influence(normalise_adjacency(graph.adjacency), graph.logit_weights())
     ids, nodes = {}, []
@@ -653,7 +655,7 @@ def to_json(
             )
         elif kind == "error":
             layer = (i - s["errors"].start) // graph.n_pos
-            nid, ftype, act = f"0_{layer}_{p}", "mlp reconstruction error", None
+            nid, ftype, act = f"{layer}_-1_{p}", "mlp reconstruction error", None
         elif kind == "embedding":
             nid, ftype, act = f"E_{int(graph.tokens[p])}_{p}", "embedding", None
         else:
@@ -663,6 +665,8 @@ def to_json(
                 "logit",
                 None,
             )
+        if nid in ids.values():  # a collision would silently merge two nodes of the figure
+            raise AssertionError(f"node id {nid!r} is used twice in the graph file.")
         ids[i] = nid
         node = {
             "node_id": nid, "feature_type": ftype, "ctx_idx": p, "influence": float(infl[i]),
