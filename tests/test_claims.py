@@ -58,6 +58,11 @@ def test_a_complete_record_passes_and_round_trips():
           "reason": "an independent review (issue 25) measured 0.9"}, "provisional"),
         ({"verdict": "differs", "differs_kind": "inconclusive",
           "reason": "seeds run outside the notebook disagree"}, "provisional"),
+        ({"verdict": "not at our budget", "reason": "gap stays",
+          "budgets_tried": ("256 latents", "depth 3")}, "not a width or a depth"),
+        ({"kind": "identity"}, "kind must be one of"),
+        ({"kind": "check", "verdict": "differs", "differs_kind": "inconclusive", "reason": "r"},
+         "a check either holds"),
     ],
 )  # fmt: skip
 def test_each_checklist_rule_rejects_its_record(change, rule):
@@ -165,7 +170,20 @@ def test_the_summary_counts_differs_kinds_and_provisional_verdicts_apart():
     assert counts["differs: not comparable"] == 0 and counts["provisional"] == 1
     line = claims.summary_line({"01": records})
     assert line.startswith("3 claims.") and "differs: 2 (contradicts: 1, not comparable: 0" in line
-    assert "re-measurement): 1 of 3" in line
+    assert "or a rebuild): 1 of 3" in line
     table = claims.markdown_report({"01": records})
     assert "| differs: contradicts — r |" in table
     assert "differs: inconclusive [PROVISIONAL: issue 24] — r" in table
+
+
+def test_checks_are_counted_apart_from_claims():
+    records = [
+        claims.make_claim("03", "a", **GOOD),
+        claims.make_claim("03", "identity", **{**GOOD, "kind": "check"}),
+    ]
+    counts = claims.summary({"03": records})
+    assert counts["replicated"] == 1 and counts["checks"] == 1
+    line = claims.summary_line({"03": records})
+    assert line.startswith("1 claims.") and "1 checks" in line
+    assert "| check: holds |" in claims.markdown_report({"03": records})
+    assert "checks" not in claims.summary_line({"03": records[:1]})

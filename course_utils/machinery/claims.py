@@ -19,6 +19,10 @@ A "differs" verdict names its kind (``differs_kind``: "contradicts", "not compar
 compute (an issue's review, runs outside the notebook, a pending re-measurement) says what in
 ``provisional``; the table marks it PROVISIONAL and the summary counts those apart.
 
+A record of ``kind="check"`` is not a replication of a paper's claim but a check that holds by
+construction or that our code agrees with a reference implementation (an identity of a metric's
+definition, our trainer against SAELens's); the summary counts checks apart from claims.
+
 The record is checked against the Claims checklist (``CONVENTIONS.md``) when it is made, so a
 record that breaks it fails the cell with a sentence saying which rule; it is then displayed
 with its own MIME type (JupyterLab shows it as a small table) and so lives in the executed
@@ -47,6 +51,11 @@ VERDICTS = (
 #: ("inconclusive"); the paper's printed value or formula is wrong and ours agrees with the
 #: corrected one ("misprint in paper").
 DIFFERS_KINDS = ("contradicts", "not comparable", "inconclusive", "misprint in paper")
+#: What a record is: a replication claim set beside a paper's, or a check (an identity true by
+#: construction, or agreement of our code with a reference implementation), counted apart.
+KINDS = ("claim", "check")
+#: A budget is how long a method was trained or how much data it saw, not the model's size.
+_BUDGET = re.compile(r"token|step|sample|batch|epoch", re.IGNORECASE)
 _NOT_IN_NOTEBOOK = re.compile(r"issue \d+|outside the notebook|independent review", re.IGNORECASE)
 
 
@@ -75,6 +84,9 @@ class Claim:
     # what the verdict rests on that the notebook does not compute (an issue's review, runs made
     # outside the notebook); "" when every number the verdict rests on is computed in the notebook
     provisional: str = ""
+    # "claim" (a replication of a paper's claim) or "check" (an identity true by construction, or
+    # agreement of our code with a reference implementation), counted apart in the summary
+    kind: str = "claim"
 
     def problems(self) -> list[str]:
         """Every Claims-checklist rule this record breaks, as sentences (empty when none)."""
@@ -96,6 +108,17 @@ class Claim:
             out.append("a paper value needs its source (paper=...)")
         if self.verdict == "not at our budget" and len(self.budgets_tried) < 2:
             out.append("'not at our budget' needs at least two budgets tried (budgets_tried=...)")
+        if self.verdict == "not at our budget" and not all(
+            _BUDGET.search(b) for b in self.budgets_tried
+        ):
+            out.append(
+                "a budget is training tokens, steps, batches, epochs or samples, not a width or a "
+                "depth: name it in every budgets_tried entry (or use 'differs: inconclusive')"
+            )
+        if self.kind not in KINDS:
+            out.append(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if self.kind == "check" and self.verdict != "replicated":
+            out.append("a check either holds (verdict 'replicated') or fails its assert")
         if self.verdict != "replicated" and not self.reason.strip():
             out.append(f"verdict {self.verdict!r} needs what it rests on (reason=...)")
         if self.verdict == "differs" and self.differs_kind not in DIFFERS_KINDS:
@@ -116,7 +139,9 @@ class Claim:
 
     @property
     def verdict_label(self) -> str:
-        """The verdict as the table shows it: "differs: contradicts", "replicated"."""
+        """The verdict as the table shows it: "differs: contradicts", "replicated", "check: holds"."""
+        if self.kind == "check":
+            return "check: holds"
         return self.verdict + (f": {self.differs_kind}" if self.differs_kind else "")
 
     def verdict_text(self) -> str:
@@ -209,13 +234,18 @@ def collect_course(root: Path) -> dict[str, list[Claim]]:
 
 
 def summary(claims: dict[str, list[Claim]]) -> dict[str, int]:
-    """Records per verdict (each "differs" kind also counted on its own, as "differs: kind"),
-    and "provisional": how many verdicts rest on something the notebooks do not compute."""
+    """Claims per verdict (each "differs" kind also counted on its own, as "differs: kind"),
+    "provisional": how many verdicts rest on something the notebooks do not compute, and
+    "checks": records of kind "check", counted apart (not in the verdicts)."""
     counts = dict.fromkeys(VERDICTS, 0)
     counts.update(dict.fromkeys((f"differs: {k}" for k in DIFFERS_KINDS), 0))
     counts["provisional"] = 0
+    counts["checks"] = 0
     for records in claims.values():
         for record in records:
+            if record.kind == "check":
+                counts["checks"] += 1
+                continue
             counts[record.verdict] += 1
             if record.differs_kind:
                 counts[f"differs: {record.differs_kind}"] += 1
@@ -230,9 +260,16 @@ def summary_line(claims: dict[str, list[Claim]]) -> str:
     kinds = ", ".join(f"{k}: {counts[f'differs: {k}']}" for k in DIFFERS_KINDS)
     parts = [f"{v}: {counts[v]}" for v in VERDICTS]
     parts[-1] += f" ({kinds})"
+    checks = (
+        f". Besides the claims, {counts['checks']} checks (identities true by construction, or our "
+        "code against a reference implementation), all holding"
+        if counts["checks"]
+        else ""
+    )
     return (
         f"{total} claims. " + " · ".join(parts) + ". Provisional (resting on measurements outside "
-        f"the notebooks or awaiting an issue's re-measurement): {counts['provisional']} of {total}"
+        "the notebooks or awaiting an issue's re-measurement or a rebuild): "
+        f"{counts['provisional']} of {total}" + checks
     )
 
 
@@ -268,9 +305,14 @@ LEGEND = (
     '- **replicated** — our number agrees with the paper\'s, and "same quantity" says how close '
     'the two quantities are (never "no"). Where the paper gives no number ("—"), the '
     "paper's stated pattern is reproduced and the record's baseline shows it could have failed.",
-    "- **replicated in direction, not size** — the paper's sign or ordering, not its magnitude.",
-    "- **not at our budget** — not reproduced at two or more budgets, listed in the verdict: no "
-    "evidence against the paper.",
+    "- **replicated in direction, not size** — the paper's sign or ordering is reproduced but "
+    "not its size: either our size differs from the paper's (smaller or larger), or the paper "
+    "states the direction of an effect without a size, so none can be checked.",
+    "- **not at our budget** — not reproduced at two or more *budgets*, listed in the verdict, "
+    "with the gap shrinking towards the paper's value as the budget grows: no evidence against the "
+    "paper. A budget is how much a method was trained (training tokens or steps) or how many "
+    "samples it saw; a width or a depth is not a budget (a record that varies only those is "
+    '"differs: inconclusive").',
     "- **differs** — always with one of four kinds:",
     '  - **differs: contradicts** — on a comparable quantity (same quantity "yes" or '
     '"partly"), our measurement disagrees with the paper\'s;',
@@ -282,11 +324,15 @@ LEGEND = (
     "measurement agrees with the corrected one.",
     "- **PROVISIONAL** (beside any verdict) — the verdict rests on something the notebook does not "
     "compute: an independent review's measurement or runs made outside the notebook, or it awaits "
-    'a re-measurement tracked in an open issue of the course ("issue 24" and the like). The '
-    "mark says what it rests on. Read it as the current best reading, not as a checked result.",
+    'a re-measurement tracked in an open issue of the course (cited as "issue 25", "issue 26") '
+    "or a pending rebuild of a shipped dictionary. The mark says what it rests on. Read it as the "
+    "current best reading, not as a checked result.",
+    "- **check: holds** — not a paper's claim but a check: an identity true by construction (a "
+    "metric's definition, an exact splice) or our code agreeing with a reference implementation "
+    "(our trainer against SAELens's). Checks are counted apart from the claims.",
     '- **paper\'s value "—"** — the paper gives no number for this quantity; the setting in '
-    "brackets says what it shows instead. A value the course computed itself (a re-run) is never "
-    "put in this column.",
+    "brackets says what it shows instead. A value the course computed itself (a re-run of the "
+    'paper\'s setup) is never put in this column: it goes under "baseline" or "same quantity".',
 )
 
 #: Terms the records cannot avoid (docs/replications.md prints them under the legend).
@@ -303,6 +349,43 @@ GLOSSARY = (
         "is the mean number of latents active per token",
     ),
     ("dead latent", "a latent that never fires on the evaluation sample"),
+    ("live latent", "a latent that fires at least once on the evaluation sample (not dead)"),
+    (
+        "λ, L0/d",
+        "λ is the sparsity coefficient (the weight of the L1 or sparsity penalty in the "
+        "loss); L0/d is L0 divided by the width of the activation it reconstructs (d_model), which "
+        "puts models of different widths on one sparsity scale",
+    ),
+    (
+        "budget",
+        "how much a method was trained: training tokens or steps (or, on synthetic data, "
+        "samples); not the dictionary's width or the network's depth",
+    ),
+    (
+        "shipped, reference SAE",
+        "shipped: trained once by the course's build script and stored in the "
+        "repository (assets/), so notebooks load it instead of training it; the reference SAE is "
+        "chapter 03's shipped 1,024-latent residual SAE that later chapters reuse; live: trained "
+        "inside the notebook as it runs",
+    ),
+    (
+        "Pareto sweep",
+        "a family of models trained with several values of its sparsity knob (λ or k), "
+        "read as a curve of fidelity (CE increase, FVU) against sparsity (L0); two families are "
+        "compared at matched L0 or matched fidelity along the curves",
+    ),
+    (
+        "constrained ablation",
+        "ablating (or patching) a node while the rest of the computation is held "
+        "fixed over a range of layers (attention patterns, LayerNorm scales and the other nodes' "
+        "outputs frozen), so the change travels only along the paths the graph describes (Ameisen "
+        "et al. use the range [i, i+2]; chapter 07 constrains all layers)",
+    ),
+    (
+        "demeaned logits",
+        "logits minus their mean over the vocabulary at each position, so that a "
+        "shift shared by every token (which changes no probability) is not counted",
+    ),
     (
         "TopK, BatchTopK, JumpReLU, Matryoshka, AuxK",
         "SAE variants: keep the k largest latents per "
@@ -319,8 +402,9 @@ GLOSSARY = (
         "ΔCE, CE recovered, KL",
         "the increase in next-token cross-entropy (nats) when the "
         "reconstruction replaces the activation; CE recovered = (L_ablated - L_spliced) / (L_ablated "
-        "- L_clean), 1 = no loss; KL is the per-token KL divergence of the spliced model's next-token "
-        "distribution from the original's",
+        "- L_clean), 1 = no loss; KL(original || spliced) is the per-token KL divergence of the "
+        "spliced model's next-token distribution from the original's, Σ p_orig log(p_orig / "
+        "p_spliced), averaged over tokens",
     ),
     (
         "zero / mean ablation",
@@ -334,9 +418,11 @@ GLOSSARY = (
     ),
     (
         "MCC, per-latent F1",
-        "on synthetic data with known features: the mean correlation between "
-        "matched true and learned features, and how well each latent's firing predicts its matched "
-        "true feature's",
+        "on synthetic data with known features: MCC (as SynthSAEBench in SAELens "
+        "computes it) is the mean |cosine| between decoder rows and true feature directions over a "
+        "one-to-one Hungarian matching (scipy's linear_sum_assignment), not a correlation of "
+        "activations; per-latent F1 is how well each latent's firing predicts the firing of the "
+        "true feature it is most aligned with (a latent that never fires scores 0)",
     ),
     (
         "bigram table",
