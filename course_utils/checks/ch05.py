@@ -696,8 +696,14 @@ def _lone_tokens(model, with_position: bool = True):
 
 
 def _normalise(x, eps: float = 1e-5):
-    centred = x - x.mean(-1, keepdim=True)
-    return centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return C.ln_normalise(x, eps)
+
+
+def _after_mlp0(model, tc0, mlp_in=None, x=None):
+    """x + tc0(mlp_in): the residual after MLP 0 (defaults: x = the lone tokens, mlp_in = x
+    normalised), so that each mistake below changes only the part it gets wrong."""
+    x = _lone_tokens(model) if x is None else x
+    return x + T.as_single(tc0)(_normalise(x) if mlp_in is None else mlp_in)
 
 
 def _f(tc, feature: int, centred: bool = True):
@@ -721,92 +727,93 @@ EXTENDED_MISTAKES = [
     ),
     Mistake(
         "MLP-0 path only",
-        lambda model, tc0, tc, feature: T.as_single(tc0)(_normalise(_lone_tokens(model)))
-        @ _f(tc, feature),
+        lambda model, tc0, tc, feature: (
+            T.as_single(tc0)(_normalise(_lone_tokens(model))) @ _f(tc, feature)
+        ),
         "the token's own embedding stays in the residual stream after MLP 0: the later layer "
         "reads x + tc0(...), not tc0(...) alone.",
     ),
     Mistake(
         "not normalised before tc0",
         lambda model, tc0, tc, feature: (
-            _lone_tokens(model) + T.as_single(tc0)(_lone_tokens(model))
-        ) @ _f(tc, feature),
+            _after_mlp0(model, tc0, _lone_tokens(model)) @ _f(tc, feature)
+        ),
         "tc0 reads blocks.0.ln2.hook_normalized: centre x and divide it by its RMS, "
         "sqrt(mean(x**2) + model.cfg.eps), before passing it to tc0.",
     ),
     Mistake(
         "ln2's weight and bias applied",
         lambda model, tc0, tc, feature: (
-            _lone_tokens(model) + T.as_single(tc0)(model.blocks[0].ln2(_lone_tokens(model)))
-        ) @ _f(tc, feature),
+            _after_mlp0(model, tc0, model.blocks[0].ln2(_lone_tokens(model))) @ _f(tc, feature)
+        ),
         "model.blocks[0].ln2(x) also multiplies by ln2's weight and adds its bias; the transcoder "
         "was trained on hook_normalized, which comes before them. Normalise by hand.",
     ),
     Mistake(
         "no position embedding",
         lambda model, tc0, tc, feature: (
-            _lone_tokens(model, False) + T.as_single(tc0)(_normalise(_lone_tokens(model, False)))
-        ) @ _f(tc, feature),
+            _after_mlp0(model, tc0, x=_lone_tokens(model, False)) @ _f(tc, feature)
+        ),
         "a token never sits in the residual stream without a position: x = W_E + the mean of "
         "W_pos over positions (LayerNorm makes the shift matter).",
     ),
     Mistake(
         "f_enc not centred",
-        lambda model, tc0, tc, feature: (
-            _lone_tokens(model) + T.as_single(tc0)(_normalise(_lone_tokens(model)))
-        ) @ _f(tc, feature, centred=False),
+        lambda model, tc0, tc, feature: _after_mlp0(model, tc0) @ _f(tc, feature, centred=False),
         "the later transcoder reads LayerNorm's centred output: centre f_enc (subtract its mean "
         "over d_model), as in exercise 3.4.",
     ),
     Mistake(
         "unbiased standard deviation",
         lambda model, tc0, tc, feature: (
-            _lone_tokens(model)
-            + T.as_single(tc0)(
+            _after_mlp0(
+                model,
+                tc0,
                 (_lone_tokens(model) - _lone_tokens(model).mean(-1, keepdim=True))
-                / (_lone_tokens(model).var(-1, keepdim=True) + model.cfg.eps).sqrt()
+                / (_lone_tokens(model).var(-1, keepdim=True) + model.cfg.eps).sqrt(),
             )
-        ) @ _f(tc, feature),
+            @ _f(tc, feature)
+        ),
         "LayerNorm divides by the biased variance (mean of the squared centred values, over "
         "d_model), not torch.var's default unbiased one (which divides by d_model - 1).",
     ),
     Mistake(
         "eps left out",
         lambda model, tc0, tc, feature: (
-            _lone_tokens(model) + T.as_single(tc0)(_normalise(_lone_tokens(model), 0.0))
-        ) @ _f(tc, feature),
+            _after_mlp0(model, tc0, _normalise(_lone_tokens(model), 0.0)) @ _f(tc, feature)
+        ),
         "add model.cfg.eps to the mean square under the square root, as LayerNorm does (it "
         "matters: the course model's residual rows have a small variance).",
     ),
     Mistake(
         "the first position only",
         lambda model, tc0, tc, feature: (
-            (model.W_E + model.W_pos[0])
-            + T.as_single(tc0)(_normalise(model.W_E + model.W_pos[0]))
-        ).detach() @ _f(tc, feature),
+            _after_mlp0(model, tc0, x=(model.W_E + model.W_pos[0]).detach()) @ _f(tc, feature)
+        ),
         "an AVERAGE position: the mean of W_pos over all positions, W_pos.mean(0), not position 0.",
     ),
     Mistake(
         "MLP 0 itself",
         lambda model, tc0, tc, feature: (
-            _lone_tokens(model) + model.blocks[0].mlp(model.blocks[0].ln2(_lone_tokens(model)))
-        ).detach() @ _f(tc, feature),
+            (
+                _lone_tokens(model) + model.blocks[0].mlp(model.blocks[0].ln2(_lone_tokens(model)))
+            ).detach()
+            @ _f(tc, feature)
+        ),
         "use the transcoder tc0 in place of MLP 0: the score must decompose into tc0's latents "
         "(that is what connects it to the connections of 3.1), and tc0 is what the circuits read.",
     ),
     Mistake(
         "the later LayerNorm's weight",
         lambda model, tc0, tc, feature: (
-            _lone_tokens(model) + T.as_single(tc0)(_normalise(_lone_tokens(model)))
-        ) @ (_f(tc, feature) * model.blocks[1].ln2.w.detach()),
+            _after_mlp0(model, tc0) @ (_f(tc, feature) * model.blocks[1].ln2.w.detach())
+        ),
         "the later transcoder also reads hook_normalized, before ln2's weight: read with the "
         "centred f_enc alone, without multiplying by any LayerNorm weight.",
     ),
     Mistake(
         "the sum normalised",
-        lambda model, tc0, tc, feature: _normalise(
-            _lone_tokens(model) + T.as_single(tc0)(_normalise(_lone_tokens(model)))
-        ) @ _f(tc, feature),
+        lambda model, tc0, tc, feature: _normalise(_after_mlp0(model, tc0)) @ _f(tc, feature),
         "leave the later LayerNorm's scale out, as the direct de-embedding does: read x + tc0(...) "
         "with the centred f_enc as it is, without normalising the sum.",
     ),
@@ -834,13 +841,13 @@ def _extended_cases() -> list[Case]:
     return [
         Case("seeded random", (_extended_model(40), _random_tc(41, 32), _random_tc(42, 32), 2)),
         Case("last feature", (_extended_model(43), _random_tc(44, 32), _random_tc(45, 32), 5)),
-        Case("small residual", (_extended_model(46, small=True), _random_tc(47, 32),
-                                _random_tc(48, 32), 3)),  # fmt: skip
+        Case(
+            "small residual",
+            (_extended_model(46, small=True), _random_tc(47, 32), _random_tc(48, 32), 3),
+        ),  # fmt: skip
     ]
 
 
 @exercise("4.1", "extended_de_embedding")
 def extended_de_embedding(learner) -> str:
-    return compare_function(
-        learner, C.extended_de_embedding, _extended_cases(), EXTENDED_MISTAKES
-    )
+    return compare_function(learner, C.extended_de_embedding, _extended_cases(), EXTENDED_MISTAKES)

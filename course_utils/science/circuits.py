@@ -130,9 +130,14 @@ def extended_de_embedding(
     embedding"), a common reading of small transformers."""
     f = _enc_direction(tc, feature)
     x = model.W_E.detach() + model.W_pos.detach().mean(0)  # [d_vocab, d_model]
+    return (x + T.as_single(tc0)(ln_normalise(x, model.cfg.eps))) @ f
+
+
+def ln_normalise(x: Float[Tensor, "... d"], eps: float = 1e-5) -> Float[Tensor, "... d"]:
+    """LayerNorm without its weight and bias (TransformerLens's ``hook_normalized``): centre each
+    row, divide by its root-mean-square plus ``eps`` under the square root (biased variance)."""
     centred = x - x.mean(-1, keepdim=True)
-    normalised = centred / (centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
-    return (x + T.as_single(tc0)(normalised)) @ f
+    return centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
 def de_embedding_through_head(
