@@ -315,7 +315,8 @@ def test_pareto_recipe_trains_every_family_alike():
 
 def test_shared_batch_training_clips_each_instance(model, windows, monkeypatch):
     """max_grad_norm clips each instance on its own norm (a big-coefficient instance must not
-    shrink its neighbour's step); None never clips; a module without instances is refused."""
+    shrink its neighbour's step); None never clips; a module without instances (a cross-layer
+    transcoder is one dictionary) is clipped as a whole."""
     import course_utils.science.lm_saes as LS
 
     store = T.MultiHookStore(model, list(T.hook_pair(0)), windows, batch_size=64,
@@ -334,6 +335,18 @@ def test_shared_batch_training_clips_each_instance(model, windows, monkeypatch):
                                   lambda _: None, max_grad_norm)  # fmt: skip
     assert len(calls) == 2 and all(m == 0.5 for m, _ in calls)  # two steps, only when asked
     assert calls[0][1].shape == (2,)  # one norm per instance
-    with pytest.raises(TypeError, match="n_instances"):
-        T.train_on_shared_batches({"x": (torch.nn.Linear(2, 2), None)}, lambda: batch, 1, 1e-3,
-                                  lambda _: None, 1.0)  # fmt: skip
+    from course_utils.science import clt as C
+
+    clt_batch = C.multi_hook_store(model, windows, batch_size=64, buffer_tokens=512,
+                                   progress=False).next_split()  # fmt: skip
+    whole, real = [], torch.nn.utils.clip_grad_norm_
+
+    def recording_whole(params, max_norm):
+        whole.append(max_norm)
+        return real(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_whole)
+    cross = C.CrossLayerTranscoder(model.cfg.n_layers, model.cfg.d_model, 32, seed=0)
+    T.train_on_shared_batches({"clt": (cross, C.clt_batch_args)}, lambda: clt_batch, 2, 1e-3,
+                              lambda _: None, 0.5)  # fmt: skip
+    assert whole == [0.5, 0.5] and len(calls) == 2  # the CLT as a whole, never per instance

@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-transcoder-pareto|build-e2e|build-clt|build-bilinear-lm|build-sae-pareto|freeze-corpus``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-transcoder-pareto|build-e2e|build-e2e-plateau|build-clt|build-bilinear-lm|build-sae-pareto|freeze-corpus``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_argument("--table", type=Path, default=None, help="sweep table (default: shipped)")
     e2e.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
     e2e.add_argument("--threads", type=int, default=1)
+    plateau = sub.add_parser(
+        "build-e2e-plateau",
+        help="chapter 04's training-length study: local and e2e at 800 and 3200 steps, 2 seeds",
+    )
+    plateau.add_argument("--table", type=Path, default=None, help="JSON (default: shipped)")
+    plateau.add_argument("--threads", type=int, default=1)
     freeze = sub.add_parser(
         "freeze-corpus",
         help="re-make the shipped corpus snapshot from a Python 3.11.7 standard library",
@@ -145,6 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             lambda log: e2e_saes.build_e2e(out, table, recipe, log=log, threads=args.threads),
         )
 
+    if args.command == "build-e2e-plateau":
+        from course_utils.assets import ASSETS_DIR
+        from course_utils.science import e2e_saes
+
+        table = args.table or ASSETS_DIR / "e2e" / e2e_saes.PLATEAU_FILE
+        return _timed(
+            f"the chapter-04 plateau study into {table}",
+            lambda log: e2e_saes.build_plateau(table, log=log, threads=args.threads),
+        )
+
     if args.command == "build-transcoder-pareto":
         from course_utils.assets import ASSETS_DIR
         from course_utils.science import transcoders
@@ -154,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = {} if args.steps is None else {"steps": args.steps}
         return _timed(
             f"the chapter-05 Pareto sweep into {out}",
-            lambda log: transcoders.build_transcoder_pareto(out, recipe, log=log, threads=args.threads),
+            lambda log: transcoders.build_transcoder_pareto(
+                out, recipe, log=log, threads=args.threads
+            ),
         )
 
     if args.command == "build-transcoders":

@@ -430,10 +430,14 @@ def train_clt(
     steps: int,
     lr: float = 1e-3,
     log: Callable = print,
+    max_grad_norm: float | None = 1.0,
 ) -> None:
     """Train ``clt`` with chapter 05's loop (Adam; lambda warmed up over the first 5%, learning rate
-    decayed over the last 20%; thresholds clamped at 0 after each step)."""
-    T.train_on_shared_batches({"clt": (clt, clt_batch_args)}, next_batch, steps, lr, log)
+    decayed over the last 20%; thresholds clamped at 0 after each step; the whole CLT's gradient
+    norm clipped at ``max_grad_norm``)."""
+    T.train_on_shared_batches(
+        {"clt": (clt, clt_batch_args)}, next_batch, steps, lr, log, max_grad_norm
+    )
 
 
 # ----------------------------------------------------------------------------- files
@@ -542,6 +546,8 @@ REFERENCE = {
     "eval_windows": 64,
     "c": 1.0,
     "bandwidth": 0.1,
+    # each dictionary's gradient norm clipped at 1 (the whole CLT; each per-layer transcoder)
+    "max_grad_norm": 1.0,
     "clt_lambdas": [0.3, 1.0, 3.0],
     "plt_l1": [[1.5, 3.0, 6.0], [0.5, 1.0, 2.0]],
 }
@@ -580,7 +586,9 @@ def build_reference_clt(out_root, recipe: dict | None = None, log=print, threads
         tc = T.make_dictionaries("tc", d, recipe["d_sae"], coeffs, recipe["seed"] + 100 + layer)
         modules[("plt", layer)] = (tc, T._loss_args("tc", layer))
     log(f"training {len(recipe['clt_lambdas'])} CLTs and {L} x {len(recipe['plt_l1'][0])} PLTs")
-    T.train_on_shared_batches(modules, store.next_split, recipe["steps"], recipe["lr"], log)
+    T.train_on_shared_batches(
+        modules, store.next_split, recipe["steps"], recipe["lr"], log, recipe["max_grad_norm"]
+    )
     log(f"trained on {store.tokens_seen} tokens in {time.perf_counter() - start:.0f} s")
 
     tokens = corpus_windows(model, "validation")[: recipe["eval_windows"]]

@@ -259,7 +259,9 @@ class TrainConfig:
     steps: int = 400
     warmup_steps: int = 20
     min_lr_frac: float = 0.1  # cosine decay to 10% of lr
-    grad_clip: float = 10.0
+    # Clipping at 1 fires for every objective: the first steps of all three (norms 5-18), and most
+    # e2e / e2e+ds steps (norms ~1-1.5 after warm-up). At 10 it never fired.
+    grad_clip: float = 1.0
     log_every: int = 10
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -400,7 +402,9 @@ def train_saes(
     opts = [
         torch.optim.Adam(sae.parameters(), lr=cfg.lr) for sae, cfg in zip(saes, cfgs, strict=False)
     ]
-    histories: list[dict[str, list]] = [{"step": [], "loss": [], "l0": [], "kl": []} for _ in saes]
+    histories: list[dict[str, list]] = [
+        {"step": [], "loss": [], "l0": [], "kl": [], "grad_norm": [], "clipped": 0} for _ in saes
+    ]
     start, tokens_seen = time.perf_counter(), 0
     bar = tqdm(range(steps), disable=not progress, desc=desc, mininterval=2.0)
     for step in bar:
@@ -421,10 +425,13 @@ def train_saes(
             loss.backward()
             if step == 0:
                 _assert_frozen(model)
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            # the norm before clipping: how often the clip fires is part of the recipe's record
+            grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip).item()
+            hist["clipped"] += grad_norm > cfg.grad_clip
             opt.step()
             if step % cfg.log_every == 0 or step == steps - 1:
                 hist["step"].append(step)
+                hist["grad_norm"].append(grad_norm)
                 hist["loss"].append(loss.item())
                 hist["l0"].append((info["c"][:, 1:] > 0).float().sum(-1).mean().item())
                 hist["kl"].append(info.get("kl", float("nan")))
@@ -566,6 +573,7 @@ SWEEP = {
     "warmup_steps": 40,
     "beta": 2.5,
     "kl_coeff": 0.5,
+    "grad_clip": 1.0,
     "lams": {
         "local": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
         "e2e": [0.5, 1.0, 2.0, 4.0, 8.0],
@@ -575,6 +583,17 @@ SWEEP = {
     "seed": 0,
     "eval_windows": 64,
 }
+#: Recipe of ``python -m course_utils.assets build-e2e-plateau``: is the e2e/local gap in the
+#: paper's regime (L0/d ~0.09, L0 ~12 here) a property of the objectives, or of a short run? Local
+#: at two lambdas that bracket e2e's L0 and e2e at one, every run in two initialisation seeds (same
+#: batches), each trained for every entry of ``steps`` (its own schedule: warm-up, cosine decay).
+PLATEAU = {
+    **{k: v for k, v in SWEEP.items() if k not in ("lams", "stability_seed", "steps")},
+    "lams": {"local": [4.0, 8.0], "e2e": [8.0]},
+    "seeds": [0, 1],
+    "steps": [800, 3200],
+}
+PLATEAU_FILE = "e2e_plateau.json"
 #: Shipped checkpoints: one per variant, matched on CE-loss increase (see ``select_matched``).
 SHIPPED = {
     "local": "course-2l-e2e-local",
@@ -629,12 +648,15 @@ def build_e2e(out_root, table_path, recipe: dict | None = None, log=print, threa
                     recipe["lr"],
                     recipe["steps"],
                     recipe["warmup_steps"],
+                    grad_clip=recipe["grad_clip"],
                     log_every=max(1, recipe["steps"] // 10),
                 )
             )
             saes.append(E2ESAE(model.cfg.d_model, recipe["d_sae"], seed=recipe["seed"]))
     batches = token_batches(windows, recipe["batch_windows"], seed=recipe["seed"])
     histories = train_saes(model, saes, cfgs, batches, progress=False)
+    for hist in histories:
+        hist["clipped_fraction"] = hist["clipped"] / recipe["steps"]
     train_seconds = time.perf_counter() - start
     log(
         f"trained {len(saes)} SAEs on {histories[0]['tokens']} tokens each in {train_seconds:.0f} s"
@@ -644,7 +666,13 @@ def build_e2e(out_root, table_path, recipe: dict | None = None, log=print, threa
     for sae, cfg, hist in zip(saes, cfgs, histories, strict=True):
         numbers = evaluate_sae(model, sae, val, hook, ds)
         within = max_cosine_within(sae.dictionary.detach()).mean().item()
-        row = {"variant": cfg.variant, "lam": cfg.lam, **numbers, "mean_max_cos_within": within}
+        row = {
+            "variant": cfg.variant,
+            "lam": cfg.lam,
+            **numbers,
+            "mean_max_cos_within": within,
+            "clipped_fraction": hist["clipped_fraction"],
+        }
         row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
         rows.append(row)
         log(
@@ -717,6 +745,68 @@ def build_e2e(out_root, table_path, recipe: dict | None = None, log=print, threa
     Path(table_path).write_text(json.dumps(table, indent=1) + "\n")
     log(format_table(rows))
     return table
+
+
+def build_plateau(table_path, recipe: dict | None = None, log=print, threads: int = 1) -> dict:
+    """Train :data:`PLATEAU`'s runs (every lambda x seed, once per training length; the runs of one
+    length train in lockstep on the same batches), evaluate each on the validation windows and
+    write the rows to ``table_path`` (JSON). No weights are kept."""
+    import json
+    from pathlib import Path
+
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.models import load_model
+
+    recipe = {**PLATEAU, **(recipe or {})}
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = load_model("course-2l")
+    windows = corpus_windows(model, "train")
+    val = corpus_windows(model, "validation")[: recipe["eval_windows"]]
+    hook, ds = recipe["hook_name"], tuple(recipe["downstream_hooks"])
+    rows = []
+    for steps in recipe["steps"]:
+        runs = [(v, float(lam), seed) for v in VARIANTS if v in recipe["lams"]
+                for lam in recipe["lams"][v] for seed in recipe["seeds"]]  # fmt: skip
+        cfgs = [
+            TrainConfig(v, lam, hook, ds, recipe["beta"], recipe["kl_coeff"], recipe["lr"], steps,
+                        recipe["warmup_steps"], grad_clip=recipe["grad_clip"],
+                        log_every=max(1, steps // 10))
+            for v, lam, _ in runs
+        ]  # fmt: skip
+        saes = [E2ESAE(model.cfg.d_model, recipe["d_sae"], seed=seed) for _, _, seed in runs]
+        batches = token_batches(windows, recipe["batch_windows"], seed=recipe["seed"])
+        histories = train_saes(model, saes, cfgs, batches, progress=False)
+        for (variant, lam, seed), sae, hist in zip(runs, saes, histories, strict=True):
+            numbers = evaluate_sae(model, sae, val, hook, ds)
+            row = {"variant": variant, "lam": lam, "seed": seed, "steps": steps,
+                   "tokens": hist["tokens"], **numbers,
+                   "clipped_fraction": hist["clipped"] / steps,
+                   "final_train_loss": hist["loss"][-1]}  # fmt: skip
+            rows.append({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
+            log(f"{steps} steps, {variant} lam {lam:g} seed {seed}: L0 {row['l0']:.1f}, "
+                f"CE +{row['ce_increase']:.4f}, clipped {row['clipped_fraction']:.0%}")  # fmt: skip
+        log(f"{steps} steps done at {time.perf_counter() - start:.0f} s")
+    table = {"recipe": recipe, "rows": rows, "total_seconds": round(time.perf_counter() - start, 1),
+             "torch_threads": threads}  # fmt: skip
+    Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(table_path).write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def load_plateau_table(path=None) -> dict:
+    """The committed plateau study (``course_utils/assets/e2e/e2e_plateau.json``)."""
+    import json
+    from pathlib import Path
+
+    from course_utils.assets import ASSETS_DIR
+
+    path = Path(path) if path is not None else ASSETS_DIR / "e2e" / PLATEAU_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: rebuild it with `python -m course_utils.assets build-e2e-plateau`."
+        )
+    return json.loads(path.read_text())
 
 
 def format_table(rows: list[dict]) -> str:

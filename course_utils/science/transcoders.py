@@ -618,10 +618,9 @@ REFERENCE = {
     "buffer_tokens": 65536,
     "seed": 0,
     "eval_windows": 64,
-    # The shipped files predate clipping in this sweep; None keeps `build-transcoders` reproducing
-    # them. Unclipped they train worse (chapter 03): the Pareto comparison of chapter 05 uses the
-    # clipped sweep below (PARETO), not these files.
-    "max_grad_norm": None,
+    # Each dictionary's gradient norm clipped at 1, as in PARETO below (unclipped they train worse:
+    # chapter 03, section 3).
+    "max_grad_norm": 1.0,
     # L1 coefficients per family, one list per layer. Layer 1's MLP output is smaller, so the same
     # coefficient gives a much sparser (and partly dead) dictionary there: the grids differ.
     "sweep": {
@@ -690,26 +689,17 @@ def train_on_shared_batches(
     steps: int,
     lr: float,
     log=print,
-    max_grad_norm: float | None = None,
+    max_grad_norm: float | None = 1.0,
 ) -> None:
     """Train several dictionaries on the SAME batches (one model forward pass feeds them all).
 
     ``modules`` maps a key to ``(module, args)``, where ``args(batch) -> tuple`` gives the module's
     ``loss`` arguments from ``next_batch()``'s tensors. Schedule as :func:`train_transcoder` (L1
     warm-up over 5%, lr decayed over the last 20%, unit-norm decoder by projection).
-    ``max_grad_norm`` clips each instance's gradient norm (instance-batched dictionaries only: a
-    cross-layer transcoder's leading axis is its layer, not an instance). It is ``None`` here
-    because the shipped transcoders and the shipped CLT (chapter 07) were trained unclipped and
-    their builds must stay reproducible until they are rebuilt; the chapter-05 Pareto sweep
-    (:data:`PARETO`) passes 1, like :func:`train_transcoder`'s default.
+    ``max_grad_norm`` clips each dictionary's gradient norm: per instance for an instance-batched
+    module, the whole module otherwise (a cross-layer transcoder is one dictionary: its leading
+    axis is its layer, not an instance). ``None`` trains unclipped (worse: chapter 03).
     """
-    if max_grad_norm is not None:
-        for key, (m, _) in modules.items():
-            if not hasattr(m, "n_instances"):
-                raise TypeError(
-                    f"{key}: per-instance clipping needs an instance-batched dictionary "
-                    f"(a {type(m).__name__} has no n_instances); pass max_grad_norm=None."
-                )
     opts = {k: torch.optim.Adam(m.parameters(), lr=lr) for k, (m, _) in modules.items()}
     final = {k: m.l1_coeff.clone() for k, (m, _) in modules.items()}
     for step in range(steps):
@@ -727,8 +717,12 @@ def train_on_shared_batches(
             opts[key].zero_grad()
             out["loss"].sum().backward()
             m.remove_parallel_grad()
-            if max_grad_norm is not None:
+            # one instance (or a CLT, one dictionary over layers): clipping the whole module is
+            # clipping that instance
+            if max_grad_norm is not None and getattr(m, "n_instances", 1) > 1:
                 LS.clip_grad_norm_per_instance(m.parameters(), max_grad_norm)
+            elif max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), max_grad_norm)
             opts[key].step()
             m.normalise_decoder()
             losses[key] = [round(v, 2) for v in out["loss"].detach().tolist()]
@@ -826,7 +820,9 @@ def _sweep_modules(recipe: dict, d_model: int, seed: int, log=print) -> dict:
             if not coeffs:
                 continue
             init = seed + 10 * layer + f_index
-            m = make_dictionaries(family, d_model, recipe["d_sae"], [float(c) for c in coeffs], init)
+            m = make_dictionaries(
+                family, d_model, recipe["d_sae"], [float(c) for c in coeffs], init
+            )
             modules[(family, layer)] = (m, _loss_args(family, layer))
     log(
         f"training {sum(m.n_instances for m, _ in modules.values())} dictionaries "
@@ -946,7 +942,9 @@ def pareto_run(model, tokens, recipe: dict, steps: int, seed: int, families, log
     train_on_shared_batches(
         modules, store.next_split, steps, recipe["lr"], log, recipe["max_grad_norm"]
     )
-    log(f"{steps} steps, seed {seed}: {store.tokens_seen} tokens in {time.perf_counter() - start:.0f} s")
+    log(
+        f"{steps} steps, seed {seed}: {store.tokens_seen} tokens in {time.perf_counter() - start:.0f} s"
+    )
     rows = []
     for (family, layer), (m, _) in modules.items():
         for i in range(m.n_instances):
