@@ -330,8 +330,12 @@ WRONG = {
     check.de_embedding: [de_embedding_W_E_transposed, CHECKS[7][3]],
     check.keep_top: [keep_smallest, keep_pruned_count, CHECKS[8][3]],
     check.extended_de_embedding: [
-        extended_real_mlp, extended_ln1, extended_pos_summed, extended_later_ln1_weight,
-        extended_mlp_term_negated, CHECKS[9][3],
+        extended_real_mlp,
+        extended_ln1,
+        extended_pos_summed,
+        extended_later_ln1_weight,
+        extended_mlp_term_negated,
+        CHECKS[9][3],
     ],
 }
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)

@@ -181,10 +181,21 @@ def _prune_keeps_everything(influence, is_feature, threshold):
     return torch.ones_like(is_feature)
 
 
+def _prune_drops_ties(influence, is_feature, threshold):
+    """The prefix by sorted position: of several features tied at the cut-off, keeps only some."""
+    keep = ~is_feature.clone()
+    idx = is_feature.nonzero().flatten()
+    f = influence[idx]
+    order = f.argsort(descending=True, stable=True)
+    k = int((f[order].cumsum(0) / f.sum() < threshold).sum()) + 1
+    keep[idx[order[:k]]] = True
+    return keep
+
+
 WRONG = {
     check.indirect_influence: [_infl_first_order_only, _infl_includes_identity],
     check.normalise_adjacency: [_norm_no_abs],
-    check.prune_nodes: [_prune_keeps_everything],
+    check.prune_nodes: [_prune_keeps_everything, _prune_drops_ties],
 }
 
 

@@ -83,8 +83,12 @@ def coact_masked_float64(a, b):
     a, b = a.double(), b.double()
     fa, fb = (a > 0).double(), (b > 0).double()
     dot = torch.einsum("ni,nj->ij", a, b)
-    on_a = dot / torch.sqrt(torch.einsum("ni,nj->ij", a**2, torch.ones_like(b)) * torch.einsum("ni,nj->ij", fa, b**2))
-    on_b = dot / torch.sqrt(torch.einsum("ni,nj->ij", a**2, fb) * torch.einsum("ni,nj->ij", torch.ones_like(a), b**2))
+    on_a = dot / torch.sqrt(
+        torch.einsum("ni,nj->ij", a**2, torch.ones_like(b)) * torch.einsum("ni,nj->ij", fa, b**2)
+    )
+    on_b = dot / torch.sqrt(
+        torch.einsum("ni,nj->ij", a**2, fb) * torch.einsum("ni,nj->ij", torch.ones_like(a), b**2)
+    )
     return torch.maximum(on_a.nan_to_num(0), on_b.nan_to_num(0))
 
 
@@ -92,22 +96,35 @@ def coact_float32_nonzero(a, b):
     """Float32 throughout, "fires" read as a nonzero activation (the same for ReLU'd codes)."""
     a, b = a.float(), b.float()
     dot = a.T @ b
-    on_a = dot / (a.norm(dim=0)[:, None] * ((a != 0).float().T @ b.square()).sqrt()).clamp_min(1e-12)
-    on_b = dot / ((a.square().T @ (b != 0).float()).sqrt() * b.norm(dim=0)[None, :]).clamp_min(1e-12)
+    on_a = dot / (a.norm(dim=0)[:, None] * ((a != 0).float().T @ b.square()).sqrt()).clamp_min(
+        1e-12
+    )
+    on_b = dot / ((a.square().T @ (b != 0).float()).sqrt() * b.norm(dim=0)[None, :]).clamp_min(
+        1e-12
+    )
     return torch.maximum(on_a, on_b)
 
 
 def coact_cosine_similarity(a, b):
     """torch's cosine_similarity on masked copies, one latent of each side at a time."""
     a, b = a.double(), b.double()
-    on_a = torch.stack([
-        torch.nn.functional.cosine_similarity(a[:, [i]] * (a[:, [i]] > 0), b * (a[:, [i]] > 0), dim=0, eps=1e-12)
-        for i in range(a.shape[1])
-    ])
-    on_b = torch.stack([
-        torch.nn.functional.cosine_similarity(a * (b[:, [j]] > 0), b[:, [j]] * (b[:, [j]] > 0), dim=0, eps=1e-12)
-        for j in range(b.shape[1])
-    ], dim=1)
+    on_a = torch.stack(
+        [
+            torch.nn.functional.cosine_similarity(
+                a[:, [i]] * (a[:, [i]] > 0), b * (a[:, [i]] > 0), dim=0, eps=1e-12
+            )
+            for i in range(a.shape[1])
+        ]
+    )
+    on_b = torch.stack(
+        [
+            torch.nn.functional.cosine_similarity(
+                a * (b[:, [j]] > 0), b[:, [j]] * (b[:, [j]] > 0), dim=0, eps=1e-12
+            )
+            for j in range(b.shape[1])
+        ],
+        dim=1,
+    )
     return torch.maximum(on_a, on_b)
 
 
@@ -140,7 +157,11 @@ def coact_mean_of_two(a, b):
     a, b = a.double(), b.double()
     dot = a.T @ b
     on_a = dot / (a.norm(dim=0)[:, None] * ((a > 0).double().T @ b**2).sqrt()).clamp_min(1e-12)
-    on_b = dot / ((a**2).T @ (b > 0).double()).sqrt().clamp_min(1e-12) / b.norm(dim=0)[None, :].clamp_min(1e-12)
+    on_b = (
+        dot
+        / ((a**2).T @ (b > 0).double()).sqrt().clamp_min(1e-12)
+        / b.norm(dim=0)[None, :].clamp_min(1e-12)
+    )
     return (on_a + on_b) / 2
 
 
@@ -291,7 +312,12 @@ CORRECT = {
     check.update_threshold: [threshold_loop, threshold_inf_fill],
     check.matryoshka_loss: [matryoshka_masks, matryoshka_cumulative],
     check.top_k_by_mean_difference: [select_argsort, select_masked_means],
-    check.coactivation_cosine: [coact_loop, coact_masked_float64, coact_float32_nonzero, coact_cosine_similarity],
+    check.coactivation_cosine: [
+        coact_loop,
+        coact_masked_float64,
+        coact_float32_nonzero,
+        coact_cosine_similarity,
+    ],
 }
 
 
@@ -467,7 +493,9 @@ NEWCOMER = [
     (check.coactivation_cosine, coact_dead_is_one, "its 0/0 is no evidence of a link"),
     (
         check.coactivation_cosine,
-        lambda a, b: torch.nn.functional.normalize(a, dim=0).T @ torch.nn.functional.normalize(b, dim=0),
+        lambda a, b: (
+            torch.nn.functional.normalize(a, dim=0).T @ torch.nn.functional.normalize(b, dim=0)
+        ),
         "restrict each cosine to the tokens where one latent fires",
     ),
     (

@@ -133,7 +133,7 @@ def _fake_pythons(tmp_path: Path, version: str) -> Path:
     fake = "(3, 13)" if version.startswith("3.13") else "(3, 12)"
     real.write_text(
         f"#!/bin/sh\nexec {sys.executable} -c "
-        f"\"import sys; sys.exit(0 if {fake} == (3, 13) else 1)\"\n"
+        f'"import sys; sys.exit(0 if {fake} == (3, 13) else 1)"\n'
     )
     real.chmod(0o755)
     return real

@@ -262,22 +262,28 @@ def test_the_public_sae_of_the_bonus_is_one_clear_error_offline(monkeypatch):
 # ------------------------------------------------------------ probe-based absorption (section 7)
 def _absorption_setup():
     probe = torch.tensor([1.0, 0.0, 0.0])
-    W_dec = torch.tensor([[1.0, 0.0, 0.0],  # 0: the main latent, along the probe
-                          [0.6, 0.8, 0.0],  # 1: an absorber (cos 0.6)
-                          [0.05, 0.0, 1.0]])  # 2: barely aligned (cos < 0.1): never an absorber
+    W_dec = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],  # 0: the main latent, along the probe
+            [0.6, 0.8, 0.0],  # 1: an absorber (cos 0.6)
+            [0.05, 0.0, 1.0],
+        ]
+    )  # 2: barely aligned (cos < 0.1): never an absorber
     return probe, W_dec
 
 
 def test_absorption_fraction_cases():
     probe, W_dec = _absorption_setup()
     x = torch.tensor([[2.0, 0, 0]] * 5)
-    acts = torch.tensor([
-        [2.0, 0.0, 0.0],  # the main latent carries all of x.p: 0
-        [0.0, 2.0, 0.0],  # main silent, absorber carries 1.2 >= 0.4 * 2: 1
-        [1.0, 2.0, 0.0],  # partial: min(1.2, 2 - 1) / (1 + 1) = 0.5
-        [0.0, 1.0, 0.0],  # absorber carries 0.6 < 0.8: 0
-        [0.0, 0.0, 9.0],  # only an unaligned latent fires: 0
-    ])
+    acts = torch.tensor(
+        [
+            [2.0, 0.0, 0.0],  # the main latent carries all of x.p: 0
+            [0.0, 2.0, 0.0],  # main silent, absorber carries 1.2 >= 0.4 * 2: 1
+            [1.0, 2.0, 0.0],  # partial: min(1.2, 2 - 1) / (1 + 1) = 0.5
+            [0.0, 1.0, 0.0],  # absorber carries 0.6 < 0.8: 0
+            [0.0, 0.0, 9.0],  # only an unaligned latent fires: 0
+        ]
+    )
     got = E.absorption_fraction(x, acts, W_dec, probe, [0])
     assert torch.allclose(got, torch.tensor([0.0, 1.0, 0.5, 0.0, 0.0]))
     # the probe's norm does not matter; x.p <= 0 is never absorption
@@ -316,7 +322,9 @@ def test_coactivation_cosine_links_a_child_to_its_parent_and_rejects_bad_shapes(
     child = parent * (torch.rand(500, generator=g) < 0.3)
     other = torch.relu(torch.randn(500, generator=g))
     link = E.coactivation_cosine(parent[:, None], torch.stack([child, other, torch.zeros(500)], -1))
-    assert link[0, 0] > 0.99 > 0.9 > link[0, 1]  # through the child's tokens; an unrelated latent is lower
+    assert (
+        link[0, 0] > 0.99 > 0.9 > link[0, 1]
+    )  # through the child's tokens; an unrelated latent is lower
     assert link[0, 2] == 0.0  # a dead latent links to nothing
     with pytest.raises(ValueError, match="same n tokens"):
         E.coactivation_cosine(parent[:, None], child[:10, None])

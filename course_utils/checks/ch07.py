@@ -464,7 +464,11 @@ def _prune_cases() -> list[Case]:
         Case("hand-made, threshold 0.8 (exactly reached)", (infl2, is_f2, 0.8)),
         Case("threshold 0.5", (infl, is_f, 0.5)),
         Case("threshold 1.0 keeps every feature with influence", (infl2, is_f2, 1.0)),
-    ]
+        # 0.4 + 0.2 + 0.2 is the first prefix past 0.6 of 1.1: the cut-off is 0.2, and the third
+        # feature tied at it is kept too
+        Case("a tie at the cut-off (threshold 0.6)",
+             (torch.tensor([0.2, 0.4, 0.2, 0.2, 0.1]), torch.ones(5, dtype=torch.bool), 0.6)),
+    ]  # fmt: skip
 
 
 @exercise("4.3", "prune_nodes")

@@ -675,8 +675,12 @@ def top_k_by_mean_difference(learner) -> str:
 def _masked_cos(a, b, mask_a=True, mask_b=True, reduce=torch.maximum):
     a, b = a.double(), b.double()
     dot = a.T @ b
-    cos_a = dot / (a.norm(dim=0)[:, None] * ((a > 0).double().T @ b.square()).sqrt()).clamp_min(1e-12)
-    cos_b = dot / ((a.square().T @ (b > 0).double()).sqrt() * b.norm(dim=0)[None, :]).clamp_min(1e-12)
+    cos_a = dot / (a.norm(dim=0)[:, None] * ((a > 0).double().T @ b.square()).sqrt()).clamp_min(
+        1e-12
+    )
+    cos_b = dot / ((a.square().T @ (b > 0).double()).sqrt() * b.norm(dim=0)[None, :]).clamp_min(
+        1e-12
+    )
     if mask_a and mask_b:
         return reduce(cos_a, cos_b)
     return cos_a if mask_a else cos_b
@@ -784,8 +788,10 @@ def _compare_coact(expected, actual) -> str | None:
     if not isinstance(actual, torch.Tensor):
         return f"return a tensor of shape [a, b], got {type(actual).__name__}"
     if actual.isnan().any():
-        return ("your result has NaN: a latent that never fires has link 0 with everything "
-                "(guard the division, e.g. `.clamp_min(1e-12)` on the norms' product)")
+        return (
+            "your result has NaN: a latent that never fires has link 0 with everything "
+            "(guard the division, e.g. `.clamp_min(1e-12)` on the norms' product)"
+        )
     return mismatch(expected.double(), actual.double(), 1e-5, 1e-4)
 
 

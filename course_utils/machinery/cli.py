@@ -389,7 +389,12 @@ def parser() -> argparse.ArgumentParser:
         fn=cmd_list
     )
     check = sub.add_parser("check", help="run your exercise notebook and report every exercise")
-    check.add_argument("target", help="chapter number (e.g. 01) or a path to a notebook")
+    check.add_argument(
+        "target",
+        help="chapter number (e.g. 07: checks notebooks/07_*.ipynb) or a path to a notebook whose "
+        "file name starts with the chapter number and an underscore (07_mine.ipynb works, "
+        "'Copy of 07_....ipynb' does not: rename it)",
+    )
     check.add_argument(
         "--timeout",
         type=float,

@@ -231,6 +231,10 @@ class Graph:
         return self.n_features + self.n_errors + self.n_pos + self.n_logits
 
     def slices(self) -> dict[str, slice]:
+        """Where each kind of node sits in the node order (rows and columns of ``adjacency``):
+        ``"features"`` (one per row of ``active``: layer, position, feature), ``"errors"`` (one
+        per layer and position, layer-major), ``"embeddings"`` (one per position) and
+        ``"logits"`` (one per entry of ``logit_tokens``), in that order."""
         f, e, p = self.n_features, self.n_errors, self.n_pos
         return {
             "features": slice(0, f),

@@ -821,7 +821,9 @@ def main_latents(
         dims = ranked[:k]
         probe = LogisticRegression(max_iter=1000, class_weight="balanced")
         probe.fit(train_acts[:, dims].double().numpy(), train_labels.numpy())
-        scores.append(float(f1_score(test_labels.numpy(), probe.predict(test_acts[:, dims].double().numpy()))))
+        scores.append(
+            float(f1_score(test_labels.numpy(), probe.predict(test_acts[:, dims].double().numpy())))
+        )
         if k > 1 and scores[-1] <= scores[-2] + jump:
             break
         chosen = dims
@@ -857,7 +859,9 @@ def absorption_fraction(
     m = contribution[:, list(main)].sum(-1)
     absorber = cos >= absorber_cos
     absorber[list(main)] = False
-    candidates = torch.where(absorber & (contribution > 0), contribution, torch.zeros_like(contribution))
+    candidates = torch.where(
+        absorber & (contribution > 0), contribution, torch.zeros_like(contribution)
+    )
     a = candidates.topk(min(max_absorbers, candidates.shape[-1]), dim=-1).values.sum(-1)
     taken = torch.minimum(a, along - m)
     fraction = (taken / (taken + m).clamp_min(1e-12)).clamp(0, 1)
