@@ -166,6 +166,34 @@ def test_graph_json_and_plot(model, graph):
     assert fig.layout.xaxis.title.text == "token position"
 
 
+def test_graph_figure_reading_threshold_sign_and_supernodes(graph):
+    """Issue 25: a figure a person can read. The reading threshold keeps the most influential
+    features and says so in the title; a feature's colour is the sign of its effect; a supernode
+    is one marker; a supernode naming a node that is not in the file is refused."""
+    n = graph.adjacency.shape[0]
+    js = AG.to_json(graph, torch.ones(n, dtype=torch.bool), graph.adjacency != 0, lambda t: f"t{t}")
+    feats = [x for x in js["nodes"] if x["feature_type"] == "cross layer transcoder"]
+    assert len(feats) > 5 and all("signed_effect" in x for x in feats)
+    fig = AG.plot_graph(js, 2, "g", max_features=5, max_edges=10)
+    drawn = [t for t in fig.data if t.mode and "markers" in t.mode and t.name.startswith("feature")]
+    assert sum(len(t.x) for t in drawn) == 5
+    assert f"5 most influential of {len(feats)} features" in fig.layout.title.text
+    assert "10 strongest" in fig.layout.title.text
+    top = sorted(feats, key=lambda x: -x["influence"])[:5]
+    colours = {"#1f77b4" if x["signed_effect"] >= 0 else "#d62728" for x in top}
+    assert set(drawn[0].marker.color) == colours
+    full = AG.plot_graph(js, 2, "g", max_features=None, max_edges=10**6)
+    assert "features" not in full.layout.title.text and "edges" not in full.layout.title.text
+    members = [x["node_id"] for x in top[:3]]
+    merged = AG.plot_graph(js, 2, "g", max_features=None, supernodes={"group A": members})
+    hexes = [t for t in merged.data if t.name == "supernode"]
+    assert len(hexes) == 1 and len(hexes[0].x) == 1 and list(hexes[0].text) == ["group A"]
+    with pytest.raises(KeyError, match="no node"):
+        AG.plot_graph(js, 2, "g", supernodes={"bad": ["9_9_99"]})
+    with pytest.raises(ValueError, match="two supernodes"):
+        AG.plot_graph(js, 2, "g", supernodes={"a": members[:2], "b": members[1:]})
+
+
 def test_graph_json_ids_are_unique_with_every_node_kept(graph):
     """Issue 25: an error node's id was 0_{layer}_{pos}, the id of layer-0 feature `layer` at the
     same position, so one of the two vanished from the file and the figure."""

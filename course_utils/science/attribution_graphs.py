@@ -646,6 +646,9 @@ def to_json(
     layer-0 feature ``layer`` at the same position, and one of the two nodes was lost."""
     s = graph.slices()
     infl = node_influence(normalise_adjacency(graph.adjacency), graph.logit_weights())
+    # influence is unsigned (|edges|); the signed path sum says whether a node raises or lowers
+    # the probability-weighted logits (positive: raises), to first order in the frozen model
+    effect = node_influence(graph.adjacency, graph.logit_weights())
     ids, nodes = {}, []
     for i in node_mask.nonzero().flatten().tolist():
         kind = graph.node_kind(i)
@@ -674,7 +677,8 @@ def to_json(
         ids[i] = nid
         node = {
             "node_id": nid, "feature_type": ftype, "ctx_idx": p, "influence": float(infl[i]),
-            "activation": act, "clerp": node_label(graph, i, token_str),
+            "signed_effect": float(effect[i]), "activation": act,
+            "clerp": node_label(graph, i, token_str),
         }  # fmt: skip
         if kind == "logit":
             node["token_prob"] = float(graph.logit_probs[i - s["logits"].start])
@@ -699,81 +703,172 @@ def to_json(
     }  # fmt: skip
 
 
-def plot_graph(graph_json: dict, n_layers: int, title: str, max_edges: int = 400):
+def _layer_row(node_id: str, ftype: str, n_layers: int) -> int:
+    """The figure's row of a node: 0 embeddings, 1..n_layers the layers, n_layers + 1 logits."""
+    if ftype == "embedding":
+        return 0
+    if ftype == "logit":
+        return n_layers + 1
+    return int(node_id.split("_")[0]) + 1
+
+
+def _merge_supernodes(nodes: dict, links: list, supernodes: dict) -> tuple[dict, list]:
+    """Draw each supernode as one node: influence and signed effect summed, edges between the
+    same pair of (super)nodes summed, edges inside a supernode dropped."""
+    owner = {}
+    for name, members in supernodes.items():
+        missing = [m for m in members if m not in nodes]
+        if missing:
+            raise KeyError(f"supernode {name!r}: no node {missing[0]!r} in the graph file.")
+        for m in members:
+            if m in owner:
+                raise ValueError(f"node {m!r} is in two supernodes ({owner[m]!r}, {name!r}).")
+            owner[m] = name
+    merged = {nid: n for nid, n in nodes.items() if nid not in owner}
+    for name, members in supernodes.items():
+        parts = [nodes[m] for m in members]
+        merged[name] = {
+            "node_id": name, "feature_type": "supernode",
+            "ctx_idx": max(n["ctx_idx"] for n in parts),
+            "layer_row": round(sum(int(m.split("_")[0]) + 1 for m in members) / len(members)),
+            "influence": sum(n["influence"] for n in parts),
+            "signed_effect": sum(n.get("signed_effect", 0.0) for n in parts),
+            "clerp": f"{name} ({len(members)} nodes)",
+            "top_contexts": [n["clerp"] for n in parts][:8],
+        }  # fmt: skip
+    summed: dict[tuple[str, str], float] = {}
+    for e in links:
+        src, tgt = owner.get(e["source"], e["source"]), owner.get(e["target"], e["target"])
+        if src != tgt:
+            summed[(src, tgt)] = summed.get((src, tgt), 0.0) + e["weight"]
+    return merged, [{"source": a, "target": b, "weight": w} for (a, b), w in summed.items()]
+
+
+def plot_graph(
+    graph_json: dict,
+    n_layers: int,
+    title: str,
+    max_features: int | None = 30,
+    max_edges: int = 150,
+    supernodes: dict[str, list[str]] | None = None,
+):
     """The circuit-tracer-style JSON drawn with plotly: x = token position, y = layer (embeddings at
-    the bottom, logits on top), node size ~ influence, edges blue (excitatory) / red (inhibitory),
-    width ~ |weight|. Hover a node for its label, activation, influence and top contexts; click a
-    legend entry to hide a node type or an edge sign."""
+    the bottom, logits on top). A reading threshold keeps the ``max_features`` most influential
+    features (``None``: all) and the error nodes at least as influential as the last of them;
+    embeddings and logits are always drawn. Marker size ~ influence; a feature's colour is the sign
+    of its effect on the logits (``signed_effect``: blue raises, red lowers; influence itself is
+    unsigned); edges blue (excitatory) / red (inhibitory), width ~ |weight|, the ``max_edges``
+    strongest among the drawn nodes. ``supernodes`` maps a name to node ids drawn as one node. The
+    title says how many features and edges are drawn when not all are. Hover a node for its label,
+    influence, effect and top contexts; click a legend entry to hide a node type or edge sign."""
     import plotly.graph_objects as go
 
-    nodes = {n["node_id"]: n for n in graph_json["nodes"]}
-    row = {"embedding": 0, "logit": n_layers + 1}
+    nodes = {n["node_id"]: dict(n) for n in graph_json["nodes"]}
+    links = list(graph_json["links"])
+    for nid, n in nodes.items():
+        n.setdefault("layer_row", _layer_row(nid, n["feature_type"], n_layers))
+    if supernodes:
+        nodes, links = _merge_supernodes(nodes, links, supernodes)
+    feats = sorted((n for n in nodes.values() if n["feature_type"] in ("cross layer transcoder", "supernode")),
+                   key=lambda n: -n["influence"])  # fmt: skip
+    shown_feats = feats if max_features is None else feats[:max_features]
+    cut = shown_feats[-1]["influence"] if shown_feats and len(shown_feats) < len(feats) else -1.0
+    keep = {n["node_id"] for n in shown_feats}
+    keep |= {nid for nid, n in nodes.items() if n["feature_type"] in ("embedding", "logit")}
+    keep |= {nid for nid, n in nodes.items()
+             if n["feature_type"] == "mlp reconstruction error" and n["influence"] >= cut}  # fmt: skip
+    nodes = {nid: n for nid, n in nodes.items() if nid in keep}
+    among = [e for e in links if e["source"] in keep and e["target"] in keep]
+    links = sorted(among, key=lambda e: -abs(e["weight"]))[:max_edges]
+    # positions: the nodes of one (position, layer) cell spread on a grid inside the cell, most
+    # influential first; a cell is 0.84 wide and 0.7 high
     groups: dict[tuple[int, int], list[str]] = {}
     for nid, n in nodes.items():
-        if n["feature_type"] in row:
-            y = row[n["feature_type"]]
-        elif n["feature_type"] == "mlp reconstruction error":
-            y = int(nid.split("_")[1]) + 1
-        else:
-            y = int(nid.split("_")[0]) + 1
-        groups.setdefault((n["ctx_idx"], y), []).append(nid)
+        groups.setdefault((n["ctx_idx"], n["layer_row"]), []).append(nid)
     coords = {}
     for (x, y), members in groups.items():
-        # a small grid inside the (position, layer) cell, most influential first, errors last
-        members.sort(key=lambda m: (nodes[m]["feature_type"] == "mlp reconstruction error",
-                                    -nodes[m]["influence"]))  # fmt: skip
-        cols = max(1, math.ceil(math.sqrt(len(members))))
+        members.sort(key=lambda m: -nodes[m]["influence"])
+        cols = max(1, math.ceil(math.sqrt(2 * len(members))))  # wider than tall: labels are wide
         rows_needed = math.ceil(len(members) / cols)
         for k, nid in enumerate(members):
-            dx = (k % cols - (cols - 1) / 2) * (0.8 / cols)
-            dy = (k // cols - (rows_needed - 1) / 2) * (0.6 / max(rows_needed, 1))
+            dx = (k % cols - (cols - 1) / 2) * (0.84 / cols)
+            dy = (k // cols - (rows_needed - 1) / 2) * (0.7 / max(rows_needed, 1))
             coords[nid] = (x + dx, y + dy)
-    links = sorted(graph_json["links"], key=lambda e: -abs(e["weight"]))[:max_edges]
+    wmax = max((abs(e["weight"]) for e in links), default=1.0) or 1.0
     fig = go.Figure()
-    for sign, colour, name in ((1, "rgba(31,119,180,0.45)", "excitatory edge"),
-                               (-1, "rgba(214,39,40,0.45)", "inhibitory edge")):  # fmt: skip
-        xs, ys = [], []
-        for e in links:
-            if (e["weight"] > 0) == (sign > 0):
-                (x0, y0), (x1, y1) = coords[e["source"]], coords[e["target"]]
-                xs += [x0, x1, None]
-                ys += [y0, y1, None]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": 1.2},
-                                 name=name, hoverinfo="skip"))  # fmt: skip
+    for sign, colour, name in ((1, "rgba(31,119,180,{a})", "excitatory edge"),
+                               (-1, "rgba(214,39,40,{a})", "inhibitory edge")):  # fmt: skip
+        # three width classes keep the trace count small and the strong edges visible
+        for lo, hi, width, alpha in (
+            (0, 0.1, 0.6, 0.25),
+            (0.1, 0.4, 1.5, 0.45),
+            (0.4, 1.01, 3.0, 0.7),
+        ):
+            xs, ys = [], []
+            for e in links:
+                strength = abs(e["weight"]) / wmax
+                if (e["weight"] > 0) == (sign > 0) and lo <= strength < hi:
+                    (x0, y0), (x1, y1) = coords[e["source"]], coords[e["target"]]
+                    xs += [x0, x1, None]
+                    ys += [y0, y1, None]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip",
+                                     line={"color": colour.format(a=alpha), "width": width},
+                                     name=name, legendgroup=name, showlegend=lo == 0))  # fmt: skip
     styles = {
-        "embedding": ("#7f7f7f", "square"), "cross layer transcoder": ("#2ca02c", "circle"),
-        "mlp reconstruction error": ("#ff7f0e", "diamond"), "logit": ("#9467bd", "star"),
+        "embedding": "square", "cross layer transcoder": "circle", "supernode": "hexagon",
+        "mlp reconstruction error": "diamond", "logit": "star",
     }  # fmt: skip
     imax = max((n["influence"] for n in nodes.values()), default=1.0) or 1.0
-    for ftype, (colour, symbol) in styles.items():
+    for ftype, symbol in styles.items():
         members = [n for n in nodes.values() if n["feature_type"] == ftype]
         if not members:
             continue
         hover = []
         for n in members:
             text = f"{n['clerp']}<br>influence {n['influence']:.3f}"
+            if "signed_effect" in n:
+                text += f", signed effect on the logits {n['signed_effect']:+.3f}"
             if n.get("activation") is not None:
                 text += f"<br>activation {n['activation']:.2f}"
             for line in n.get("top_contexts", []):
-                text += "<br>" + line.replace("<", "&lt;")
+                text += "<br>" + str(line).replace("<", "&lt;")
             hover.append(text)
-        size = [6 + 10 * math.sqrt(max(n["influence"], 0) / imax) for n in members]
+        size = [7 + 18 * math.sqrt(max(n["influence"], 0) / imax) for n in members]
         if ftype == "logit":
             size = [10 + 20 * n.get("token_prob", 0) for n in members]
+        if ftype in ("cross layer transcoder", "supernode"):
+            colour = ["#1f77b4" if n.get("signed_effect", 0) >= 0 else "#d62728" for n in members]
+        else:
+            colour = {"embedding": "#7f7f7f", "mlp reconstruction error": "#ff7f0e",
+                      "logit": "#9467bd"}[ftype]  # fmt: skip
         fig.add_trace(go.Scatter(
             x=[coords[n["node_id"]][0] for n in members], y=[coords[n["node_id"]][1] for n in members],
-            mode="markers", marker={"color": colour, "symbol": symbol, "size": size,
-                                    "line": {"width": 0.5, "color": "black"}},
-            name=ftype, text=hover, hovertemplate="%{text}<extra></extra>",
+            mode="markers+text" if ftype == "supernode" else "markers",
+            text=[n["node_id"] for n in members] if ftype == "supernode" else None,
+            textposition="top center", hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
+            marker={"color": colour, "symbol": symbol, "size": size,
+                    "line": {"width": 0.5, "color": "black"}},
+            name={"cross layer transcoder": "feature (blue raises, red lowers the logits)"}.get(ftype, ftype),
         ))  # fmt: skip
+    n_feats = sum(
+        n["feature_type"] in ("cross layer transcoder", "supernode") for n in nodes.values()
+    )
+    drawn = []
+    if n_feats < len(feats):
+        drawn.append(f"the {n_feats} most influential of {len(feats)} features")
+    if len(links) < len(graph_json["links"]):
+        drawn.append(f"the {len(links)} strongest of {len(graph_json['links'])} edges")
+    if drawn:
+        title += "<br><sup>drawn: " + "; ".join(drawn) + "</sup>"
     tokens = graph_json["metadata"]["prompt_tokens"]
     fig.update_layout(
-        title=title, height=600, autosize=True, hovermode="closest",
+        title=title, height=640, width=900, hovermode="closest",
         xaxis={"title": "token position", "tickmode": "array", "tickvals": list(range(len(tokens))),
-               "ticktext": [t.replace("\n", "\\n") for t in tokens], "tickangle": -60},
+               "ticktext": [t.replace("\n", "\\n") for t in tokens], "tickangle": -60,
+               "range": [-0.6, len(tokens) - 0.4]},
         yaxis={"title": "layer", "tickmode": "array", "tickvals": list(range(n_layers + 2)),
                "ticktext": ["embeddings", *[f"layer {i}" for i in range(n_layers)], "logits"]},
-        legend={"orientation": "h", "y": -0.5}, margin={"b": 170},
+        legend={"orientation": "h", "y": -0.35}, margin={"b": 150, "t": 90},
     )  # fmt: skip
     return fig
 
