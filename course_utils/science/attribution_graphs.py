@@ -781,19 +781,25 @@ def plot_graph(
     among = [e for e in links if e["source"] in keep and e["target"] in keep]
     links = sorted(among, key=lambda e: -abs(e["weight"]))[:max_edges]
     # positions: the nodes of one (position, layer) cell spread on a grid inside the cell, most
-    # influential first; a cell is 0.84 wide and 0.7 high
+    # influential first. A crowded position (usually the last, where the prediction is made) gets
+    # a wider column, so that its nodes do not pile up: width ~ sqrt(nodes in its fullest cell)
+    tokens = graph_json["metadata"]["prompt_tokens"]
     groups: dict[tuple[int, int], list[str]] = {}
     for nid, n in nodes.items():
         groups.setdefault((n["ctx_idx"], n["layer_row"]), []).append(nid)
+    fullest = [max([len(m) for (p, _), m in groups.items() if p == pos], default=1)
+               for pos in range(len(tokens))]  # fmt: skip
+    widths = [min(8.0, max(1.0, 0.8 * math.sqrt(m))) for m in fullest]
+    centre = [sum(widths[:pos]) + widths[pos] / 2 for pos in range(len(tokens))]
     coords = {}
-    for (x, y), members in groups.items():
+    for (pos, y), members in groups.items():
         members.sort(key=lambda m: -nodes[m]["influence"])
         cols = max(1, math.ceil(math.sqrt(2 * len(members))))  # wider than tall: labels are wide
         rows_needed = math.ceil(len(members) / cols)
         for k, nid in enumerate(members):
-            dx = (k % cols - (cols - 1) / 2) * (0.84 / cols)
+            dx = (k % cols - (cols - 1) / 2) * (0.84 * widths[pos] / cols)
             dy = (k // cols - (rows_needed - 1) / 2) * (0.7 / max(rows_needed, 1))
-            coords[nid] = (x + dx, y + dy)
+            coords[nid] = (centre[pos] + dx, y + dy)
     wmax = max((abs(e["weight"]) for e in links), default=1.0) or 1.0
     fig = go.Figure()
     for sign, colour, name in ((1, "rgba(31,119,180,{a})", "excitatory edge"),
@@ -860,12 +866,12 @@ def plot_graph(
         drawn.append(f"the {len(links)} strongest of {len(graph_json['links'])} edges")
     if drawn:
         title += "<br><sup>drawn: " + "; ".join(drawn) + "</sup>"
-    tokens = graph_json["metadata"]["prompt_tokens"]
     fig.update_layout(
         title=title, height=640, width=900, hovermode="closest",
-        xaxis={"title": "token position", "tickmode": "array", "tickvals": list(range(len(tokens))),
+        xaxis={"title": "token position (a crowded position gets a wider column)",
+               "tickmode": "array", "tickvals": centre, "showgrid": False,
                "ticktext": [t.replace("\n", "\\n") for t in tokens], "tickangle": -60,
-               "range": [-0.6, len(tokens) - 0.4]},
+               "range": [0, sum(widths)]},
         yaxis={"title": "layer", "tickmode": "array", "tickvals": list(range(n_layers + 2)),
                "ticktext": ["embeddings", *[f"layer {i}" for i in range(n_layers)], "logits"]},
         legend={"orientation": "h", "y": -0.35}, margin={"b": 150, "t": 90},
