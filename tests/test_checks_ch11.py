@@ -82,7 +82,7 @@ def hand_in_ns():
     sae = FA.load_analysis_sae(model, "course-2l-res0-seed0", hook)
     other = FA.load_analysis_sae(model, "course-2l-res0-seed1", other_hook)
     proxies = {c: _proxy_fn(vocab, c) for c in CONCEPTS}
-    features = {"full stop": 991, "for": 165, "open string": 743}
+    features = {"full stop": 729, "for": 165, "open string": 375}  # the worked solution's choices
     ns = {
         "SAE_NAME": "course-2l-res0-seed0", "HOOK_NAME": hook, "eval_tokens": tokens,
         "proxies": proxies, "features": features, "NEURON_HOOK": "blocks.0.mlp.hook_post",
