@@ -259,8 +259,9 @@ class TrainConfig:
     steps: int = 400
     warmup_steps: int = 20
     min_lr_frac: float = 0.1  # cosine decay to 10% of lr
-    # Clipping at 1 fires for every objective: the first steps of all three (norms 5-18), and most
-    # e2e / e2e+ds steps (norms ~1-1.5 after warm-up). At 10 it never fired.
+    # Clipping at 1 fires for every objective: the first steps of all three (norms 5-18), ~4% of
+    # local's steps, and 10-100% of e2e / e2e+ds steps (more at larger lam; the shipped sweep
+    # records the fraction per run). At 10 it never fired.
     grad_clip: float = 1.0
     log_every: int = 10
     extra: dict = field(default_factory=dict, compare=False)
