@@ -795,19 +795,25 @@ def build_plateau(table_path, recipe: dict | None = None, log=print, threads: in
     return table
 
 
-def load_plateau_table(path=None) -> dict:
-    """The committed plateau study (``course_utils/assets/e2e/e2e_plateau.json``)."""
+def _load_committed(path, file_name: str, command: str) -> dict:
+    """A committed JSON table under ``course_utils/assets/e2e`` (or ``path``), or a clear error
+    naming the asset command that rebuilds it."""
     import json
     from pathlib import Path
 
     from course_utils.assets import ASSETS_DIR
 
-    path = Path(path) if path is not None else ASSETS_DIR / "e2e" / PLATEAU_FILE
+    path = Path(path) if path is not None else ASSETS_DIR / "e2e" / file_name
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing: rebuild it with `python -m course_utils.assets build-e2e-plateau`."
+            f"{path} is missing: rebuild it with `python -m course_utils.assets {command}`."
         )
     return json.loads(path.read_text())
+
+
+def load_plateau_table(path=None) -> dict:
+    """The committed plateau study (``course_utils/assets/e2e/e2e_plateau.json``)."""
+    return _load_committed(path, PLATEAU_FILE, "build-e2e-plateau")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -825,14 +831,4 @@ def format_table(rows: list[dict]) -> str:
 
 def load_sweep_table(path=None) -> dict:
     """The committed sweep table (``course_utils/assets/e2e/e2e_sweep.json``)."""
-    import json
-    from pathlib import Path
-
-    from course_utils.assets import ASSETS_DIR
-
-    path = Path(path) if path is not None else ASSETS_DIR / "e2e" / TABLE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: rebuild it with `python -m course_utils.assets build-e2e`."
-        )
-    return json.loads(path.read_text())
+    return _load_committed(path, TABLE_FILE, "build-e2e")
