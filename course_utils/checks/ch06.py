@@ -89,9 +89,7 @@ def _detached_compare(atol: float = 1e-4, rtol: float = 1e-4):
 
 def _hooked_detached_check(learner, reference, cases, mistakes, atol=1e-4, rtol=1e-4) -> str:
     return (
-        compare_function(
-            learner, reference, cases, mistakes, compare=_detached_compare(atol, rtol)
-        )
+        compare_function(learner, reference, cases, mistakes, compare=_detached_compare(atol, rtol))
         + "; outputs detached; no hook left behind"
     )
 
@@ -374,8 +372,13 @@ def _effect_cases() -> list[Case]:
         Case("last feature", (model, sae, tokens, HOOK, 23)),
         Case(
             "SAE at blocks.1.hook_resid_post",
-            (model, tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3), tokens,
-             "blocks.1.hook_resid_post", 4),
+            (
+                model,
+                tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3),
+                tokens,
+                "blocks.1.hook_resid_post",
+                4,
+            ),
         ),  # fmt: skip
     ]
 
@@ -689,8 +692,14 @@ def _ig_cases() -> list[Case]:
         Case("1 step, batch of one", (model, sae, tokens[:1], HOOK, _logit_diff(4, 2), 1)),
         Case(
             "4 steps, SAE at blocks.1.hook_resid_post",
-            (model, tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3), tokens,
-             "blocks.1.hook_resid_post", _logit_diff(3, 9), 4),
+            (
+                model,
+                tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3),
+                tokens,
+                "blocks.1.hook_resid_post",
+                _logit_diff(3, 9),
+                4,
+            ),
         ),  # fmt: skip
     ]
 
