@@ -153,6 +153,21 @@ def _changes_by_unique(model, x0, x1, n_steps):
     return torch.tensor(out)
 
 
+def _changes_raw_layers(model, x0, x1, n_steps):
+    """Correct, as the notebook writes it: its own codes from the raw layers (no dtype casting),
+    with a float32 t that promotes to float64 inputs."""
+    t = torch.linspace(0, 1, n_steps + 1)
+    h = (x0[:, None, :] + t[None, :, None] * (x1 - x0)[:, None, :]).reshape(-1, x0.shape[1])
+    codes = []
+    with torch.no_grad():
+        for layer in P.linear_layers(model)[:-1]:
+            z = layer(h)
+            codes.append(z > 0)
+            h = torch.relu(z)
+    codes = torch.cat(codes, -1).view(x0.shape[0], n_steps + 1, -1)
+    return (codes[:, 1:] != codes[:, :-1]).any(-1).sum(-1)
+
+
 def _changes_loop(model, x0, x1, n_steps):
     out = []
     for a, b in zip(x0, x1, strict=False):
@@ -230,7 +245,7 @@ CORRECT = {
     check.layer_codes: [_codes_by_forward_hooks, _codes_from_activations],
     check.spline_code: [_spline_by_hooks, _spline_from_activations],
     check.local_affine_map: [_affine_by_jacobian, _affine_by_masked_weights],
-    check.code_changes_along_path: [_changes_by_unique, _changes_loop],
+    check.code_changes_along_path: [_changes_by_unique, _changes_loop, _changes_raw_layers],
     check.hyperplane_crossings: [_crossings_loop, _crossings_where],
     check.cluster_purity: [_purity_loop, _purity_sklearn],
     check.arrangement_bound: [_bound_recursive, _bound_pascal_row],

@@ -551,7 +551,15 @@ def _path_cases() -> list[Case]:
         Case("2-8-8-8-2 fine", (deep, _x(4, 2, 14, 3.0), _x(4, 2, 15, 3.0), 1000)),
         Case("64-d batch of one", (digits_like, _x(1, 64, 16), _x(1, 64, 17), 300)),
         Case("one step", (wide, _x(5, 2, 18), _x(5, 2, 19), 1)),
-        Case("float64", (deep.double(), _x(4, 2, 20, 3.0).double(), _x(4, 2, 21, 3.0).double(), 500)),
+        Case(
+            "float64",
+            (
+                _net([2, 8, 8, 8, 2], 1, bias_scale=2.0).double(),
+                _x(4, 2, 20, 3.0).double(),
+                _x(4, 2, 21, 3.0).double(),
+                500,
+            ),
+        ),
     ]
 
 
