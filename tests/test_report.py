@@ -208,7 +208,7 @@ def test_report_html_renders_in_chromium(runs):
         assert page.locator("h2").count() == 3  # two chapters, one error table
         failed = page.locator("td.failed", has_text="squared norms")  # bob's 0.2
         assert failed.count() == 1 and failed.first.is_visible()
-        assert page.locator("td.failed").count() == 1 + 5  # and dave's five cut-off exercises
+        assert page.locator("td.failed").count() == 1 + 7  # and dave's seven cut-off exercises
         colour = failed.first.evaluate("e => getComputedStyle(e).backgroundColor")
         assert colour == "rgb(255, 235, 233)"  # the inline CSS applied
         assert page.locator("td.passed").count() == 3 + 2
