@@ -315,7 +315,9 @@ WRONG = {
         _interaction_M_MT,
         CHECKS[1][3],
         # asymmetric: only the lower triangle symmetrised (issue 26)
-        lambda B, u: (lambda M: torch.tril(M) + torch.tril(M, -1).T)(torch.einsum("o,oij->ij", u, B)),
+        lambda B, u: (lambda M: torch.tril(M) + torch.tril(M, -1).T)(
+            torch.einsum("o,oij->ij", u, B)
+        ),
     ],  # fmt: skip
     check.eigen_decompose: [
         _eig_abs_ascending,
@@ -598,4 +600,23 @@ def test_tiny_build_reproduces_its_own_loss(tmp_path):
         assert abs(model_loss(loaded, windows) - a["validation_loss"]) < 1e-6
         assert [s for s, _ in a["checkpoints"]] == [1, 2]
     rows = blm.read_dose_response(tmp_path / "a")
-    assert {r["model"] for r in rows} >= set(blm.KINDS) and any("bigram" in r["model"] for r in rows)
+    assert {r["model"] for r in rows} >= set(blm.KINDS) and any(
+        "bigram" in r["model"] for r in rows
+    )
+
+
+def test_shipped_bilinear_saes_load_and_name_the_rebuild_command(tmp_path):
+    sae = blm.load_bilinear_sae("sae-mlp-out")
+    assert sae.W_enc.shape == (128, blm.BilinearSAEConfig().d_sae)
+    with pytest.raises(ValueError, match="sae-mlp-out"):
+        blm.load_bilinear_sae("sae-mlp-in")
+    with pytest.raises(FileNotFoundError, match="--saes-only"):
+        blm.load_bilinear_sae("sae-mlp-out", tmp_path)
+
+
+def test_dose_response_table_has_both_models_at_every_checkpoint():
+    rows = blm.read_dose_response()
+    steps = {int(r["step"]) for r in rows if r["step"] is not None}
+    for kind in blm.KINDS:
+        assert {int(r["step"]) for r in rows if r["model"] == kind} == steps
+    assert any(r["model"].startswith("bigram") for r in rows)

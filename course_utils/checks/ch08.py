@@ -106,7 +106,9 @@ def _tensor_cases() -> list[Case]:
         Case("W1 = W2 (a squaring layer)", (W1, W1.clone(), P)),
         Case("P = 0", (W1, W2, torch.zeros(3, 5))),
         # square: a transposed weight gives numbers, not a shape error
-        Case("d_in = d_hidden = d_out = 4", tuple(torch.randn(4, 4, generator=g) for _ in range(3))),
+        Case(
+            "d_in = d_hidden = d_out = 4", tuple(torch.randn(4, 4, generator=g) for _ in range(3))
+        ),
         Case("float64 weights", (W1.double(), W2.double(), P.double())),
     ]
 

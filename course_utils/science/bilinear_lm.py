@@ -230,11 +230,18 @@ def load_bilinear_lm(kind: str = "bilinear", directory: Path | None = None) -> H
 
 
 def files_sha256(directory: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, str]:
-    return {
-        f"{kind}/{name}": cm.sha256_file(Path(directory) / kind / name)
+    """SHA-256 of each model's files and of the SAE folders' files (those present)."""
+    directory = Path(directory)
+    out = {
+        f"{kind}/{name}": cm.sha256_file(directory / kind / name)
         for kind in kinds
         for name in (cm.CONFIG_FILE, cm.WEIGHTS_FILE)
     }
+    for name in SAE_SITES:
+        if (directory / name).is_dir():
+            for f in sorted((directory / name).iterdir()):
+                out[f"{name}/{f.name}"] = cm.sha256_file(f)
+    return out
 
 
 def read_metadata(directory: Path | None = None) -> dict:
@@ -256,9 +263,13 @@ def validation_windows(model: HookedTransformer, limit: int | None = None) -> Te
 
 
 def _optimizer(model: HookedTransformer, config: BilinearLMConfig) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "W_" in n]
+    decay = [
+        p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "W_" in n
+    ]
     no_decay = [
-        p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "W_" in n)
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and not (p.ndim >= 2 and "W_" in n)
     ]
     return torch.optim.AdamW(
         [
@@ -373,7 +384,10 @@ def read_dose_response(directory: Path | None = None) -> list[dict]:
     with path.open() as f:
         for row in csv.DictReader(f):
             rows.append(
-                {k: (v if k == "model" else (float(v) if v != "" else None)) for k, v in row.items()}
+                {
+                    k: (v if k == "model" else (float(v) if v != "" else None))
+                    for k, v in row.items()
+                }
             )
     return rows
 
@@ -508,3 +522,90 @@ def explained_by_top_k(
     full = terms.sum(-1)
     var = full.var(unbiased=False).clamp_min(1e-30)
     return {k: 1 - ((full - terms[:, :k].sum(-1)).pow(2).mean() / var).item() for k in ks}
+
+
+# ----------------------------------------------------------------------------- dictionaries
+
+#: The two SAEs on the bilinear model (issue 26): an OUTPUT dictionary on what the MLP writes
+#: (its encoder rows are output directions u, as Pearce et al. section 3.1 use them) and an INPUT
+#: dictionary on the residual stream the MLP reads (before ln2), to name eigenvectors by features.
+SAE_SITES = {"sae-mlp-out": "blocks.0.hook_mlp_out", "sae-resid-mid": "blocks.0.hook_resid_mid"}
+REBUILD_SAES_COMMAND = "python -m course_utils.assets build-bilinear-lm --saes-only"
+
+
+@dataclass
+class BilinearSAEConfig:
+    """TopK SAEs (SAELens format) on the shipped bilinear model; activations from train windows."""
+
+    d_sae: int = 512
+    k: int = 8  # k / d_model = 1/16, about Pearce et al.'s 30 / 512
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 3e-3
+    windows: int = 512  # train windows of 128 tokens whose activations are sampled
+    seed: int = 0
+    threads: int = 1
+
+
+@torch.no_grad()
+def _site_activations(model: HookedTransformer, windows: Tensor, hook: str) -> Tensor:
+    rows = []
+    for start in range(0, len(windows), 32):
+        _, cache = model.run_with_cache(windows[start : start + 32], names_filter=hook)
+        rows.append(cache[hook][:, 1:].flatten(0, 1))  # skip the BOS position
+    return torch.cat(rows)
+
+
+def build_saes(config: BilinearSAEConfig, out_dir: Path, log=print) -> dict:
+    """Train one TopK SAE per site in ``SAE_SITES`` on the bilinear model in ``out_dir`` and write
+    them as SAELens folders ``out_dir/<name>/``; records go into ``metadata.json["saes"]``."""
+    from course_utils.science import saes as S
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.sae_eval import train_dictionary
+    from course_utils.science.saelens_io import export_sae
+
+    torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    model = load_bilinear_lm("bilinear", out_dir)
+    train = corpus_windows(model, "train")
+    g = torch.Generator().manual_seed(config.seed)
+    windows = train[torch.randperm(len(train), generator=g)[: config.windows]]
+    heldout = validation_windows(model, 64)
+    records = {}
+    for name, hook in SAE_SITES.items():
+        t0 = time.perf_counter()
+        acts = _site_activations(model, windows, hook)
+        order = torch.randint(0, len(acts), (config.steps, config.batch_size), generator=g)
+        sae = S.TopKSAE(model.cfg.d_model, config.d_sae, k=config.k, seed=config.seed)
+        stats = train_dictionary(sae, [acts[i] for i in order], lr=config.lr)
+        export_sae(sae, out_dir / name, hook_name=hook, model_name="bilinear-1l", model=model)
+        val = _site_activations(model, heldout, hook)
+        with torch.no_grad():
+            recon = sae(val)[1][:, 0]  # (acts, x_hat), one instance
+        fvu = ((val - recon).pow(2).sum() / (val - val.mean(0)).pow(2).sum()).item()
+        records[name] = {
+            "hook_name": hook,
+            "d_sae": config.d_sae,
+            "k": config.k,
+            "train_positions": int(len(acts)),
+            "heldout_fvu": fvu,
+            "dead": int(stats["dead"].sum()),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        log(f"{name} ({hook}): held-out FVU {fvu:.3f}, dead {records[name]['dead']}")
+    meta_path = out_dir / METADATA_FILE
+    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    metadata["saes"] = {"build_config": asdict(config), "dictionaries": records}
+    metadata["files_sha256"] = files_sha256(out_dir, tuple(metadata.get("models", KINDS)))
+    meta_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    return records
+
+
+def load_bilinear_sae(name: str = "sae-mlp-out", directory: Path | None = None):
+    """One of the shipped SAELens dictionaries of the bilinear model (``SAE_SITES``)."""
+    from course_utils.science.models import load_sae_folder
+
+    if name not in SAE_SITES:
+        raise ValueError(f"name must be one of {tuple(SAE_SITES)}, got {name!r}.")
+    folder = (asset_dir() if directory is None else Path(directory)) / name
+    return load_sae_folder(folder, rebuild=REBUILD_SAES_COMMAND)
