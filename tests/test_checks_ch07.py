@@ -374,3 +374,24 @@ def test_loss_check_rejects_a_detached_loss():
 
     status, message = outcome(check.clt_loss, detached)
     assert status == "failed" and "differentiable" in message
+
+
+def test_row_check_names_the_node_and_the_second_prompt():
+    """A mismatch names the node where the row differs most; a crash that happens only on the
+    second prompt (a notebook global standing in for an argument) says so, instead of a bare
+    traceback."""
+    n_pos = check._default_setup()[2].n_pos
+
+    def crashes_elsewhere(model, clt, graph, target):
+        if graph.n_pos != n_pos:  # what `tokens` from the notebook does on another prompt
+            return torch.zeros(n_pos) + torch.zeros(graph.n_pos)
+        return AG.attribution_row(model, clt, graph, target)
+
+    status, message = outcome(check.attribution_row, crashes_elsewhere)
+    assert status == "failed" and "another prompt" in message and "globals" in message
+
+    def errors_pos_major(model, clt, graph, target):
+        return check._row_variant(model, clt, graph, target, errors_layer_major=False)
+
+    status, message = outcome(check.attribution_row, errors_pos_major)
+    assert status == "failed" and "layer-major" in message and "the error of layer" in message

@@ -9,7 +9,14 @@ import functools
 
 import torch
 
-from course_utils.checks.core import Case, Mistake, compare_function, exercise, mismatch
+from course_utils.checks.core import (
+    Case,
+    CheckFailed,
+    Mistake,
+    compare_function,
+    exercise,
+    mismatch,
+)
 from course_utils.science import attribution_graphs as AG
 from course_utils.science import clt as CLT
 
@@ -310,12 +317,14 @@ def _row_variant(
     *,
     freeze_attention=True,
     freeze_layernorm=True,
+    freeze_ln_final=True,
     leaf_mlp=True,
     demean=True,
     activation=True,
     all_decoders=True,
     sources=("features", "errors", "embeddings"),
     sign=1.0,
+    errors_layer_major=True,
 ):
     """``AG.attribution_row`` with one step done wrong: the known mistakes of exercise 3.2."""
     s = graph.slices()
@@ -353,7 +362,7 @@ def _row_variant(
                 )
         hooks.append((f"blocks.{i}.hook_mlp_out", const(leaves[i]) if leaf_mlp else keep_live))
         hooks.append((f"blocks.{i}.ln2.hook_normalized", save))
-    if freeze_layernorm:
+    if freeze_layernorm and freeze_ln_final:
         hooks.append(("ln_final.hook_scale", const(cache["ln_final.hook_scale"])))
     logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
     if graph.node_kind(target) == "feature":
@@ -380,7 +389,8 @@ def _row_variant(
                 a = graph.activations[nodes] if activation else 1.0
                 row[nodes] = a * (dec * at).sum((-1, -2))
         if "errors" in sources:
-            row[s["errors"]] = (graph.errors * g_mlp).sum(-1).flatten()
+            errors = (graph.errors * g_mlp).sum(-1)  # [n_layers, n_pos]
+            row[s["errors"]] = (errors if errors_layer_major else errors.T).flatten()
         if "embeddings" in sources:
             row[s["embeddings"]] = (cache["blocks.0.hook_resid_pre"][0] * g_embed).sum(-1)
     return sign * row
@@ -401,6 +411,18 @@ ROW_MISTAKES = [
         "every block and `ln_final`) that returns the cached value. A live scale divides by the "
         "residual's norm, which depends on every source, so the gradient is not the local "
         "replacement model's.",
+    ),
+    Mistake(
+        "ln_final left live",
+        _variant(freeze_ln_final=False),
+        "only the logit rows differ: freeze `ln_final.hook_scale` too (a hook that returns the "
+        "cached scale). Feature targets never pass through the final LayerNorm; logits do.",
+    ),
+    Mistake(
+        "error nodes in position-major order",
+        _variant(errors_layer_major=False),
+        "error nodes are layer-major: error (l, pos) is node slices()['errors'].start + "
+        "l * n_pos + pos, the order of graph.errors.flatten(0, 1).",
     ),
     Mistake(
         "attention left live",
@@ -499,13 +521,36 @@ def _row_targets(graph: AG.Graph) -> dict[str, int]:
     return out
 
 
-def _row_compare(expected, actual):
-    if isinstance(actual, torch.Tensor) and actual.requires_grad:
-        return (
-            "your row still requires grad: return it detached (compute the dot products under "
-            "torch.no_grad(), or call .detach())"
-        )
-    return mismatch(expected, actual, atol=1e-4, rtol=1e-3)
+def _row_compare_for(graph: AG.Graph):
+    """Compare rows; a mismatch names the node where the difference is largest (which kind, which
+    layer and position), since a bare index into a row of ~1,700 nodes tells a learner nothing."""
+
+    def compare(expected, actual):
+        if isinstance(actual, torch.Tensor) and actual.requires_grad:
+            return (
+                "your row still requires grad: return it detached (compute the dot products under "
+                "torch.no_grad(), or call .detach())"
+            )
+        problem = mismatch(expected, actual, atol=1e-4, rtol=1e-3)
+        if problem and isinstance(actual, torch.Tensor) and actual.shape == expected.shape:
+            node = int((actual.double() - expected.double()).abs().nan_to_num(float("inf")).argmax())
+            problem += f" (largest difference at {_node_name(graph, node)})"
+        return problem
+
+    return compare
+
+
+def _node_name(graph: AG.Graph, node: int) -> str:
+    kind, s = graph.node_kind(node), graph.slices()
+    if kind == "feature":
+        layer, pos, feature = graph.active[node].tolist()
+        return f"node {node}: feature {feature} of layer {layer} at position {pos}"
+    if kind == "error":
+        layer, pos = divmod(node - s["errors"].start, graph.n_pos)
+        return f"node {node}: the error of layer {layer} at position {pos}"
+    if kind == "embedding":
+        return f"node {node}: the embedding at position {node - s['embeddings'].start}"
+    return f"node {node}: a logit"
 
 
 @exercise("3.2", "attribution_row")
@@ -529,7 +574,7 @@ def attribution_row(learner, model=None, clt=None, graph=None) -> str:
         attribution_row,
         cases,
         ROW_MISTAKES,
-        compare=_row_compare,
+        compare=_row_compare_for(graph),
     )
     plt = _plt_pair()
     other = _other_graph(model, plt)
@@ -541,7 +586,19 @@ def attribution_row(learner, model=None, clt=None, graph=None) -> str:
         for name, t in _row_targets(other).items()
         if name != "layer-0 feature"
     ]
-    compare_function(learner, AG.attribution_row, others, ROW_MISTAKES, compare=_row_compare)
+    try:
+        compare_function(
+            learner, AG.attribution_row, others, ROW_MISTAKES, compare=_row_compare_for(other)
+        )
+    except (CheckFailed, NotImplementedError):
+        raise
+    except Exception as error:  # a crash only on the second prompt: globals stood in for arguments
+        raise CheckFailed(
+            f"the chapter's prompt passed, but on another prompt ({other.n_pos} tokens, chapter "
+            f"05's per-layer transcoders as `clt`) your function raised {type(error).__name__}: "
+            f"{error}. Hint: use the arguments (`graph.tokens`, `clt`, `model`), not the "
+            "notebook's globals such as `tokens` or `graph`."
+        ) from None
     return (
         summary.replace("matches the reference", "matches graph.adjacency")
         + f"; and {len(others)} rows of another prompt's graph with another dictionary"
