@@ -234,7 +234,32 @@ def _scores_dense(graph, node_mask=None):
     return {"replacement": float(tok / (tok + er)), "completeness": float(comp)}
 
 
+def _effect_propagate(A, a, c, members):
+    """Push the members' change through the graph, one layer of edges at a time, in float64."""
+    A, a, c = A.detach().double(), a.detach().double(), c.detach().double()
+    m = torch.as_tensor(members, dtype=torch.long)
+    delta = torch.zeros_like(a)
+    delta[m] = -a[m]
+    clamped = torch.zeros(len(a), dtype=torch.bool)
+    clamped[m] = True
+    for _ in range(len(a)):
+        new = (A / a[None, :]) @ delta  # change of each pre-activation (edges scale with a_s)
+        delta = torch.where(clamped, delta, new)
+    return ((c / a) * delta).sum().to(c.dtype)
+
+
+def _effect_inverse(A, a, c, members):
+    with torch.no_grad():
+        m = list(torch.as_tensor(members).tolist())
+        keep = torch.ones(len(a))
+        keep[m] = 0.0
+        R = keep[:, None].to(A.dtype) * A / a[:, None]
+        T = c.double() @ torch.linalg.inv(torch.eye(len(a), dtype=torch.float64) - R.double())
+        return -T[m].sum().to(c.dtype)
+
+
 CORRECT = {
+    check.supernode_effect: [_effect_propagate, _effect_inverse],
     check.clt_forward: [_fwd_loop, _fwd_einsum],
     check.clt_loss: [_loss_explicit, _loss_loop],
     check.feature_edges: [_edges_loop, _edges_flat],
@@ -327,7 +352,27 @@ def _final_ln_live_logit(model, clt, graph, target):
     return row
 
 
+def _effect_not_rescaled(A, a, c, members):
+    m = torch.as_tensor(members)
+    R = A.detach().clone()  # forgot to divide by the target's activation: R = A
+    R[m] = 0.0
+    T = torch.linalg.solve((torch.eye(len(a), dtype=R.dtype) - R).T, c.detach())
+    return -T[m].sum()
+
+
+def _effect_attached(A, a, c, members):
+    m = torch.as_tensor(members)
+    R = (A / a[:, None]).clone()
+    R[m] = 0.0
+    return -torch.linalg.solve((torch.eye(len(a), dtype=R.dtype) - R).T, c)[m].sum()
+
+
+def _effect_abs_of_result(A, a, c, members):
+    return AG.supernode_effect(A, a, c, members).abs()  # a size, not a signed change
+
+
 WRONG = {
+    check.supernode_effect: [_effect_not_rescaled, _effect_attached, _effect_abs_of_result],
     check.indirect_influence: [_infl_first_order_only, _infl_includes_identity],
     check.normalise_adjacency: [_norm_no_abs],
     check.prune_nodes: [_prune_keeps_everything, _prune_drops_ties],
@@ -360,6 +405,8 @@ CHECKS = [
      lambda A: torch.linalg.matrix_exp(A) - torch.eye(len(A))),
     (check.prune_nodes, AG.prune_nodes, check.PRUNE_MISTAKES,
      lambda influence, is_feature, threshold: ~is_feature | (influence > influence.median())),
+    (check.supernode_effect, AG.supernode_effect, check.EFFECT_MISTAKES,
+     lambda A, a, c, members: AG.supernode_effect(A, a, c, members) * 0.9),
     (check.graph_scores, AG.graph_scores, check.SCORE_MISTAKES,
      lambda graph, node_mask=None: {"replacement": 1.0, "completeness": 1.0}),
 ]  # fmt: skip

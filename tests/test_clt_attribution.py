@@ -261,3 +261,24 @@ def test_edge_pruning_recomputes_influence_on_the_pruned_graph(graph):
     assert full_mask.any() and not (full_mask & (pruned == 0)).any()
     with pytest.raises(ValueError, match="edge_influence"):
         AG.prune_graph(graph, 0.8, 0.9, edge_influence="sometimes")
+
+
+def test_supernode_effect_single_member_and_disjoint_groups():
+    g = torch.Generator().manual_seed(0)
+    n0, n = 3, 6
+    a = torch.rand(n, generator=g) + 0.5
+    A = torch.zeros(n, n)
+    A[n0:, :n0] = torch.randn(n - n0, n0, generator=g) * a[:n0]
+    c = torch.randn(n, generator=g)
+    T = AG.total_effect(A, a, c)
+    for s in range(n):  # one member: minus its total effect
+        assert torch.allclose(AG.supernode_effect(A, a, c, [s]), -T[s], atol=1e-6)
+    # members with no path between them (all in layer 0): the joint effect is the sum
+    assert torch.allclose(AG.supernode_effect(A, a, c, [0, 1, 2]), -T[:3].sum(), atol=1e-6)
+    # a layer-0 member and a layer-1 member it feeds: the path is counted once
+    joint = AG.supernode_effect(A, a, c, [0, 3])
+    assert torch.allclose(joint, -(c[0] + c[3] + (A[4:, 0] / a[4:] * c[4:]).sum()), atol=1e-6)
+    with pytest.raises(ValueError, match="feature block"):
+        AG.supernode_effect(A[:, :2], a, c, [0])
+    with pytest.raises(ValueError, match="positive"):
+        AG.total_effect(A, torch.zeros(n), c)

@@ -892,3 +892,116 @@ def _score_cases() -> list[Case]:
 @exercise("4.4", "graph_scores")
 def graph_scores(learner) -> str:
     return compare_function(learner, AG.graph_scores, _score_cases(), SCORE_MISTAKES, atol=1e-5)
+
+
+# ---------------------------------------------------------------- 7.1 supernode effect
+
+
+def _layered(seed: int, n0: int, n1: int, dtype=torch.float32):
+    """A random two-layer feature graph: activations a > 0, the feature block A [target, source]
+    (layer-0 features feed layer-1 features; each edge scales with its source's activation) and
+    signed direct edges c into the target."""
+    g = _g(seed)
+    n = n0 + n1
+    a = torch.rand(n, generator=g) * 2 + 0.5
+    w = torch.randn(n, n, generator=g) * 0.4
+    A = torch.zeros(n, n)
+    A[n0:, :n0] = w[n0:, :n0] * a[:n0]
+    c = torch.randn(n, generator=g) * 0.5
+    return A.to(dtype), a.to(dtype), c.to(dtype)
+
+
+def _effect_case(name: str, seed: int, n0: int, n1: int, members, dtype=torch.float32,
+                 grad: bool = False) -> Case:  # fmt: skip
+    A, a, c = _layered(seed, n0, n1, dtype)
+    if grad:
+        c = c.clone().requires_grad_(True)
+    return Case(name, (A, a, c, members))
+
+
+def _effect_cases() -> list[Case]:
+    return [
+        _effect_case("layer-0 and layer-1 members joined by edges, both signs", 0, 4, 3, [0, 2, 4, 5]),
+        _effect_case("one member", 1, 3, 3, [1]),
+        _effect_case("members given as a tensor, float64", 2, 5, 4,
+                     torch.tensor([1, 3, 4, 7]), dtype=torch.float64),
+        _effect_case("direct edges that require grad", 3, 4, 4, [0, 2, 5], grad=True),
+        _effect_case("layer-1 members only", 4, 3, 4, [3, 5]),
+    ]  # fmt: skip
+
+
+def _effect_compare(expected, actual):
+    if isinstance(actual, torch.Tensor) and actual.requires_grad:
+        return (
+            "your function returned a tensor that still requires grad (attached to the autograd "
+            "graph of its inputs). Return a detached 0-d tensor (`.detach()`, or compute under "
+            "`torch.no_grad()`)"
+        )
+    return mismatch(expected, actual, 1e-5, 1e-4)
+
+
+def _effects_of(A, a, c, divide_by_source=False, clear=None):
+    A, a, c = A.detach(), a.detach(), c.detach()
+    R = A / (a[None, :] if divide_by_source else a[:, None])
+    if clear is not None:
+        R[clear] = 0.0
+    return torch.linalg.solve((torch.eye(len(a), dtype=R.dtype) - R).T, c)
+
+
+def _effect_sum_of_singles(A, a, c, members):
+    return -_effects_of(A, a, c)[torch.as_tensor(members)].sum()
+
+
+def _effect_direct_only(A, a, c, members):
+    return -c.detach()[torch.as_tensor(members)].sum()
+
+
+def _effect_unsigned(A, a, c, members):
+    m = torch.as_tensor(members)
+    return -_effects_of(A.abs(), a, c.abs(), clear=m)[m].sum()
+
+
+def _effect_excitatory_only(A, a, c, members):
+    m = torch.as_tensor(members)
+    effect = _effects_of(A, a, c, clear=m)[m]
+    return -effect[effect > 0].sum()
+
+
+def _effect_source_activation(A, a, c, members):
+    m = torch.as_tensor(members)
+    return -_effects_of(A, a, c, divide_by_source=True, clear=m)[m].sum()
+
+
+def _effect_not_negated(A, a, c, members):
+    m = torch.as_tensor(members)
+    return _effects_of(A, a, c, clear=m)[m].sum()
+
+
+EFFECT_MISTAKES = [
+    Mistake("sum of single-feature effects", _effect_sum_of_singles,
+            "ablating a group is not the sum of ablating each member: a path s -> t with both in "
+            "the group is counted twice. Set the members' rows of R to zero before solving (an "
+            "ablated feature no longer responds to its inputs)."),
+    Mistake("direct edges only", _effect_direct_only,
+            "a feature also acts through later features: solve T = c (I - R)^-1, not just c."),
+    Mistake("unsigned", _effect_unsigned,
+            "keep the signs: influence is unsigned, an effect is not. Inhibitory edges and features "
+            "(negative A or c) lower the target."),
+    Mistake("inhibitory members dropped", _effect_excitatory_only,
+            "every member is ablated, including those whose effect is negative (inhibitory "
+            "features): sum over all members."),
+    Mistake("divided by the source's activation", _effect_source_activation,
+            "R[t, s] = A[t, s] / a_t: the TARGET's activation, since t's own effect scales with "
+            "a_t (divide row t, `A / a[:, None]`)."),
+    Mistake("sign of the change", _effect_not_negated,
+            "an ablation removes the members' effect: the change is -sum_s T^G_s."),
+]  # fmt: skip
+
+
+@exercise("7.1", "supernode_effect")
+def supernode_effect(learner) -> str:
+    return (
+        compare_function(learner, AG.supernode_effect, _effect_cases(), EFFECT_MISTAKES,
+                         compare=_effect_compare)
+        + "; output detached"
+    )  # fmt: skip

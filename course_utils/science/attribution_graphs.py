@@ -661,6 +661,63 @@ def demeaned(logits_last: Tensor, token_ids: Tensor) -> Tensor:
     return logits_last[token_ids] - logits_last.mean()
 
 
+# ----------------------------------------------------------------------------- signed effects
+
+
+def _effect_inputs(feature_adjacency, activations, direct):
+    A, a, c = (torch.as_tensor(t).detach() for t in (feature_adjacency, activations, direct))
+    n = len(a)
+    if A.shape != (n, n) or c.shape != (n,):
+        raise ValueError(
+            f"feature_adjacency must be [n, n] and direct [n] for n = {n} activations; got "
+            f"{tuple(A.shape)} and {tuple(c.shape)}: pass the feature block graph.adjacency[:nf, :nf]."
+        )
+    if (a <= 0).any():
+        raise ValueError("activations must be positive: pass the graph's active features only.")
+    return A, a, c
+
+
+@torch.no_grad()
+def total_effect(
+    feature_adjacency: Float[Tensor, "f f"],
+    activations: Float[Tensor, " f"],
+    direct: Float[Tensor, " f"],
+) -> Float[Tensor, " f"]:
+    """Signed total effect of each feature on a target (a logit or a contrast of logits), in units
+    of the target: ``T = c (I - R)^-1`` with ``R[t, s] = A[t, s] / a_t``.
+
+    ``A`` is the feature block of the adjacency ([target, source]), ``a`` the activations and
+    ``c`` the features' direct edges into the target. A feature's edges scale with its activation,
+    so a change of t's pre-activation by ``A[t, s]`` (when s is removed) moves t's output by
+    ``A[t, s] / a_t`` of its own effect, as long as t stays active. ``-T[s]`` is the graph's
+    prediction for ablating s alone; unlike influence, T keeps the sign."""
+    A, a, c = _effect_inputs(feature_adjacency, activations, direct)
+    R = A / a[:, None]
+    eye = torch.eye(len(a), dtype=R.dtype)
+    return torch.linalg.solve((eye - R).T, c)
+
+
+@torch.no_grad()
+def supernode_effect(
+    feature_adjacency: Float[Tensor, "f f"],
+    activations: Float[Tensor, " f"],
+    direct: Float[Tensor, " f"],
+    members,
+) -> Float[Tensor, ""]:
+    """The graph's prediction for the change of the target when every feature in ``members``
+    (indices into the active features) is zero-ablated at once: ``-sum_{s in G} T^G_s``, where
+    T^G is :func:`total_effect` with the members' rows of R set to zero (an ablated feature no
+    longer responds to its inputs), so a path through two members is counted once. A 0-d tensor,
+    detached."""
+    A, a, c = _effect_inputs(feature_adjacency, activations, direct)
+    index = torch.as_tensor(members, dtype=torch.long)
+    R = A / a[:, None]
+    R[index] = 0.0
+    eye = torch.eye(len(a), dtype=R.dtype)
+    T = torch.linalg.solve((eye - R).T, c)
+    return -T[index].sum()
+
+
 # ----------------------------------------------------------------------------- labels and view
 
 
