@@ -56,8 +56,7 @@ RESULT_KEYS: dict[str, tuple[str, str]] = {
     "sensitivity": ("fraction of proxy tokens where the feature fires", "Step 3"),
     "ablation": ("mean change in log p(next token) where the feature fires, ablated", "Step 4"),
     "top_logit_tokens": (
-        "the 10 token ids with the largest logit weight (decoder rows through "
-        "FA.residual_decoder)",
+        "the 10 token ids with the largest logit weight (decoder rows through FA.residual_decoder)",
         "Step 4",
     ),
     "neuron": ("the most correlated neuron at NEURON_HOOK", "Step 5"),

@@ -18,7 +18,6 @@ criteria's references are chapter 03's (:func:`~course_utils.science.lm_saes.spe
 
 from __future__ import annotations
 
-
 import json
 import re
 from collections.abc import Iterable, Sequence
