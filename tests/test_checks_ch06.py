@@ -57,6 +57,11 @@ def _atp_gradient_wrt_activation(model, sae, tokens, hook_name, metric):
     return f, -(store["a"].grad @ sae.W_dec.T) * 0.5
 
 
+def _cc_global_hook(model, sae, clean, corrupt, hook_name, metric):
+    """Ignores its hook_name argument in favour of the notebook's global HOOK."""
+    return I.clean_corrupt_attribution(model, sae, clean, corrupt, check.HOOK, metric)
+
+
 def _ig_midpoints(model, sae, tokens, hook_name, metric, steps=10):
     return check._ig_general(model, sae, tokens, hook_name, metric, steps, shift=0.5)
 
@@ -84,6 +89,12 @@ CHECKS = [
         _atp_gradient_wrt_activation,
     ),
     (check.integrated_gradients, I.integrated_gradients, check.IG_MISTAKES, _ig_midpoints),
+    (
+        check.clean_corrupt_attribution,
+        I.clean_corrupt_attribution,
+        check.CC_MISTAKES,
+        _cc_global_hook,
+    ),
 ]
 
 # ---------------------------------------------------------------- other correct answers
@@ -137,7 +148,7 @@ def _steer_with_cat(model, tokens, hook_name, direction, coeff):
 
 def _md_with_weights(acts, positive):
     acts = acts.reshape(-1, acts.shape[-1])
-    w = positive.flatten().float()
+    w = positive.flatten().to(acts.dtype)
     return (w @ acts) / w.sum() - ((1 - w) @ acts) / (1 - w).sum()
 
 
@@ -157,7 +168,7 @@ def _atp_autograd_grad(model, sae, tokens, hook_name, metric):
 
 def _ig_batched(model, sae, tokens, hook_name, metric, steps=10):
     """All alphas in one batch: the prompts repeated `steps` times."""
-    alphas = torch.arange(steps, dtype=torch.float32) / steps
+    alphas = 1 - torch.arange(steps, dtype=torch.float32) / steps
     big = tokens.repeat(steps, 1)
     scale = alphas.repeat_interleave(len(tokens))[:, None, None]
     store = {}
@@ -268,8 +279,41 @@ def _ig_at_alphas(model, sae, tokens, hook_name, metric, alphas):
 
 
 def _ig_linspace_autograd(model, sae, tokens, hook_name, metric, steps=10):
-    alphas = torch.linspace(0, 1, steps + 1)[:-1].tolist()
+    alphas = (1 - torch.linspace(0, 1, steps + 1)[:-1]).tolist()
     return _ig_at_alphas(model, sae, tokens, hook_name, metric, alphas)
+
+
+def _cc_chain_rule(model, sae, clean, corrupt, hook_name, metric):
+    """dm/df = dm/da @ W_dec.T on the corrupt run (the spliced output equals a, dec is affine)."""
+    store = {}
+
+    def grab(a, hook):
+        a = a.detach().requires_grad_(True)
+        store["a"] = a
+        return a
+
+    with torch.enable_grad():
+        metric(model.run_with_hooks(corrupt, fwd_hooks=[(hook_name, grab)])).sum().backward()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=hook_name)
+        diff = sae.encode(cache[hook_name]) - sae.encode(store["a"])
+        return diff * (store["a"].grad @ sae.W_dec.T)
+
+
+def _cc_autograd_grad(model, sae, clean, corrupt, hook_name, metric):
+    store = {}
+
+    def splice(a, hook):
+        f = sae.encode(a).detach().requires_grad_(True)
+        store["f"] = f
+        return a.detach() + sae.decode(f) - sae.decode(f).detach()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, splice)]):
+        model(clean)
+        f_clean = store["f"].detach()
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook_name, splice)]):
+        (grad,) = torch.autograd.grad(metric(model(corrupt)).sum(), store["f"])
+    return ((f_clean - store["f"]) * grad).detach()
 
 
 CORRECT = {
@@ -280,6 +324,7 @@ CORRECT = {
     check.mean_difference_vector: [_md_with_weights, _md_index_select],
     check.attribution_patching: [_atp_autograd_grad, _atp_chain_rule],
     check.integrated_gradients: [_ig_batched, _ig_linspace_autograd],
+    check.clean_corrupt_attribution: [_cc_chain_rule, _cc_autograd_grad],
 }
 
 
@@ -362,23 +407,113 @@ def _ig_hook_left(model, sae, tokens, hook_name, metric, steps=10):
     return out
 
 
+def _edit_ablate_to_value(acts, feature, mode, value=0.0):
+    return I.edit_feature(acts, feature, "clamp" if mode == "ablate" else mode, value)
+
+
+def _effect_global_hook(model, sae, tokens, hook_name, feature):
+    return I.ablation_effect(model, sae, tokens, check.HOOK, feature)
+
+
+def _atp_attached(model, sae, tokens, hook_name, metric):
+    f, attr = I.attribution_patching(model, sae, tokens, hook_name, metric)
+    return f.requires_grad_(True) * 1.0, attr
+
+
+def _ig_old_mirrored_grid(model, sae, tokens, hook_name, metric, steps=10):
+    """The grid this course used before issue 25: k / steps, the mirror image of Marks et al."""
+    return check._ig_general(model, sae, tokens, hook_name, metric, steps, shift=0)
+
+
+def _atp_global_hook(model, sae, tokens, hook_name, metric):
+    return I.attribution_patching(model, sae, tokens, check.HOOK, metric)
+
+
+def _steer_global_hook(model, tokens, hook_name, direction, coeff):
+    return I.run_with_steering(model, tokens, check.HOOK, direction, coeff)
+
+
+def _ig_global_hook(model, sae, tokens, hook_name, metric, steps=10):
+    return I.integrated_gradients(model, sae, tokens, check.HOOK, metric, steps)
+
+
+def _ig_attached(model, sae, tokens, hook_name, metric, steps=10):
+    return I.integrated_gradients(model, sae, tokens, hook_name, metric, steps).requires_grad_(True)
+
+
+def _cc_grad_on_clean(model, sae, clean, corrupt, hook_name, metric):
+    return check._cc_grad_on_clean(model, sae, clean, corrupt, hook_name, metric)
+
+
+def _cc_attached(model, sae, clean, corrupt, hook_name, metric):
+    out = I.clean_corrupt_attribution(model, sae, clean, corrupt, hook_name, metric)
+    return out.requires_grad_(True) * 1.0
+
+
+def _cc_corrupt_minus_clean(model, sae, clean, corrupt, hook_name, metric):
+    return -I.clean_corrupt_attribution(model, sae, clean, corrupt, hook_name, metric)
+
+
+def _cc_no_difference(model, sae, clean, corrupt, hook_name, metric):
+    return check._cc_grad_on(model, sae, corrupt, hook_name, metric)
+
+
 def _ig_linspace_both_ends(model, sae, tokens, hook_name, metric, steps=10):
-    alphas = torch.linspace(0, 1, steps).tolist()
+    alphas = torch.linspace(1, 0, steps).tolist()
     return _ig_at_alphas(model, sae, tokens, hook_name, metric, alphas)
 
 
 WRONG = {
-    check.edit_feature: [_edit_scale_everything, _edit_clamp_as_torch_clamp, _edit_in_place],
+    check.edit_feature: [
+        _edit_scale_everything,
+        _edit_clamp_as_torch_clamp,
+        _edit_in_place,
+        _edit_ablate_to_value,
+    ],
     check.run_with_feature_edit: [
         _splice_hook_left,
         _splice_edit_ignored,
         _splice_reconstruction_only_when_edited,
     ],  # fmt: skip
-    check.ablation_effect: [_effect_hook_left, _effect_next_feature, _effect_whole_loss],
-    check.run_with_steering: [_steer_hook_left, _steer_position_one_only, _steer_once_per_batch],
-    check.mean_difference_vector: [_md_medians, _md_positive_mean_only, _md_normalised],
-    check.attribution_patching: [_atp_hook_left, _atp_magnitude, _atp_gradient_wrt_activation],
-    check.integrated_gradients: [_ig_hook_left, _ig_linspace_both_ends, _ig_midpoints],
+    check.ablation_effect: [
+        _effect_hook_left,
+        _effect_next_feature,
+        _effect_whole_loss,
+        _effect_global_hook,
+    ],
+    check.run_with_steering: [
+        _steer_hook_left,
+        _steer_position_one_only,
+        _steer_once_per_batch,
+        _steer_global_hook,
+    ],
+    check.mean_difference_vector: [
+        _md_medians,
+        _md_positive_mean_only,
+        _md_normalised,
+    ],
+    check.attribution_patching: [
+        _atp_hook_left,
+        _atp_magnitude,
+        _atp_gradient_wrt_activation,
+        _atp_attached,
+        _atp_global_hook,
+    ],
+    check.integrated_gradients: [
+        _ig_hook_left,
+        _ig_linspace_both_ends,
+        _ig_midpoints,
+        _ig_old_mirrored_grid,
+        _ig_attached,
+        _ig_global_hook,
+    ],
+    check.clean_corrupt_attribution: [
+        _cc_grad_on_clean,
+        _cc_attached,
+        _cc_corrupt_minus_clean,
+        _cc_no_difference,
+        _cc_global_hook,
+    ],
 }
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 

@@ -68,6 +68,90 @@ def _edges_flat(grad_mlp_out, W_dec_s, activations, layer):
     return g @ (W_dec_s * activations[:, None, None]).flatten(1).T
 
 
+def _row_detach_hooks(model, clt, graph, target):
+    """circuit-tracer's arrangement: the forward pass stays the real model; patterns and scales are
+    detached (frozen for the backward pass only) and each MLP output is swapped for a detached copy
+    that requires grad, collected as it goes by."""
+    leaves = {}
+
+    def detach(value, hook):
+        return value.detach()
+
+    def leaf(value, hook):
+        leaves[hook.name] = value.detach().requires_grad_(True)
+        return leaves[hook.name]
+
+    ln2 = {}
+
+    def save(value, hook):
+        ln2[hook.layer()] = value
+        return value
+
+    L = model.cfg.n_layers
+    hooks = [("blocks.0.hook_resid_pre", leaf)]
+    for i in range(L):
+        hooks += [(f"blocks.{i}.attn.hook_pattern", detach), (f"blocks.{i}.ln1.hook_scale", detach),
+                  (f"blocks.{i}.ln2.hook_scale", detach), (f"blocks.{i}.hook_mlp_out", leaf),
+                  (f"blocks.{i}.ln2.hook_normalized", save)]  # fmt: skip
+    hooks.append(("ln_final.hook_scale", detach))
+    logits = model.run_with_hooks(graph.tokens[None], fwd_hooks=hooks)[0, -1]
+    s = graph.slices()
+    if target < graph.n_features:
+        layer, pos, feature = graph.active[target].tolist()
+        value = ln2[layer][0, pos] @ clt.W_enc[layer, :, feature]
+    else:
+        value = logits[graph.logit_tokens[target - s["logits"].start]] - logits.mean()
+    value.backward()
+    g_mlp = [leaves[f"blocks.{i}.hook_mlp_out"].grad for i in range(L)]
+    g_mlp = [torch.zeros_like(leaves["blocks.0.hook_resid_pre"]) if g is None else g for g in g_mlp]
+    g_mlp = torch.cat(g_mlp)  # [L, pos, d]
+    embed = leaves["blocks.0.hook_resid_pre"]
+    row = torch.zeros(graph.n_nodes)
+    for k, (layer, pos, feature) in enumerate(graph.active.tolist()):
+        out = check.feature_edges_reference(
+            g_mlp[:, pos][None], clt.W_dec[layer][feature][None].detach(),
+            graph.activations[k : k + 1], layer)  # fmt: skip
+        row[k] = out[0, 0]
+    row[s["errors"]] = torch.einsum("lpd,lpd->lp", graph.errors, g_mlp).reshape(-1)
+    row[s["embeddings"]] = (embed.grad[0] * embed[0]).sum(-1)
+    return row.detach()
+
+
+def _row_float64(model, clt, graph, target):
+    """The reference's hooks, but every dot product in float64 and a float64 row."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(graph.tokens[None])
+    L = model.cfg.n_layers
+    embed = cache["blocks.0.hook_resid_pre"].clone().requires_grad_(True)
+    mlp = [cache[f"blocks.{i}.hook_mlp_out"].clone().requires_grad_(True) for i in range(L)]
+    names = [f"blocks.{i}.{n}" for i in range(L)
+             for n in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale")]  # fmt: skip
+    hooks = [(n, lambda v, hook: cache[hook.name]) for n in names + ["ln_final.hook_scale"]]
+    hooks += [("blocks.0.hook_resid_pre", lambda v, hook: embed)]
+    hooks += [(f"blocks.{i}.hook_mlp_out", lambda v, hook: mlp[hook.layer()]) for i in range(L)]
+    normalized = {}
+    hooks += [(f"blocks.{i}.ln2.hook_normalized",
+               lambda v, hook: normalized.setdefault(hook.layer(), v)) for i in range(L)]  # fmt: skip
+    logits = model.run_with_hooks(graph.tokens[None], fwd_hooks=hooks)[0, -1]
+    s = graph.slices()
+    if graph.node_kind(target) == "feature":
+        layer, pos, feature = graph.active[target].tolist()
+        value = normalized[layer][0, pos] @ clt.W_enc[layer, :, feature]
+    else:
+        value = logits[graph.logit_tokens[target - s["logits"].start]] - logits.mean()
+    grads = torch.autograd.grad(value, [embed, *mlp], allow_unused=True)
+    grads = [torch.zeros_like(embed) if g is None else g for g in grads]
+    g_mlp = torch.cat(grads[1:]).double()
+    row = torch.zeros(graph.n_nodes, dtype=torch.float64)
+    with torch.no_grad():
+        for k, (layer, pos, feature) in enumerate(graph.active.tolist()):
+            dec = clt.W_dec[layer][feature].double()
+            row[k] = graph.activations[k].double() * (dec * g_mlp[layer:, pos]).sum()
+        row[s["errors"]] = (graph.errors.double() * g_mlp).sum(-1).flatten()
+        row[s["embeddings"]] = (embed[0].double() * grads[0][0].double()).sum(-1)
+    return row
+
+
 def _norm_where(A):
     W = A.abs()
     s = W.sum(-1, keepdim=True)
@@ -154,6 +238,7 @@ CORRECT = {
     check.clt_forward: [_fwd_loop, _fwd_einsum],
     check.clt_loss: [_loss_explicit, _loss_loop],
     check.feature_edges: [_edges_loop, _edges_flat],
+    check.attribution_row: [_row_detach_hooks, _row_float64],
     check.normalise_adjacency: [_norm_where, _norm_loop],
     check.indirect_influence: [_infl_series, _infl_inv],
     check.prune_nodes: [_prune_loop, _prune_threshold_fn],
@@ -192,10 +277,66 @@ def _prune_drops_ties(influence, is_feature, threshold):
     return keep
 
 
+def _row_transposed(model, clt, graph, target):
+    """The column: the target's OUT-edges (adjacency is [target, source])."""
+    nb_graph = check._default_setup()[2]
+    if torch.equal(nb_graph.tokens, graph.tokens) and nb_graph.n_nodes == graph.n_nodes:
+        return nb_graph.adjacency[:, target].clone()
+    return AG.attribute(model, clt, graph.tokens).adjacency[:, target]
+
+
+def _row_notebook_globals(model, clt, graph, target):
+    """Ignores the model's prompt and dictionary in favour of the notebook's (graph, clt)."""
+    nb_model, nb_clt, nb_graph = check._default_setup()
+    return AG.attribution_row(nb_model, nb_clt, nb_graph, min(target, nb_graph.n_nodes - 1))
+
+
+def _row_attached(model, clt, graph, target):
+    row = AG.attribution_row(model, clt, graph, target)
+    return row + 0.0 * clt.W_enc.sum()  # still requires grad
+
+
+def _row_final_ln_live(model, clt, graph, target):
+    """Froze ln1 and ln2 of every block but forgot ln_final (only logit rows differ)."""
+    if graph.node_kind(target) == "feature":
+        return AG.attribution_row(model, clt, graph, target)
+    return _final_ln_live_logit(model, clt, graph, target)
+
+
+def _final_ln_live_logit(model, clt, graph, target):
+    with torch.no_grad():
+        _, cache = model.run_with_cache(graph.tokens[None])
+    L = model.cfg.n_layers
+    embed = cache["blocks.0.hook_resid_pre"].clone().requires_grad_(True)
+    mlp = [cache[f"blocks.{i}.hook_mlp_out"].clone().requires_grad_(True) for i in range(L)]
+    hooks = [(f"blocks.{i}.{n}", lambda v, hook: cache[hook.name]) for i in range(L)
+             for n in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale")]  # fmt: skip
+    hooks += [("blocks.0.hook_resid_pre", lambda v, hook: embed)]
+    hooks += [(f"blocks.{i}.hook_mlp_out", lambda v, hook: mlp[hook.layer()]) for i in range(L)]
+    last = model.run_with_hooks(graph.tokens[None], fwd_hooks=hooks)[0, -1]
+    s = graph.slices()
+    value = last[graph.logit_tokens[target - s["logits"].start]] - last.mean()
+    grads = torch.autograd.grad(value, [embed, *mlp])
+    g_mlp = torch.cat(grads[1:])
+    row = torch.zeros(graph.n_nodes)
+    with torch.no_grad():
+        for k, (layer, pos, feature) in enumerate(graph.active.tolist()):
+            row[k] = graph.activations[k] * (clt.W_dec[layer][feature] * g_mlp[layer:, pos]).sum()
+        row[s["errors"]] = (graph.errors * g_mlp).sum(-1).flatten()
+        row[s["embeddings"]] = (embed[0] * grads[0][0]).sum(-1)
+    return row
+
+
 WRONG = {
     check.indirect_influence: [_infl_first_order_only, _infl_includes_identity],
     check.normalise_adjacency: [_norm_no_abs],
     check.prune_nodes: [_prune_keeps_everything, _prune_drops_ties],
+    check.attribution_row: [
+        _row_transposed,
+        _row_notebook_globals,
+        _row_attached,
+        _row_final_ln_live,
+    ],
 }
 
 
@@ -211,6 +352,8 @@ CHECKS = [
     (check.feature_edges, check.feature_edges_reference, check.EDGE_MISTAKES,
      lambda grad_mlp_out, W_dec_s, activations, layer: check.feature_edges_reference(
          grad_mlp_out, W_dec_s, activations.abs().sqrt(), layer)),
+    (check.attribution_row, AG.attribution_row, check.ROW_MISTAKES,
+     lambda model, clt, graph, target: AG.attribution_row(model, clt, graph, target) * 1.01),
     (check.normalise_adjacency, AG.normalise_adjacency, check.NORMALISE_MISTAKES,
      lambda A: torch.softmax(A.abs(), dim=1)),
     (check.indirect_influence, AG.indirect_influence, check.INFLUENCE_MISTAKES,

@@ -180,14 +180,38 @@ def _mlp_interaction_by_units(W_gate, W_in, W_out, u):
     return Q
 
 
+def _tensor_in_float64(W1, W2, P):
+    # computes in float64 whatever comes in, returns the input's dtype (issue 26)
+    B = torch.einsum("oa,ai,aj->oij", P.double(), W1.double(), W2.double())
+    return B.to(W1.dtype)
+
+
+def _hessian_from_weights(model, x, c):
+    # bilinear: H = 2 Q_c = B_c + B_c^T, read from the weights; autodiff for the others
+    if isinstance(model, ref.BilinearClassifier):
+        B = ref.bilinear_tensor(model.W1, model.W2, model.P)[c].detach()
+        return B + B.T
+    return torch.func.hessian(lambda z: model(z[None])[0, c])(x)
+
+
+def _mlp_interaction_in_float64(W_gate, W_in, W_out, u):
+    h = W_out.double() @ u.double()
+    M = (W_gate.double() * h) @ W_in.double().T
+    return ((M + M.T) / 2).to(u.dtype)
+
+
 CORRECT = {
-    check.bilinear_tensor: [_tensor_by_loops, _tensor_by_broadcast],
+    check.bilinear_tensor: [_tensor_by_loops, _tensor_by_broadcast, _tensor_in_float64],
     check.interaction_matrix: [_interaction_by_matmul, _interaction_by_tensordot],
     check.eigen_decompose: [_eig_with_loop, _eig_via_svd_sign],
     check.truncated_logits: [_truncated_loop, _truncated_via_lowrank_Q],
     check.effective_rank: [_rank_norms, _rank_normalised],
-    check.logit_hessian: [_hessian_autograd, _hessian_jacfwd],
-    check.mlp_interaction_matrix: [_mlp_interaction_via_chapter_tensor, _mlp_interaction_by_units],
+    check.logit_hessian: [_hessian_autograd, _hessian_jacfwd, _hessian_from_weights],
+    check.mlp_interaction_matrix: [
+        _mlp_interaction_via_chapter_tensor,
+        _mlp_interaction_by_units,
+        _mlp_interaction_in_float64,
+    ],
 }
 
 
@@ -282,12 +306,18 @@ WRONG = {
         _tensor_P_detached,
         _tensor_summed_P,
         _tensor_detached,
+        # only W1 read in the [d_in, d_hidden] layout (issue 26: transposed weights)
+        lambda W1, W2, P: torch.einsum("oa,ia,aj->oij", P, W1, W2),
     ],  # fmt: skip
     check.interaction_matrix: [
         _interaction_mean,
         _interaction_u_detached,
         _interaction_M_MT,
         CHECKS[1][3],
+        # asymmetric: only the lower triangle symmetrised (issue 26)
+        lambda B, u: (lambda M: torch.tril(M) + torch.tril(M, -1).T)(
+            torch.einsum("o,oij->ij", u, B)
+        ),
     ],  # fmt: skip
     check.eigen_decompose: [
         _eig_abs_ascending,
@@ -312,6 +342,12 @@ WRONG = {
         _hessian_diagonal_only,
         _hessian_relative_logit,
         _hessian_finite_difference,
+        # H vs 2Q (issue 26): Q_c from the weights for the bilinear model
+        lambda m, x, c: (
+            ref.symmetrize(ref.bilinear_tensor(m.W1, m.W2, m.P))[c].detach()
+            if isinstance(m, ref.BilinearClassifier)
+            else ref.logit_hessian(m, x, c)
+        ),
     ],  # fmt: skip
 }
 WRONG[check.mlp_interaction_matrix] = [
@@ -324,7 +360,15 @@ WRONG[check.mlp_interaction_matrix] = [
     # symmetrised by squaring
     lambda W_gate, W_in, W_out, u: (lambda M: M @ M.T)((W_gate * (W_out @ u)) @ W_in.T),
     CHECKS[6][3],
+    # the gate and linear factors' hidden units misaligned (a transposed W_in) in the square case
+    lambda W_gate, W_in, W_out, u: _tl_sym_test((W_gate * (W_out @ u)) @ W_in),
 ]
+
+
+def _tl_sym_test(M):
+    return (M + M.T) / 2
+
+
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 
 
@@ -539,7 +583,9 @@ def test_shipped_bilinear_lm_files_match_their_record():
 
 
 def test_tiny_build_reproduces_its_own_loss(tmp_path):
-    config = blm.BilinearLMConfig(steps=2, log_every=1, validation_windows=4, threads=1)
+    config = blm.BilinearLMConfig(
+        steps=2, log_every=1, validation_windows=4, checkpoints=(1, 2), checkpoint_windows=4
+    )
     first = blm.build(config, tmp_path / "a", log=lambda line: None)
     second = blm.build(config, tmp_path / "b", log=lambda line: None)
     for kind in blm.KINDS:
@@ -552,3 +598,25 @@ def test_tiny_build_reproduces_its_own_loss(tmp_path):
         from course_utils.science.course_model import model_loss
 
         assert abs(model_loss(loaded, windows) - a["validation_loss"]) < 1e-6
+        assert [s for s, _ in a["checkpoints"]] == [1, 2]
+    rows = blm.read_dose_response(tmp_path / "a")
+    assert {r["model"] for r in rows} >= set(blm.KINDS) and any(
+        "bigram" in r["model"] for r in rows
+    )
+
+
+def test_shipped_bilinear_saes_load_and_name_the_rebuild_command(tmp_path):
+    sae = blm.load_bilinear_sae("sae-mlp-out")
+    assert sae.W_enc.shape == (128, blm.BilinearSAEConfig().d_sae)
+    with pytest.raises(ValueError, match="sae-mlp-out"):
+        blm.load_bilinear_sae("sae-mlp-in")
+    with pytest.raises(FileNotFoundError, match="--saes-only"):
+        blm.load_bilinear_sae("sae-mlp-out", tmp_path)
+
+
+def test_dose_response_table_has_both_models_at_every_checkpoint():
+    rows = blm.read_dose_response()
+    steps = {int(r["step"]) for r in rows if r["step"] is not None}
+    for kind in blm.KINDS:
+        assert {int(r["step"]) for r in rows if r["model"] == kind} == steps
+    assert any(r["model"].startswith("bigram") for r in rows)

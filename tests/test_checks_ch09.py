@@ -3,6 +3,8 @@ rejects known wrong answers."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -46,6 +48,17 @@ def _purity_of_biggest_cluster(labels, clusters):
     return members.bincount().max().item() / members.shape[0]
 
 
+def _bound_pairs_with_self(n_hyperplanes, d):
+    """Counts ordered pairs: 1 + n + n(n-1) in 2-D."""
+    return sum(math.perm(n_hyperplanes, k) for k in range(d + 1))
+
+
+def _count_by_popcount_and_first(codes):
+    """Hashes a code by (number on, first neuron on): different codes can tie."""
+    first = codes.long().argmax(-1)
+    return int(torch.unique(codes.sum(-1) * 1000 + first).shape[0])
+
+
 # (check, reference, mistakes, an extra wrong answer not in the mistakes list)
 CHECKS = [
     (check.layer_codes, P.layer_codes, check.CODE_MISTAKES, _codes_float),
@@ -64,6 +77,8 @@ CHECKS = [
     ),
     (check.hyperplane_crossings, P.hyperplane_crossings, check.CROSS_MISTAKES, _crossings_points),
     (check.cluster_purity, P.cluster_purity, check.PURITY_MISTAKES, _purity_of_biggest_cluster),
+    (check.arrangement_bound, P.arrangement_bound, check.BOUND_MISTAKES, _bound_pairs_with_self),
+    (check.count_regions, P.count_regions, check.COUNT_MISTAKES, _count_by_popcount_and_first),
 ]
 
 # ------------------------------------------------------------- a second correct answer each
@@ -138,6 +153,21 @@ def _changes_by_unique(model, x0, x1, n_steps):
     return torch.tensor(out)
 
 
+def _changes_raw_layers(model, x0, x1, n_steps):
+    """Correct, as the notebook writes it: its own codes from the raw layers (no dtype casting),
+    with a float32 t that promotes to float64 inputs."""
+    t = torch.linspace(0, 1, n_steps + 1)
+    h = (x0[:, None, :] + t[None, :, None] * (x1 - x0)[:, None, :]).reshape(-1, x0.shape[1])
+    codes = []
+    with torch.no_grad():
+        for layer in P.linear_layers(model)[:-1]:
+            z = layer(h)
+            codes.append(z > 0)
+            h = torch.relu(z)
+    codes = torch.cat(codes, -1).view(x0.shape[0], n_steps + 1, -1)
+    return (codes[:, 1:] != codes[:, :-1]).any(-1).sum(-1)
+
+
 def _changes_loop(model, x0, x1, n_steps):
     out = []
     for a, b in zip(x0, x1, strict=False):
@@ -185,13 +215,41 @@ def _purity_sklearn(labels, clusters):
     return float(table.max(axis=0).sum() / table.sum())
 
 
+def _bound_recursive(n_hyperplanes, d):
+    """Correct: adding one hyperplane splits the regions its own (d-1)-D arrangement makes."""
+    if d == 0 or n_hyperplanes == 0:
+        return 1
+    return _bound_recursive(n_hyperplanes - 1, d) + _bound_recursive(n_hyperplanes - 1, d - 1)
+
+
+def _bound_pascal_row(n_hyperplanes, d):
+    """Correct: the first d + 1 entries of Pascal's row n, built by integer products."""
+    total, term = 0, 1
+    for k in range(min(d, n_hyperplanes) + 1):
+        total += term
+        term = term * (n_hyperplanes - k) // (k + 1)
+    return total
+
+
+def _count_set_of_tuples(codes):
+    return len({tuple(row) for row in codes.tolist()})
+
+
+def _count_sorted_rows(codes):
+    """Correct: sort the rows as bytes and count where neighbours differ."""
+    rows = sorted(bytes(row) for row in codes.to(torch.uint8).tolist())
+    return 1 + sum(a != b for a, b in zip(rows, rows[1:], strict=False)) if rows else 0
+
+
 CORRECT = {
     check.layer_codes: [_codes_by_forward_hooks, _codes_from_activations],
     check.spline_code: [_spline_by_hooks, _spline_from_activations],
     check.local_affine_map: [_affine_by_jacobian, _affine_by_masked_weights],
-    check.code_changes_along_path: [_changes_by_unique, _changes_loop],
+    check.code_changes_along_path: [_changes_by_unique, _changes_loop, _changes_raw_layers],
     check.hyperplane_crossings: [_crossings_loop, _crossings_where],
     check.cluster_purity: [_purity_loop, _purity_sklearn],
+    check.arrangement_bound: [_bound_recursive, _bound_pascal_row],
+    check.count_regions: [_count_set_of_tuples, _count_sorted_rows],
 }
 
 
@@ -276,8 +334,55 @@ def _purity_n_clusters(labels, clusters):
     return total / clusters.unique().numel() / 100
 
 
+def _codes_with_tolerance(model, x):
+    """Treats |z| < 1e-6 as a tie broken towards off: wrong for tiny but positive pre-activations."""
+    out, h = [], x
+    for layer in P.linear_layers(model)[:-1]:
+        z = layer(h)
+        out.append(z > 1e-6)
+        h = torch.relu(z)
+    return out
+
+
+def _bound_off_by_one_top(n_hyperplanes, d):
+    return sum(math.comb(n_hyperplanes, k) for k in range(d + 2))
+
+
+def _bound_one_plus_n_squared(n_hyperplanes, d):
+    return 1 + n_hyperplanes + n_hyperplanes**2 // 2
+
+
+def _bound_numpy_int(n_hyperplanes, d):
+    import numpy as np
+
+    return np.int64(sum(math.comb(n_hyperplanes, k) for k in range(d + 1)))
+
+
+def _purity_table_by_raw_ids(labels, clusters):
+    """Indexes a contingency table by the raw cluster ids: id -1 lands in the LAST row."""
+    table = torch.zeros(int(clusters.max()) + 1, int(labels.max()) + 1, dtype=torch.int64)
+    table.index_put_((clusters, labels), torch.ones_like(labels), accumulate=True)
+    return table.max(dim=1).values.sum().item() / labels.shape[0]
+
+
+def _count_float64_hash(codes):
+    """float64 holds 53 bits: codes past neuron 53 tie."""
+    powers = 2.0 ** torch.arange(codes.shape[1], dtype=torch.float64)
+    return int(torch.unique(codes.double() @ powers).shape[0])
+
+
+def _count_unique_consecutive(codes):
+    """unique_consecutive only merges neighbours: repeats that are not adjacent count twice."""
+    return int(torch.unique_consecutive(codes, dim=0).shape[0])
+
+
+def _count_minus_one(codes):
+    return int(torch.unique(codes, dim=0).shape[0]) - 1
+
+
 WRONG = {
     check.layer_codes: [
+        _codes_with_tolerance,
         _codes_sigmoid_half,
         _codes_input_not_relu,
         _codes_of_a_shifted_input,
@@ -299,7 +404,14 @@ WRONG = {
         _crossings_descending,
         _crossings_points,
     ],  # fmt: skip
-    check.cluster_purity: [_purity_mode_of_all, _purity_n_clusters, _purity_of_biggest_cluster],
+    check.cluster_purity: [
+        _purity_mode_of_all,
+        _purity_n_clusters,
+        _purity_of_biggest_cluster,
+        _purity_table_by_raw_ids,
+    ],
+    check.arrangement_bound: [_bound_off_by_one_top, _bound_one_plus_n_squared, _bound_numpy_int],
+    check.count_regions: [_count_float64_hash, _count_unique_consecutive, _count_minus_one],
 }
 contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
 

@@ -227,3 +227,37 @@ def test_shipped_clt_matches_its_record_and_fits_the_asset_budget():
     assert size < 1.5 * 2**20, f"the CLT assets are {size / 2**20:.2f} MB"
     rows = CLT.read_sweep_table()
     assert {r["family"] for r in rows} == {"clt", "plt", "plt-shipped-1024"}
+
+
+def test_attribution_row_is_the_adjacency_row(model, graph):
+    """Exercise 3.2's reference: one backward pass per target gives the batched graph's row."""
+    clt = _clt(model)
+    s = graph.slices()
+    targets = [0, graph.n_features - 1, s["logits"].start, graph.n_nodes - 1]
+    for t in targets:
+        row = AG.attribution_row(model, clt, graph, t)
+        assert not row.requires_grad
+        assert torch.allclose(row, graph.adjacency[t], atol=1e-5, rtol=1e-4), t
+    with pytest.raises(ValueError, match="only features and logits"):
+        AG.attribution_row(model, clt, graph, s["errors"].start)
+    nodes_only = AG.attribute(model, clt, graph.tokens, edges=False)
+    assert not nodes_only.adjacency.any()
+    assert torch.equal(nodes_only.active, graph.active)
+
+
+def test_edge_pruning_recomputes_influence_on_the_pruned_graph(graph):
+    """circuit-tracer's compute_edge_influence: normalise the node-pruned adjacency again and
+    recompute influence on it; edge score = normalised weight x (influence + logit weight)."""
+    node_mask, edge_mask = AG.prune_graph(graph, 0.8, 0.9)
+    pruned = graph.adjacency.clone()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    w = graph.logit_weights()
+    norm = AG.normalise_adjacency(pruned)
+    scores = norm * (AG.node_influence(norm, w) + w)[:, None]
+    expected = (scores >= AG.cumulative_threshold(scores, 0.9)) & (pruned != 0)
+    assert torch.equal(edge_mask, expected)
+    _, full_mask = AG.prune_graph(graph, 0.8, 0.9, edge_influence="full")
+    assert full_mask.any() and not (full_mask & (pruned == 0)).any()
+    with pytest.raises(ValueError, match="edge_influence"):
+        AG.prune_graph(graph, 0.8, 0.9, edge_influence="sometimes")

@@ -174,3 +174,56 @@ def test_online_bonus_is_skipped_with_one_line_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(NetworkRequiredError):
         load_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
+
+
+def test_single_feature_ig_grids_are_quadrature_rules(parts):
+    """By completeness single-feature IG is the exact ablation up to quadrature error: the
+    midpoint rule converges faster than either endpoint rule, and one left step IS attribution
+    patching (Marks et al.'s grid starts at the clean point)."""
+    model, sae, tokens = parts
+    f, attr = I.attribution_patching(model, sae, tokens, HOOK, _metric)
+    index, exact = I.exact_ablation_effects(model, sae, tokens, HOOK, _metric)
+    one_left = I.single_feature_ig(model, sae, tokens, HOOK, _metric, index, steps=1, grid="left")
+    assert torch.allclose(one_left, attr[index[:, 0], index[:, 1], index[:, 2]], atol=1e-5)
+    err = {
+        g: (I.single_feature_ig(model, sae, tokens, HOOK, _metric, index, steps=8, grid=g) - exact)
+        .abs()
+        .mean()
+        for g in ("left", "right", "midpoint")
+    }
+    assert err["midpoint"] < min(err["left"], err["right"])
+    with pytest.raises(ValueError, match="grid must be"):
+        I.single_feature_ig(model, sae, tokens, HOOK, _metric, index, grid="trapezoid")
+
+
+def test_clean_corrupt_attribution_tracks_activation_patching(parts):
+    model, sae, tokens = parts
+    corrupt = tokens.roll(1, dims=0)
+    est = I.clean_corrupt_attribution(model, sae, tokens, corrupt, HOOK, _metric)
+    assert not est.requires_grad
+    index, exact = I.exact_patch_effects(model, sae, tokens, corrupt, HOOK, _metric)
+    assert len(index) > 0
+    assert I.spearman(est[index[:, 0], index[:, 1], index[:, 2]], exact) > 0.5
+    same, none = I.exact_patch_effects(model, sae, tokens, tokens.clone(), HOOK, _metric)
+    assert len(same) == 0 and len(none) == 0
+    zero = I.clean_corrupt_attribution(model, sae, tokens, tokens.clone(), HOOK, _metric)
+    assert zero.abs().max() == 0
+    assert I.hooks_left(model) == []
+
+
+def test_feature_circuit_ig_one_dictionary_at_a_time(parts):
+    model, sae, tokens = parts
+    one = I.FeatureCircuit(model, {HOOK: sae}, tokens, _metric)
+    a, b = one.node_effects("ig", steps=4), one.node_effects("ig", steps=4, joint=True)
+    assert torch.allclose(a[HOOK], b[HOOK], atol=1e-6)  # one dictionary: the same thing
+    sae1 = tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3)
+    two = I.FeatureCircuit(model, {HOOK: sae, "blocks.1.hook_resid_post": sae1}, tokens, _metric)
+    per, joint = two.node_effects("ig", steps=4), two.node_effects("ig", steps=4, joint=True)
+    assert not torch.allclose(per[HOOK], joint[HOOK], atol=1e-6)
+    # the later dictionary, moved alone, sees the earlier one clean: its effects add up to the
+    # true effect of mean-ablating it alone, up to quadrature error
+    later = I.FeatureCircuit(model, {"blocks.1.hook_resid_post": sae1}, tokens, _metric)
+    fine = later.node_effects("ig", steps=64)["blocks.1.hook_resid_post"].sum().item()
+    true = (later.run(None) - later.clean).mean().item()
+    assert abs(fine - true) < 0.05 * abs(true) + 1e-3
+    assert I.hooks_left(model) == []

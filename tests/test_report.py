@@ -167,7 +167,7 @@ def test_csv_cells_say_passed_failed_with_hint_or_not_attempted(table):
         assert [table[name][c] for c in ex] == ["not attempted"] * 3
     dave = table["dave_00.ipynb"]
     ch09 = [c for c in dave if c.startswith("ch09 ")]
-    assert len(ch09) == 6 and dave[ch09[0]] == "not attempted"  # 1.1, the one he reached
+    assert len(ch09) == 8 and dave[ch09[0]] == "not attempted"  # 1.1, the one he reached
     assert all("no cell calls `check." in dave[c] for c in ch09[1:])  # the cells he cut off
     assert all(dave[c] == "" for c in ex)  # not his chapter
 
@@ -208,7 +208,7 @@ def test_report_html_renders_in_chromium(runs):
         assert page.locator("h2").count() == 3  # two chapters, one error table
         failed = page.locator("td.failed", has_text="squared norms")  # bob's 0.2
         assert failed.count() == 1 and failed.first.is_visible()
-        assert page.locator("td.failed").count() == 1 + 5  # and dave's five cut-off exercises
+        assert page.locator("td.failed").count() == 1 + 7  # and dave's seven cut-off exercises
         colour = failed.first.evaluate("e => getComputedStyle(e).backgroundColor")
         assert colour == "rgb(255, 235, 233)"  # the inline CSS applied
         assert page.locator("td.passed").count() == 3 + 2

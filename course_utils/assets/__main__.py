@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         help="retrain the one-layer bilinear LM and its GELU twin (chapter 08, section 4)",
     )
     blm.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
-    blm.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    blm.add_argument("--steps", type=int, default=None, help="training steps (default 1600)")
+    blm.add_argument("--seed", type=int, default=0, help="seed of both twins (default 0)")
+    blm.add_argument(
+        "--saes-only", action="store_true", help="only retrain the two SAEs on the shipped model"
+    )
     blm.add_argument("--threads", type=int, default=1)
     pareto = sub.add_parser(
         "build-sae-pareto",
@@ -111,12 +115,22 @@ def main(argv: list[str] | None = None) -> int:
         from course_utils.science import bilinear_lm
 
         out = args.out if args.out is not None else bilinear_lm.asset_dir()
-        config = bilinear_lm.BilinearLMConfig(threads=args.threads)
+        if args.saes_only:
+            return _timed(
+                f"the bilinear model's SAEs into {out}",
+                lambda log: bilinear_lm.build_saes(bilinear_lm.BilinearSAEConfig(), out, log=log),
+            )
+        config = bilinear_lm.BilinearLMConfig(threads=args.threads, seed=args.seed)
         if args.steps is not None:
             config.steps = args.steps
+            kept = {c for c in config.checkpoints if c < args.steps} | {args.steps}
+            config.checkpoints = tuple(sorted(kept))
         return _timed(
             f"{bilinear_lm.ASSET_NAME} ({', '.join(config.kinds)}) into {out}",
-            lambda log: bilinear_lm.build(config, out, log=log),
+            lambda log: (
+                bilinear_lm.build(config, out, log=log),
+                bilinear_lm.build_saes(bilinear_lm.BilinearSAEConfig(), out, log=log),
+            ),
         )
 
     if args.command == "freeze-corpus":

@@ -69,6 +69,31 @@ def _hooked_check(learner, reference, cases, mistakes, atol=1e-4, rtol=1e-4) -> 
     )
 
 
+def _detached_compare(atol: float = 1e-4, rtol: float = 1e-4):
+    """The default comparison, after checking that no returned tensor is still attached to an
+    autograd graph (the text asks for detached outputs)."""
+    from course_utils.checks.core import mismatch
+
+    def compare(expected, actual):
+        outs = actual if isinstance(actual, tuple | list) else (actual,)
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in outs):
+            return (
+                "your function returned a tensor that still requires grad (attached to the "
+                "autograd graph, holding the whole forward pass in memory). Return "
+                "`.detach()`-ed tensors, as the exercise asks"
+            )
+        return mismatch(expected, actual, atol, rtol)
+
+    return compare
+
+
+def _hooked_detached_check(learner, reference, cases, mistakes, atol=1e-4, rtol=1e-4) -> str:
+    return (
+        compare_function(learner, reference, cases, mistakes, compare=_detached_compare(atol, rtol))
+        + "; outputs detached; no hook left behind"
+    )
+
+
 # ---------------------------------------------------------------- 1.1 edit_feature
 
 
@@ -149,6 +174,8 @@ def _edit_cases() -> list[Case]:
         Case("add 1.5", (acts, 6, "add", 1.5)),
         Case("[n, d_sae] input, last feature", (flat, 8, "clamp", -0.7)),
         Case("batch of one", (acts[:1, :1], 0, "ablate")),
+        Case("ablate ignores a non-zero value", (acts, 2, "ablate", 2.5)),
+        Case("float64 input", (acts.double(), 4, "add", -0.25)),
     ]
 
 
@@ -228,7 +255,7 @@ SPLICE_MISTAKES = [
 
 def _splice_cases() -> list[Case]:
     model, sae, tokens = _tiny()
-    sae1 = tiny_sae(hook_name="blocks.1.hook_resid_pre", seed=3)
+    sae1 = tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3)
 
     def ablate(f):
         return I.edit_feature(f, 5, "ablate")
@@ -248,8 +275,8 @@ def _splice_cases() -> list[Case]:
         Case("clamp feature 2 to 3, error kept", (model, sae, tokens, HOOK, clamp)),
         Case("no edit, no error term", (model, sae, tokens, HOOK, identity, False)),
         Case(
-            "every feature doubled at blocks.1.hook_resid_pre, batch of one",
-            (model, sae1, tokens[:1], "blocks.1.hook_resid_pre", double_all),
+            "every feature doubled at blocks.1.hook_resid_post, batch of one",
+            (model, sae1, tokens[:1], "blocks.1.hook_resid_post", double_all),
         ),
     ]
 
@@ -343,6 +370,16 @@ def _effect_cases() -> list[Case]:
         Case("feature 5", (model, sae, tokens, HOOK, 5)),
         Case("feature 0, batch of one", (model, sae, tokens[:1], HOOK, 0)),
         Case("last feature", (model, sae, tokens, HOOK, 23)),
+        Case(
+            "SAE at blocks.1.hook_resid_post",
+            (
+                model,
+                tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3),
+                tokens,
+                "blocks.1.hook_resid_post",
+                4,
+            ),
+        ),  # fmt: skip
     ]
 
 
@@ -408,7 +445,7 @@ def _steer_cases() -> list[Case]:
     d = torch.randn(model.cfg.d_model, generator=_g(20)) * 0.7
     return [
         Case("resid_post 0, coeff 3", (model, tokens, HOOK, d, 3.0)),
-        Case("resid_pre 1, coeff -2", (model, tokens, "blocks.1.hook_resid_pre", d, -2.0)),
+        Case("resid_post 1, coeff -2", (model, tokens, "blocks.1.hook_resid_post", d, -2.0)),
         Case("coeff 0 changes nothing", (model, tokens[:1], HOOK, d, 0.0)),
         Case("batch of one, coeff 5", (model, tokens[:1], HOOK, d, 5.0)),
     ]
@@ -468,6 +505,7 @@ def _md_cases() -> list[Case]:
         Case("[batch, pos, d] with ~30% positive", (acts, pos)),
         Case("[n, d] with 2 of 9 positive", (flat, lab)),
         Case("integer labels", (flat, lab.long())),
+        Case("float64 activations", (acts.double(), pos)),
     ]
 
 
@@ -553,22 +591,24 @@ def _mean_logprob(logits):
 
 def _atp_cases() -> list[Case]:
     model, sae, tokens = _tiny()
-    sae1 = tiny_sae(hook_name="blocks.1.hook_resid_pre", seed=3)
+    sae1 = tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3)
     return [
         Case(
             "logit difference at the last position", (model, sae, tokens, HOOK, _logit_diff(3, 9))
         ),
         Case("log-prob over three positions", (model, sae, tokens, HOOK, _mean_logprob)),
         Case(
-            "SAE at blocks.1.hook_resid_pre, batch of one",
-            (model, sae1, tokens[:1], "blocks.1.hook_resid_pre", _logit_diff(0, 1)),
+            "SAE at blocks.1.hook_resid_post, batch of one",
+            (model, sae1, tokens[:1], "blocks.1.hook_resid_post", _logit_diff(0, 1)),
         ),
     ]
 
 
 @exercise("4.1", "attribution_patching")
 def attribution_patching(learner) -> str:
-    return _hooked_check(learner, I.attribution_patching, _atp_cases(), ATP_MISTAKES, atol=1e-4)
+    return _hooked_detached_check(
+        learner, I.attribution_patching, _atp_cases(), ATP_MISTAKES, atol=1e-4
+    )
 
 
 # ---------------------------------------------------------------- 4.2 integrated gradients
@@ -583,6 +623,10 @@ def _ig_alpha_shift(model, sae, tokens, hook_name, metric, steps=10):
     return _ig_general(model, sae, tokens, hook_name, metric, steps, shift=1)
 
 
+def _ig_mirrored(model, sae, tokens, hook_name, metric, steps=10):
+    return _ig_general(model, sae, tokens, hook_name, metric, steps, shift=0)
+
+
 def _ig_no_average(model, sae, tokens, hook_name, metric, steps=10):
     return I.integrated_gradients(model, sae, tokens, hook_name, metric, steps) * steps
 
@@ -592,6 +636,8 @@ def _ig_scale_error(model, sae, tokens, hook_name, metric, steps=10):
 
 
 def _ig_general(model, sae, tokens, hook_name, metric, steps, shift=0, scale_error=False):
+    """alpha = (k + shift) / steps, the fraction of each feature kept (the reference uses
+    1 - k / steps)."""
     store, total = {}, None
     for k in range(steps):
         alpha = (k + shift) / steps
@@ -614,14 +660,15 @@ IG_MISTAKES = [
     Mistake(
         "plain attribution",
         _ig_endpoint,
-        "integrated gradients averages the gradient over `steps` points alpha * f with "
-        "alpha = k / steps, k = 0..steps-1, not just at the clean point (alpha = 1).",
+        "integrated gradients averages the gradient over `steps` points (1 - t) * f with "
+        "t = k / steps, k = 0..steps-1, not just at the clean point (t = 0).",
     ),
     Mistake(
-        "alpha from 1/steps to 1",
-        _ig_alpha_shift,
-        "use alpha = k / steps for k = 0..steps-1 (Marks et al.'s convention: includes the fully "
-        "ablated point alpha = 0, excludes the clean point).",
+        "grid from the ablated end",
+        _ig_mirrored,
+        "the grid is mirrored: Marks et al. step t = k / steps from the CLEAN end, features "
+        "(1 - t) * f, so the clean point (t = 0) is in and the all-ablated point (t = 1) out; "
+        "yours scales by k / steps, which includes the ablated point and leaves out the clean one.",
     ),
     Mistake(
         "summed, not averaged",
@@ -643,9 +690,127 @@ def _ig_cases() -> list[Case]:
         Case("10 steps, logit difference", (model, sae, tokens, HOOK, _logit_diff(3, 9), 10)),
         Case("3 steps, log-prob metric", (model, sae, tokens, HOOK, _mean_logprob, 3)),
         Case("1 step, batch of one", (model, sae, tokens[:1], HOOK, _logit_diff(4, 2), 1)),
+        Case(
+            "4 steps, SAE at blocks.1.hook_resid_post",
+            (
+                model,
+                tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3),
+                tokens,
+                "blocks.1.hook_resid_post",
+                _logit_diff(3, 9),
+                4,
+            ),
+        ),  # fmt: skip
     ]
 
 
 @exercise("4.2", "integrated_gradients")
 def integrated_gradients(learner) -> str:
-    return _hooked_check(learner, I.integrated_gradients, _ig_cases(), IG_MISTAKES, atol=1e-4)
+    return _hooked_detached_check(
+        learner, I.integrated_gradients, _ig_cases(), IG_MISTAKES, atol=1e-4
+    )
+
+
+# ---------------------------------------------------------------- 4.3 clean/corrupt attribution
+
+
+def _cc_parts(model, sae, clean, corrupt, hook_name):
+    store = {}
+
+    def grab(a, hook):
+        store["f"] = sae.encode(a).detach()
+
+    with torch.no_grad():
+        model.run_with_hooks(clean, fwd_hooks=[(hook_name, grab)])
+        f_clean = store["f"]
+        model.run_with_hooks(corrupt, fwd_hooks=[(hook_name, grab)])
+    return f_clean, store["f"]
+
+
+def _cc_grad_on(model, sae, tokens, hook_name, metric):
+    store = {}
+
+    def splice(a, hook):
+        f = sae.encode(a.detach()).detach().requires_grad_(True)
+        store["f"] = f
+        return sae.decode(f) + (a - sae.decode(f)).detach()
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, splice)])
+        metric(logits).sum().backward()
+    return store["f"].grad
+
+
+def _cc_grad_on_clean(model, sae, clean, corrupt, hook_name, metric):
+    f_clean, f_corrupt = _cc_parts(model, sae, clean, corrupt, hook_name)
+    return (f_clean - f_corrupt) * _cc_grad_on(model, sae, clean, hook_name, metric)
+
+
+def _cc_sign(model, sae, clean, corrupt, hook_name, metric):
+    return -I.clean_corrupt_attribution(model, sae, clean, corrupt, hook_name, metric)
+
+
+def _cc_gradient_only(model, sae, clean, corrupt, hook_name, metric):
+    return _cc_grad_on(model, sae, corrupt, hook_name, metric)
+
+
+def _cc_clean_times_grad(model, sae, clean, corrupt, hook_name, metric):
+    f_clean, _ = _cc_parts(model, sae, clean, corrupt, hook_name)
+    return f_clean * _cc_grad_on(model, sae, corrupt, hook_name, metric)
+
+
+CC_MISTAKES = [
+    Mistake(
+        "gradient on the clean run",
+        _cc_grad_on_clean,
+        "take the gradient on the CORRUPT run: the estimate is of patching clean values INTO "
+        "the corrupt run, so the linearisation is around the corrupt point (Nanda's form).",
+    ),
+    Mistake(
+        "corrupt minus clean",
+        _cc_sign,
+        "the patch moves each feature from its corrupt value to its clean value: multiply the "
+        "gradient by f_clean - f_corrupt.",
+    ),
+    Mistake(
+        "gradient without the difference",
+        _cc_gradient_only,
+        "multiply the gradient by the change the patch makes, f_clean - f_corrupt: a feature "
+        "that is the same in both runs cannot change anything when patched.",
+    ),
+    Mistake(
+        "clean activation, not the difference",
+        _cc_clean_times_grad,
+        "use the DIFFERENCE f_clean - f_corrupt, not f_clean alone (that is the ablation form, "
+        "exercise 4.1, with the sign flipped).",
+    ),
+]
+
+
+def _cc_cases() -> list[Case]:
+    model, sae, tokens = _tiny()
+    corrupt = tokens.roll(1, dims=0).clone()
+    corrupt[:, :3] = tokens[:, :3]  # a shared prefix: those positions do not differ
+    sae1 = tiny_sae(hook_name="blocks.1.hook_resid_post", seed=3)
+    return [
+        Case(
+            "logit difference, 3 prompt pairs",
+            (model, sae, tokens, corrupt, HOOK, _logit_diff(3, 9)),
+        ),
+        Case("log-prob metric", (model, sae, tokens, corrupt, HOOK, _mean_logprob)),
+        Case(
+            "SAE at blocks.1.hook_resid_post, one pair",
+            (model, sae1, tokens[:1], corrupt[:1], "blocks.1.hook_resid_post", _logit_diff(0, 1)),
+        ),
+        Case(
+            "clean = corrupt gives zeros",
+            (model, sae, tokens[:2], tokens[:2].clone(), HOOK, _logit_diff(3, 9)),
+        ),
+    ]
+
+
+@exercise("4.3", "clean_corrupt_attribution")
+def clean_corrupt_attribution(learner) -> str:
+    return _hooked_detached_check(
+        learner, I.clean_corrupt_attribution, _cc_cases(), CC_MISTAKES, atol=1e-4
+    )

@@ -5,9 +5,11 @@ References live in :mod:`course_utils.science.clt` and :mod:`course_utils.scienc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from course_utils.checks.core import Case, Mistake, compare_function, exercise
+from course_utils.checks.core import Case, Mistake, compare_function, exercise, mismatch
 from course_utils.science import attribution_graphs as AG
 from course_utils.science import clt as CLT
 
@@ -292,6 +294,258 @@ def _edge_cases() -> list[Case]:
 @exercise("3.1", "feature_edges")
 def feature_edges(learner) -> str:
     return compare_function(learner, feature_edges_reference, _edge_cases(), EDGE_MISTAKES)
+
+
+# ---------------------------------------------------------------- 3.2 one row of the graph
+
+CHECK_PROMPT = "for key, value in sorted(d.items()):\n    print(key,"  # the chapter's prompt
+OTHER_PROMPT = "if x is None:\n    return"  # a second prompt, read with another dictionary
+
+
+def _row_variant(
+    model,
+    clt,
+    graph,
+    target,
+    *,
+    freeze_attention=True,
+    freeze_layernorm=True,
+    leaf_mlp=True,
+    demean=True,
+    activation=True,
+    all_decoders=True,
+    sources=("features", "errors", "embeddings"),
+    sign=1.0,
+):
+    """``AG.attribution_row`` with one step done wrong: the known mistakes of exercise 3.2."""
+    s = graph.slices()
+    tokens, n_layers = graph.tokens, model.cfg.n_layers
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None])
+    embed = cache["blocks.0.hook_resid_pre"].clone().requires_grad_(True)
+    leaves = [
+        cache[f"blocks.{i}.hook_mlp_out"].clone().requires_grad_(True) for i in range(n_layers)
+    ]
+    live_mlp: dict[int, torch.Tensor] = {}
+    ln2: dict[int, torch.Tensor] = {}
+
+    def const(v):
+        return lambda a, hook: v
+
+    def keep_live(a, hook):
+        live_mlp[hook.layer()] = a
+        return a
+
+    def save(a, hook):
+        ln2[hook.layer()] = a
+        return a
+
+    hooks = [("blocks.0.hook_resid_pre", const(embed))]
+    for i in range(n_layers):
+        if freeze_attention:
+            hooks.append(
+                (f"blocks.{i}.attn.hook_pattern", const(cache[f"blocks.{i}.attn.hook_pattern"]))
+            )
+        if freeze_layernorm:
+            for ln in ("ln1", "ln2"):
+                hooks.append(
+                    (f"blocks.{i}.{ln}.hook_scale", const(cache[f"blocks.{i}.{ln}.hook_scale"]))
+                )
+        hooks.append((f"blocks.{i}.hook_mlp_out", const(leaves[i]) if leaf_mlp else keep_live))
+        hooks.append((f"blocks.{i}.ln2.hook_normalized", save))
+    if freeze_layernorm:
+        hooks.append(("ln_final.hook_scale", const(cache["ln_final.hook_scale"])))
+    logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]
+    if graph.node_kind(target) == "feature":
+        layer, pos, feature = graph.active[target].tolist()
+        value = ln2[layer][0, pos] @ clt.W_enc[layer, :, feature].detach()
+    else:
+        last = logits[-1]
+        value = last[graph.logit_tokens[target - s["logits"].start]]
+        value = value - last.mean() if demean else value
+    wrt = [embed] + (leaves if leaf_mlp else [live_mlp[i] for i in range(n_layers)])
+    grads = torch.autograd.grad(value, wrt, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(wrt, grads, strict=True)]
+    g_embed, g_mlp = grads[0][0], torch.stack(grads[1:])[:, 0]
+    row = torch.zeros(graph.n_nodes)
+    with torch.no_grad():
+        if "features" in sources:
+            for layer in range(n_layers):
+                nodes = (graph.active[:, 0] == layer).nonzero().flatten()
+                pos, feature = graph.active[nodes, 1], graph.active[nodes, 2]
+                dec = clt.W_dec[layer][feature]
+                if not all_decoders:
+                    dec = dec[:, :1]
+                at = g_mlp[layer : layer + dec.shape[1], pos].transpose(0, 1)
+                a = graph.activations[nodes] if activation else 1.0
+                row[nodes] = a * (dec * at).sum((-1, -2))
+        if "errors" in sources:
+            row[s["errors"]] = (graph.errors * g_mlp).sum(-1).flatten()
+        if "embeddings" in sources:
+            row[s["embeddings"]] = (cache["blocks.0.hook_resid_pre"][0] * g_embed).sum(-1)
+    return sign * row
+
+
+def _variant(**wrong):
+    def row(model, clt, graph, target):
+        return _row_variant(model, clt, graph, target, **wrong)
+
+    return row
+
+
+ROW_MISTAKES = [
+    Mistake(
+        "LayerNorm left live",
+        _variant(freeze_layernorm=False),
+        "freeze every LayerNorm scale at its clean value: a hook on each `hook_scale` (ln1, ln2 of "
+        "every block and `ln_final`) that returns the cached value. A live scale divides by the "
+        "residual's norm, which depends on every source, so the gradient is not the local "
+        "replacement model's.",
+    ),
+    Mistake(
+        "attention left live",
+        _variant(freeze_attention=False),
+        "freeze the attention patterns: a hook on `blocks.L.attn.hook_pattern` that returns the "
+        "cached pattern. The edges carry what attention moved (OV), never why it looked there (QK).",
+    ),
+    Mistake(
+        "gradient taken through the MLPs",
+        _variant(leaf_mlp=False),
+        "the MLP outputs must be leaves: replace `blocks.L.hook_mlp_out` by a clone of the clean "
+        "value with requires_grad (a hook that returns it), and differentiate with respect to those "
+        "leaves. Reading the gradient at a live MLP output lets it flow back through the later MLPs "
+        "(and into the embeddings through MLP 0): those paths belong to features and error nodes.",
+    ),
+    Mistake(
+        "logits not demeaned",
+        _variant(demean=False),
+        "a logit node's value is the demeaned logit: logits[-1, token] - logits[-1].mean() (the "
+        "unembedding column minus its vocabulary mean, as in the paper).",
+    ),
+    Mistake(
+        "wrong sign",
+        _variant(sign=-1.0),
+        "an edge is + (source vector . gradient of the target): no minus sign (it is not a loss "
+        "being minimised).",
+    ),
+    Mistake(
+        "forgot the activation",
+        _variant(activation=False),
+        "a feature's source vector is its activation times its decoders: edge = a_s * sum_l "
+        "W_dec[layer][feature, l - layer] . grad_mlp[l, pos]. Without a_s it is a virtual weight.",
+    ),
+    Mistake(
+        "own layer's decoder only",
+        _variant(all_decoders=False),
+        "a CLT feature writes to its own MLP AND every later one: sum W_dec[layer][feature, k] . "
+        "grad_mlp[layer + k, pos] over every k.",
+    ),
+    Mistake(
+        "error and embedding nodes left at zero",
+        _variant(sources=("features",)),
+        "errors and embeddings are sources too: error (layer, pos) gets graph.errors[layer, pos] . "
+        "grad_mlp[layer, pos] (entries graph.slices()['errors'], layer-major) and embedding pos gets "
+        "the clean `blocks.0.hook_resid_pre` vector . its gradient.",
+    ),
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _default_setup():
+    from course_utils.science.models import load_model
+
+    model = load_model("course-2l")
+    clt = CLT.load_clt()
+    graph = AG.attribute(model, clt, model.to_tokens(CHECK_PROMPT)[0])
+    return model, clt, graph
+
+
+@functools.lru_cache(maxsize=1)
+def _plt_pair():
+    from course_utils.science.models import load_sae
+
+    return CLT.CrossLayerTranscoder.from_transcoders(
+        {layer: load_sae(f"course-2l-tc{layer}") for layer in (0, 1)}
+    )
+
+
+_OTHER_GRAPHS: dict = {}
+
+
+def _other_graph(model, clt):
+    key = (id(model), id(clt))
+    if key not in _OTHER_GRAPHS:
+        _OTHER_GRAPHS.clear()
+        _OTHER_GRAPHS[key] = AG.attribute(model, clt, model.to_tokens(OTHER_PROMPT)[0], edges=False)
+    return _OTHER_GRAPHS[key]
+
+
+def _blanked(graph: AG.Graph) -> AG.Graph:
+    """The graph without its answers: the learner's function must compute the row."""
+    import dataclasses
+
+    return dataclasses.replace(graph, adjacency=torch.full_like(graph.adjacency, float("nan")))
+
+
+def _row_targets(graph: AG.Graph) -> dict[str, int]:
+    """The targets the check asks for (a fixed rule): the layer-0 and the layer-1 feature with the
+    largest activation at the last position, and the most likely token's logit node."""
+    last = graph.active[:, 1] == graph.n_pos - 1
+    out = {}
+    for layer in (0, 1):
+        nodes = (last & (graph.active[:, 0] == layer)).nonzero().flatten()
+        out[f"layer-{layer} feature"] = int(nodes[graph.activations[nodes].argmax()])
+    out["top logit"] = graph.slices()["logits"].start
+    return out
+
+
+def _row_compare(expected, actual):
+    if isinstance(actual, torch.Tensor) and actual.requires_grad:
+        return (
+            "your row still requires grad: return it detached (compute the dot products under "
+            "torch.no_grad(), or call .detach())"
+        )
+    return mismatch(expected, actual, atol=1e-4, rtol=1e-3)
+
+
+@exercise("3.2", "attribution_row")
+def attribution_row(learner, model=None, clt=None, graph=None) -> str:
+    """Rows of the chapter's graph (``graph.adjacency``) and of a second prompt's graph built with
+    chapter 05's per-layer transcoders (so notebook globals cannot stand in for the arguments)."""
+    if model is None or clt is None or graph is None:
+        model, clt, graph = _default_setup()
+    hidden = _blanked(graph)
+    cases = [
+        Case(f"{name} (node {t})", (model, clt, hidden, t))
+        for name, t in _row_targets(graph).items()
+    ]
+    adjacency = graph.adjacency
+
+    def attribution_row(model, clt, graph, target):  # the answer: the row AG.attribute built
+        return adjacency[target].clone()
+
+    summary = compare_function(
+        learner,
+        attribution_row,
+        cases,
+        ROW_MISTAKES,
+        compare=_row_compare,
+    )
+    plt = _plt_pair()
+    other = _other_graph(model, plt)
+    others = [
+        Case(
+            f"another prompt, per-layer transcoders as the CLT: {name} (node {t})",
+            (model, plt, other, t),
+        )
+        for name, t in _row_targets(other).items()
+        if name != "layer-0 feature"
+    ]
+    compare_function(learner, AG.attribution_row, others, ROW_MISTAKES, compare=_row_compare)
+    return (
+        summary.replace("matches the reference", "matches graph.adjacency")
+        + f"; and {len(others)} rows of another prompt's graph with another dictionary"
+    )
 
 
 # ---------------------------------------------------------------- 4.1 normalise adjacency

@@ -63,6 +63,19 @@ BILINEAR_TENSOR_MISTAKES = [
         "down-projection P in so B has one slice per OUTPUT, [d_out, d_in, d_in].",
     ),
     Mistake(
+        "weights read as [d_in, d_hidden] (TransformerLens's layout)",
+        lambda W1, W2, P: torch.einsum("oa,ia,ja->oij", P, W1, W2),
+        "W1 and W2 are [d_hidden, d_in] here (row a is hidden unit a), as in layer(x) = "
+        "P((W1 x) * (W2 x)); you indexed them as [d_in, d_hidden], TransformerLens's "
+        "right-multiplying layout. Use W1[a, i] and W2[a, j].",
+    ),
+    Mistake(
+        "P transposed",
+        lambda W1, W2, P: torch.einsum("ao,ai,aj->oij", P, W1, W2),
+        "P is [d_out, d_hidden]: the output index comes FIRST, B[o, i, j] = sum_a P[o, a] "
+        "W1[a, i] W2[a, j]; you used P[a, o].",
+    ),
+    Mistake(
         "symmetrised",
         lambda W1, W2, P: ref.symmetrize(ref.bilinear_tensor(W1, W2, P)),
         "your B is already symmetric in (i, j). That is right for interaction matrices "
@@ -92,6 +105,11 @@ def _tensor_cases() -> list[Case]:
         ),
         Case("W1 = W2 (a squaring layer)", (W1, W1.clone(), P)),
         Case("P = 0", (W1, W2, torch.zeros(3, 5))),
+        # square: a transposed weight gives numbers, not a shape error
+        Case(
+            "d_in = d_hidden = d_out = 4", tuple(torch.randn(4, 4, generator=g) for _ in range(3))
+        ),
+        Case("float64 weights", (W1.double(), W2.double(), P.double())),
     ]
 
 
@@ -157,6 +175,7 @@ def _interaction_cases() -> list[Case]:
         Case("a logit: u = e_2", (B_sq, torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]))),
         Case("a logit difference e_0 - e_1", (B, torch.tensor([1.0, -1.0, 0.0]))),
         Case("one output", (torch.randn(1, 3, 3, generator=g), torch.tensor([0.5]))),
+        Case("float64 B and u", (B.double(), torch.randn(3, generator=g).double())),
     ]
 
 
@@ -293,6 +312,7 @@ def _eig_cases() -> list[Case]:
             (_sym(torch.outer(torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.5, 0.0, -1.0]))),),
         ),
         Case("1x1", (torch.tensor([[-2.0]]),)),
+        Case("float64, 5x5", (_sym(torch.randn(5, 5, generator=g, dtype=torch.float64)),)),
     ]
 
 
@@ -497,6 +517,22 @@ HESSIAN_MISTAKES = [
         lambda m, x, c: ref.logit_hessian(m, x, c) / 2,
         "your result is half the Hessian. d^2/dx^2 of x^T Q x is 2 Q (Q symmetric).",
     ),
+    Mistake(
+        "4 Q_c (the 2 counted twice)",
+        lambda m, x, c: ref.logit_hessian(m, x, c) * 2,
+        "your result is twice the Hessian. For x^T Q x with Q symmetric the Hessian is 2 Q, "
+        "i.e. M + M^T for M = B_c, not 2 (M + M^T).",
+    ),
+    Mistake(
+        "2 B_c from the weights, not symmetrised",
+        lambda m, x, c: (
+            2 * ref.bilinear_tensor(m.W1, m.W2, m.P)[c].detach()
+            if isinstance(m, ref.BilinearClassifier)
+            else ref.logit_hessian(m, x, c)
+        ),
+        "a Hessian is symmetric: the second derivative of x^T M x is M + M^T = 2 sym(M), not "
+        "2 M. (Computing it from the weights is fine for the bilinear model; symmetrise B_c.)",
+    ),
 ]
 
 
@@ -560,6 +596,19 @@ MLP_INTERACTION_MISTAKES = [
         "number for all of them.",
     ),
     Mistake(
+        "W_out transposed",
+        lambda W_gate, W_in, W_out, u: _tl_sym((W_gate * (W_out.T @ u)) @ W_in.T),
+        "W_out is [d_mlp, d_model]: hidden unit a writes the ROW W_out[a], so its weight along u "
+        "is h = W_out @ u, not W_out.T @ u.",
+    ),
+    Mistake(
+        "the d_mlp x d_mlp matrix (weights transposed)",
+        lambda W_gate, W_in, W_out, u: _tl_sym((W_gate.T * (W_out @ u)) @ W_in),
+        "TransformerLens multiplies from the right: W_gate and W_in are [d_model, d_mlp], so "
+        "hidden unit a's directions are the COLUMNS W_gate[:, a] and W_in[:, a] and Q is "
+        "[d_model, d_model]: M = (W_gate * h) @ W_in.T.",
+    ),
+    Mistake(
         "forgot the 1/2",
         lambda W_gate, W_in, W_out, u: (lambda M: M + M.T)((W_gate * (W_out @ u)) @ W_in.T),
         "your Q is twice the reference: the symmetric part is (M + M^T) / 2.",
@@ -584,6 +633,10 @@ def _mlp_interaction_cases() -> list[Case]:
         Case("u = e_1 (one residual coordinate)", (*small, torch.tensor([0.0, 1.0, 0.0, 0.0]))),
         Case("u = e_0 - e_3 (a difference)", (*square, torch.tensor([1.0, 0, 0, -1.0, 0]))),
         Case("one hidden unit", (*weights(3, 1), torch.randn(3, generator=g))),
+        Case(
+            "float64, d_model 4, d_mlp 6",
+            tuple(t.double() for t in (*weights(4, 6), torch.randn(4, generator=g))),
+        ),
     ]
 
 

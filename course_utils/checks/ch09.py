@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -113,11 +115,23 @@ def _zero_case():
     )
 
 
+def _tiny_case():
+    """Zero input, biases of size ~1e-7: every pre-activation is a tiny nonzero number, so a code
+    thresholded at a tolerance (z > 1e-6) or rounded before the sign differs from [z > 0]."""
+    model = _net([2, 12, 6, 2], 8)
+    with torch.no_grad():
+        for layer in P.linear_layers(model):
+            layer.bias.mul_(1e-7)
+    return Case("pre-activations of size 1e-7 (no tolerance: the sign decides)", (model, torch.zeros(3, 2)))
+
+
 def _code_cases() -> list[Case]:
     return [
         Case("2-16-2 seeded", (_net([2, 16, 2], 0), _x(50, 2, 1))),
         Case("2-8-8-8-2 deep", (_net([2, 8, 8, 8, 2], 1, bias_scale=2.0), _x(50, 2, 2))),
         Case("64-20-12-10 batch of one", (_net([64, 20, 12, 10], 2), _x(1, 64, 3, 0.5))),
+        Case("float64 network and input", (_net([3, 9, 7, 2], 5).double(), _x(40, 3, 4).double())),
+        _tiny_case(),
         _zero_case(),
     ]
 
@@ -266,6 +280,202 @@ def local_affine_map(learner) -> str:
     return summary + f"; A x + c = model(x) in float64 to {error:.1e}"
 
 
+# ---------------------------------------------------------------- 2.1 the arrangement bound
+
+
+def _integer_equal(expected, actual) -> str | None:
+    if type(expected) is not int:  # a known mistake's output, compared with the learner's
+        same = type(actual) is type(expected) and actual == expected
+        return None if same else f"got {actual!r}, expected {expected!r}"
+    if isinstance(actual, bool) or not isinstance(actual, int):
+        return (
+            f"return a Python int (exact integer arithmetic, e.g. math.comb), got "
+            f"{type(actual).__name__} {actual!r}; expected {expected}"
+        )
+    if actual != expected:
+        return f"got {actual}, expected {expected}"
+    return None
+
+
+def _bound_no_one(n_hyperplanes, d):
+    return sum(math.comb(n_hyperplanes, k) for k in range(1, d + 1))
+
+
+def _bound_to_d_minus_one(n_hyperplanes, d):
+    return sum(math.comb(n_hyperplanes, k) for k in range(d))
+
+
+def _bound_powers(n_hyperplanes, d):
+    return sum(n_hyperplanes**k for k in range(d + 1))
+
+
+def _bound_every_code(n_hyperplanes, d):
+    return 2**n_hyperplanes
+
+
+def _bound_2d_float(n_hyperplanes, d):
+    return 1 + n_hyperplanes + n_hyperplanes * (n_hyperplanes - 1) / 2
+
+
+def _bound_2d_always(n_hyperplanes, d):
+    return 1 + n_hyperplanes + n_hyperplanes * (n_hyperplanes - 1) // 2
+
+
+def _bound_top_term(n_hyperplanes, d):
+    return math.comb(n_hyperplanes, d)
+
+
+BOUND_MISTAKES = [
+    Mistake(
+        "missing the k = 0 term",
+        _bound_no_one,
+        "start the sum at k = 0: with no hyperplane at all there is already one region, C(n, 0) = 1.",
+    ),
+    Mistake(
+        "sum stops at d - 1",
+        _bound_to_d_minus_one,
+        "the sum runs over k = 0, 1, ..., d INCLUSIVE: range(d + 1).",
+    ),
+    Mistake(
+        "n^k instead of C(n, k)",
+        _bound_powers,
+        "each term is a binomial coefficient C(n, k) (math.comb), not n ** k: in 2-D the last "
+        "term counts the n(n-1)/2 PAIRS of lines that meet.",
+    ),
+    Mistake(
+        "2^n (every code)",
+        _bound_every_code,
+        "not every one of the 2^n codes can be realised: in d dimensions only sum_{k<=d} C(n, k) "
+        "regions exist.",
+    ),
+    Mistake(
+        "a float from / 2",
+        _bound_2d_float,
+        "return an exact int: use math.comb (or // for integer division), never / .",
+    ),
+    Mistake(
+        "the 2-D formula for every d",
+        _bound_2d_always,
+        "1 + n + n(n-1)/2 holds for d = 2 only: use d, sum_{k=0..d} C(n, k).",
+    ),
+]
+
+
+def _bound_cases() -> list[Case]:
+    return [
+        Case("16 lines in the plane", (16, 2)),
+        Case("32 lines in the plane", (32, 2)),
+        Case("no hyperplane", (0, 2)),
+        Case("7 points on a line", (7, 1)),
+        Case("10 planes in 3-D", (10, 3)),
+        Case("fewer hyperplanes than dimensions", (3, 5)),
+        Case("d = 0", (5, 0)),
+    ]
+
+
+@exercise("2.1", "arrangement_bound")
+def arrangement_bound(learner) -> str:
+    return compare_function(
+        learner, P.arrangement_bound, _bound_cases(), BOUND_MISTAKES, compare=_integer_equal
+    )
+
+
+# ---------------------------------------------------------------- 2.2 count regions
+
+
+def _count_by_active(codes):
+    return int(torch.unique(codes.sum(-1)).shape[0])
+
+
+def _count_by_float_hash(codes):
+    powers = 2.0 ** torch.arange(codes.shape[1], dtype=torch.float32)
+    return int(torch.unique(codes.float() @ powers).shape[0])
+
+
+def _count_values(codes):
+    return int(torch.unique(codes).shape[0])
+
+
+def _count_rows(codes):
+    return int(codes.shape[0])
+
+
+def _count_columns(codes):
+    return int(torch.unique(codes, dim=1).shape[1])
+
+
+def _count_int64_hash(codes):
+    powers = 2 ** torch.arange(codes.shape[1], dtype=torch.int64)
+    return int(torch.unique((codes.long() * powers).sum(-1)).shape[0])
+
+
+COUNT_MISTAKES = [
+    Mistake(
+        "counts how many neurons are on",
+        _count_by_active,
+        "two different codes can have the same number of active neurons: compare whole rows, "
+        "e.g. torch.unique(codes, dim=0).",
+    ),
+    Mistake(
+        "hashes the code into a float",
+        _count_by_float_hash,
+        "a float32 holds 24 bits exactly, so codes that differ only in later neurons tie after "
+        "rounding: compare the bool rows themselves (torch.unique(codes, dim=0)), no arithmetic.",
+    ),
+    Mistake(
+        "unique values, not unique rows",
+        _count_values,
+        "torch.unique(codes) returns the distinct VALUES (False, True); pass dim=0 for distinct rows.",
+    ),
+    Mistake(
+        "one region per point",
+        _count_rows,
+        "points that share a code share a region: count distinct codes, not points.",
+    ),
+    Mistake(
+        "unique columns",
+        _count_columns,
+        "a code is a ROW (one per point): torch.unique(codes, dim=0).",
+    ),
+    Mistake(
+        "hashes the code into one int64",
+        _count_int64_hash,
+        "an int64 holds 63 bits, so a code of more neurons overflows and distinct codes collide: "
+        "compare the bool rows themselves (torch.unique(codes, dim=0)).",
+    ),
+]
+
+
+def _count_cases() -> list[Case]:
+    g = _g(40)
+    same_count = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 1]]).bool()
+    late_bits = torch.zeros(6, 40, dtype=torch.bool)
+    late_bits[:, 0] = True
+    late_bits[1, 35] = late_bits[2, 36] = late_bits[3, 35] = late_bits[4, 39] = True
+    late_bits[5, 0], late_bits[5, 35] = False, True  # float32(1 + 2**35) == 2**35: a tie
+    wide = torch.zeros(8, 130, dtype=torch.bool)
+    wide[:, 5] = True
+    wide[1, 100] = wide[2, 70] = wide[3, 129] = wide[4, 100] = True
+    wide[5, 5], wide[5, 100] = False, True  # float64(2**5 + 2**100) == 2**100: a tie
+    many = torch.rand(300, 12, generator=g) < 0.2  # repeats are common
+    grid_codes = P.spline_code(_net([2, 16, 16, 2], 0), P.grid_points(-2.5, 3.5, 60)[1])
+    return [
+        Case("300 random codes of 12 neurons, many repeats", (many,)),
+        Case("equal numbers of active neurons", (same_count,)),
+        Case("40 neurons, codes differing only past neuron 30", (late_bits,)),
+        Case("130 neurons, codes differing only past neuron 63", (wide,)),
+        Case("a 2-16-16-2 net on a 60x60 grid", (grid_codes,)),
+        Case("one point", (torch.ones(1, 5, dtype=torch.bool),)),
+    ]
+
+
+@exercise("2.2", "count_regions")
+def count_regions(learner) -> str:
+    return compare_function(
+        learner, P.count_regions, _count_cases(), COUNT_MISTAKES, compare=_integer_equal
+    )
+
+
 # ---------------------------------------------------------------- 3.1 code changes along a path
 
 
@@ -341,6 +551,15 @@ def _path_cases() -> list[Case]:
         Case("2-8-8-8-2 fine", (deep, _x(4, 2, 14, 3.0), _x(4, 2, 15, 3.0), 1000)),
         Case("64-d batch of one", (digits_like, _x(1, 64, 16), _x(1, 64, 17), 300)),
         Case("one step", (wide, _x(5, 2, 18), _x(5, 2, 19), 1)),
+        Case(
+            "float64",
+            (
+                _net([2, 8, 8, 8, 2], 1, bias_scale=2.0).double(),
+                _x(4, 2, 20, 3.0).double(),
+                _x(4, 2, 21, 3.0).double(),
+                500,
+            ),
+        ),
     ]
 
 
@@ -435,6 +654,10 @@ def _cross_cases() -> list[Case]:
                 torch.tensor([1.0, 1.0]),
             ),
         ),
+        Case(
+            "float64",
+            (W.double(), b.double(), torch.tensor([-2.0, -1.5]).double(), torch.tensor([2.5, 1.0]).double()),
+        ),
     ]
 
 
@@ -506,6 +729,10 @@ def _purity_cases() -> list[Case]:
         Case("unequal cluster sizes, ids 0..2", (lab_sizes, sizes)),
         Case("one cluster", (labels, torch.zeros(200, dtype=torch.int64))),
         Case("every point its own cluster", (labels[:40], torch.arange(40) * 5 + 100)),
+        Case(
+            "a noise cluster with id -1 (as DBSCAN names it)",
+            (torch.arange(60) % 4, torch.arange(60) % 4 - 1),
+        ),
     ]
 
 

@@ -278,11 +278,14 @@ def attribute(
     max_n_logits: int = 10,
     desired_prob: float = 0.95,
     batch_size: int = 256,
+    edges: bool = True,
 ) -> Graph:
     """The attribution graph of ``tokens`` (next-token prediction at the last position).
 
     ``target_tokens`` (token ids) overrides the logit nodes; by default the most likely tokens
-    covering ``desired_prob`` of the probability, at most ``max_n_logits``."""
+    covering ``desired_prob`` of the probability, at most ``max_n_logits``. ``edges=False`` gives
+    the nodes, values and constants only (``adjacency`` left zero): cheap, for checking rows
+    computed one at a time."""
     check_clt_fits(model, clt)
     tokens = check_prompt(model, tokens)
     L, pos = model.cfg.n_layers, len(tokens)
@@ -317,7 +320,7 @@ def attribute(
     groups = {key: torch.tensor(v) for key, v in groups.items()}
     W_enc = clt.W_enc.detach()
 
-    for start in range(0, len(targets), batch_size):
+    for start in range(0, len(targets) if edges else 0, batch_size):
         chunk = targets[start : start + batch_size]
         B = len(chunk)
         resid0 = run["embed"][None].expand(B, -1, -1).clone().requires_grad_(True)
@@ -373,6 +376,91 @@ def attribute(
         n_layers=L, errors=errors, kind=getattr(clt, "kind", "cross-layer transcoder"),
     )  # fmt: skip
     return graph
+
+
+def attribution_row(
+    model: HookedTransformer, clt: CrossLayerTranscoder, graph: Graph, target: int
+) -> Float[Tensor, " n_nodes"]:
+    """Reference for exercise 3.2: row ``target`` of ``graph.adjacency`` (the direct effect of every
+    node on node ``target``, an active feature or a logit) from ONE backward pass through the local
+    replacement model of ``graph.tokens``. ``attribute`` does the same for a batch of targets.
+
+    Written for reading: the hooks freeze attention patterns and LayerNorm scales at their clean
+    values and replace the embeddings and every MLP output by leaf tensors, so the gradient of the
+    target reaches each source along linear paths only (never through an MLP or the CLT)."""
+    s = graph.slices()
+    kind = graph.node_kind(target)
+    if kind not in ("feature", "logit"):
+        raise ValueError(f"node {target} is a {kind} node: only features and logits have inputs.")
+    tokens, n_layers = graph.tokens, model.cfg.n_layers
+
+    # 1. The clean run: the values the local replacement model freezes, and its source vectors.
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None])
+
+    # 2. Sources as leaves. A hook that returns a leaf in place of an MLP's output cuts every path
+    #    through that MLP: the gradient stops at the leaf.
+    embed = cache["blocks.0.hook_resid_pre"].clone().requires_grad_(True)  # [1, pos, d_model]
+    mlp_out = [
+        cache[f"blocks.{layer}.hook_mlp_out"].clone().requires_grad_(True)
+        for layer in range(n_layers)
+    ]  # n_layers x [1, pos, d_model]
+
+    def constant(value: Tensor):
+        """A hook that replaces the activation by ``value`` (a leaf, or a frozen clean value)."""
+        return lambda activation, hook: value
+
+    hooks = [("blocks.0.hook_resid_pre", constant(embed))]
+    for layer in range(n_layers):
+        # frozen attention pattern: the softmax no longer depends on the residual stream (QK)
+        name = f"blocks.{layer}.attn.hook_pattern"
+        hooks.append((name, constant(cache[name])))
+        # frozen LayerNorm scales: each norm becomes a linear map (centre, divide by a constant)
+        for ln in ("ln1", "ln2"):
+            name = f"blocks.{layer}.{ln}.hook_scale"
+            hooks.append((name, constant(cache[name])))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", constant(mlp_out[layer])))
+    hooks.append(("ln_final.hook_scale", constant(cache["ln_final.hook_scale"])))
+    ln2_out: dict[int, Tensor] = {}  # what each layer's CLT encoder reads
+
+    def save(activation, hook):
+        ln2_out[hook.layer()] = activation
+        return activation
+
+    hooks += [(f"blocks.{layer}.ln2.hook_normalized", save) for layer in range(n_layers)]
+    logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]  # [pos, d_vocab]
+
+    # 3. The target's value, a linear function of the sources (the biases add a constant).
+    if kind == "feature":
+        layer, pos, feature = graph.active[target].tolist()
+        value = ln2_out[layer][0, pos] @ clt.W_enc[layer, :, feature].detach()  # pre-activation
+    else:
+        token = graph.logit_tokens[target - s["logits"].start]
+        last = logits[-1]
+        value = last[token] - last.mean()  # demeaned: the unembedding column minus its mean
+
+    # 4. One backward pass: d value / d source, for every source vector at every position.
+    grads = torch.autograd.grad(value, [embed, *mlp_out], allow_unused=True)
+    grads = [
+        torch.zeros_like(x) if g is None else g
+        for x, g in zip([embed, *mlp_out], grads, strict=True)
+    ]
+    grad_embed = grads[0][0]  # [pos, d_model]
+    grad_mlp = torch.stack(grads[1:])[:, 0]  # [n_layers, pos, d_model]
+
+    # 5. Edge = source vector . gradient. A feature's vector is its activation times its decoder
+    #    into each MLP it writes to (its own layer and every later one).
+    row = torch.zeros(graph.n_nodes)
+    with torch.no_grad():
+        for layer in range(n_layers):
+            nodes = (graph.active[:, 0] == layer).nonzero().flatten()
+            pos, feature = graph.active[nodes, 1], graph.active[nodes, 2]
+            decoders = clt.W_dec[layer][feature]  # [n, n_layers - layer, d_model]
+            grad_at = grad_mlp[layer:, pos].transpose(0, 1)  # [n, n_layers - layer, d_model]
+            row[nodes] = graph.activations[nodes] * (decoders * grad_at).sum((-1, -2))
+        row[s["errors"]] = (graph.errors * grad_mlp).sum(-1).flatten()  # layer-major, as nodes
+        row[s["embeddings"]] = (embed[0] * grad_embed).sum(-1)
+    return row
 
 
 def completeness_residual(graph: Graph) -> float:
@@ -440,11 +528,20 @@ def prune_nodes(influence: Tensor, is_feature: Tensor, threshold: float) -> Tens
 
 
 def prune_graph(
-    graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98
+    graph: Graph,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    edge_influence: str = "pruned",
 ) -> tuple[Tensor, Tensor]:
     """(node_mask, edge_mask): influence-based node pruning (features only: embeddings, errors and
-    logits are kept, as in the paper), then edge pruning on the pruned graph (edge score =
-    normalised weight x the target's influence, logit targets weighted by their probability)."""
+    logits are kept, as in the paper), then edge pruning on the pruned graph: edge score =
+    normalised weight x (influence of its target + the target's logit probability).
+
+    ``edge_influence="pruned"`` (default, as circuit-tracer's ``compute_edge_influence``) normalises
+    the node-pruned adjacency and recomputes influence on it, so the edge scores describe the graph
+    that is drawn; ``"full"`` reuses the unpruned graph's normalisation and influence."""
+    if edge_influence not in ("pruned", "full"):
+        raise ValueError(f"edge_influence must be 'pruned' or 'full', got {edge_influence!r}.")
     A_norm = normalise_adjacency(graph.adjacency)
     w = graph.logit_weights()
     infl = node_influence(A_norm, w)
@@ -454,7 +551,11 @@ def prune_graph(
     pruned = graph.adjacency.clone()
     pruned[~node_mask] = 0
     pruned[:, ~node_mask] = 0
-    scores = normalise_adjacency(pruned) * (infl + w)[:, None]
+    if edge_influence == "pruned":
+        pruned_norm = normalise_adjacency(pruned)
+        scores = pruned_norm * (node_influence(pruned_norm, w) + w)[:, None]
+    else:
+        scores = normalise_adjacency(pruned) * (infl + w)[:, None]
     edge_mask = scores >= cumulative_threshold(scores, edge_threshold)
     edge_mask &= pruned != 0
     return node_mask, edge_mask

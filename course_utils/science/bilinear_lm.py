@@ -63,25 +63,34 @@ MLP_ARCHITECTURE = {
 
 @dataclass
 class BilinearLMConfig:
-    """Everything that decides the shipped weights (the training loop is course-2l's)."""
+    """Everything that decides the shipped weights.
+
+    Recipe (issue 26): both twins train side by side, step by step, on the same batches, from the
+    same seed: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), linear warm-up then cosine
+    to 10% of the peak, gradient-norm clipping at 1.0. Held-out loss is measured on
+    ``checkpoint_windows`` validation windows at every step in ``checkpoints`` (points of ONE run
+    with one cosine schedule, not separate shorter runs), next to add-k bigram tables.
+    """
 
     seed: int = 0
-    steps: int = 300
-    batch_size: int = 16
+    steps: int = 1600
+    batch_size: int = 8
     lr: float = 5e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     min_lr_fraction: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     threads: int = 1  # on a shared 2-core machine one thread was 2x faster per step than two
-    log_every: int = 25
+    log_every: int = 50
     record_first_steps: int = 10
+    checkpoints: tuple[int, ...] = (100, 200, 400, 800, 1200, 1600)
+    checkpoint_windows: int = 128  # the first windows of the validation split
     validation_windows: int | None = None  # None: the whole validation split
     kinds: tuple[str, ...] = KINDS
     base: dict = field(default_factory=lambda: dict(BASE_ARCHITECTURE))
 
     def course_build_config(self, kind: str) -> cm.BuildConfig:
-        """The same settings in the form ``course_model.train_model`` reads."""
+        """The same settings in the form ``course_model``'s batches and schedule read."""
         return cm.BuildConfig(
             seed=self.seed,
             steps=self.steps,
@@ -221,11 +230,18 @@ def load_bilinear_lm(kind: str = "bilinear", directory: Path | None = None) -> H
 
 
 def files_sha256(directory: Path, kinds: tuple[str, ...] = KINDS) -> dict[str, str]:
-    return {
-        f"{kind}/{name}": cm.sha256_file(Path(directory) / kind / name)
+    """SHA-256 of each model's files and of the SAE folders' files (those present)."""
+    directory = Path(directory)
+    out = {
+        f"{kind}/{name}": cm.sha256_file(directory / kind / name)
         for kind in kinds
         for name in (cm.CONFIG_FILE, cm.WEIGHTS_FILE)
     }
+    for name in SAE_SITES:
+        if (directory / name).is_dir():
+            for f in sorted((directory / name).iterdir()):
+                out[f"{name}/{f.name}"] = cm.sha256_file(f)
+    return out
 
 
 def read_metadata(directory: Path | None = None) -> dict:
@@ -246,9 +262,140 @@ def validation_windows(model: HookedTransformer, limit: int | None = None) -> Te
     return windows if limit is None else windows[:limit]
 
 
+def _optimizer(model: HookedTransformer, config: BilinearLMConfig) -> torch.optim.AdamW:
+    decay = [
+        p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "W_" in n
+    ]
+    no_decay = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and not (p.ndim >= 2 and "W_" in n)
+    ]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def train_side_by_side(
+    models: dict[str, HookedTransformer],
+    stream: Tensor,
+    config: BilinearLMConfig,
+    heldout: Tensor,
+    log=print,
+) -> dict:
+    """Train every model on the SAME batch at each step (course-2l's batches and schedule), and
+    measure held-out loss on ``heldout`` at ``config.checkpoints``. Returns per kind: first
+    losses, training-loss curve, checkpoint losses and seconds spent training it."""
+    schedule = config.course_build_config(next(iter(models)))
+    optimizers = {kind: _optimizer(m, config) for kind, m in models.items()}
+    bos = next(iter(models.values())).tokenizer.bos_token_id
+    batches = cm.training_batches(stream, schedule, bos)
+    out = {
+        k: {"first_losses": [], "loss_curve": [], "checkpoints": [], "train_seconds": 0.0}
+        for k in models
+    }
+    running = {k: 0.0 for k in models}
+    start = time.perf_counter()
+    for m in models.values():
+        m.train()
+    for step in range(config.steps):
+        lr = cm.learning_rate(step, schedule)
+        tokens = next(batches)
+        for kind, model in models.items():
+            t0 = time.perf_counter()
+            for group in optimizers[kind].param_groups:
+                group["lr"] = lr
+            loss = model(tokens, return_type="loss")
+            optimizers[kind].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizers[kind].step()
+            value = loss.item()
+            out[kind]["train_seconds"] += time.perf_counter() - t0
+            running[kind] += value
+            if step < config.record_first_steps:
+                out[kind]["first_losses"].append(value)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            count = (step % config.log_every) + 1
+            for kind in models:
+                out[kind]["loss_curve"].append((done, running[kind] / count))
+                running[kind] = 0.0
+            log(
+                f"step {done:5d}/{config.steps}  "
+                + "  ".join(f"{k} {out[k]['loss_curve'][-1][1]:.4f}" for k in models)
+                + f"  lr {lr:.2e}  {(time.perf_counter() - start) / 60:.1f} min"
+            )
+        if done in config.checkpoints:
+            for kind, model in models.items():
+                model.eval()
+                held = cm.model_loss(model, heldout)
+                model.train()
+                out[kind]["checkpoints"].append((done, held))
+            log(
+                f"  held-out at step {done}: "
+                + "  ".join(f"{k} {out[k]['checkpoints'][-1][1]:.4f}" for k in models)
+            )
+    for m in models.values():
+        m.eval()
+    for kind in models:
+        out[kind]["train_seconds"] = round(out[kind]["train_seconds"], 1)
+    return out
+
+
+DOSE_RESPONSE_FILE = "dose_response.csv"
+
+
+def write_dose_response(metadata: dict, path: Path) -> None:
+    """The committed table the notebook plots: one row per (step, model) plus the bigrams."""
+    rows = ["step,tokens,lr,model,heldout_loss,train_loss"]
+    cfg = metadata["build_config"]
+    schedule = cm.BuildConfig(
+        **{k: cfg[k] for k in ("seed", "steps", "batch_size", "lr", "warmup_steps")},
+        min_lr_fraction=cfg["min_lr_fraction"],
+        architecture=dict(cfg["base"]),
+    )
+    per_step = cfg["batch_size"] * cfg["base"]["n_ctx"]
+    for kind, rec in metadata["models"].items():
+        train = dict((int(s), v) for s, v in rec["loss_curve"])
+        for step, held in rec["checkpoints"]:
+            rows.append(
+                f"{step},{step * per_step},{cm.learning_rate(step - 1, schedule):.6g},{kind},"
+                f"{held:.5f},{train.get(int(step), float('nan')):.5f}"
+            )
+    for name, loss in metadata["heldout_baselines"].items():
+        rows.append(f",,,{name},{loss:.5f},")
+    Path(path).write_text("\n".join(rows) + "\n")
+
+
+def read_dose_response(directory: Path | None = None) -> list[dict]:
+    """Rows of ``dose_response.csv`` (numbers as floats; blank cells as None)."""
+    import csv
+
+    path = (asset_dir() if directory is None else Path(directory)) / DOSE_RESPONSE_FILE
+    if not path.is_file():
+        raise BilinearLMFileError(_missing(path))
+    rows = []
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            rows.append(
+                {
+                    k: (v if k == "model" else (float(v) if v != "" else None))
+                    for k, v in row.items()
+                }
+            )
+    return rows
+
+
 def build(config: BilinearLMConfig, out_dir: Path, log=print) -> dict:
-    """Train each kind in ``config.kinds`` from the same seed on the same batches; save, evaluate
-    (after the float16 round trip, i.e. the weights as shipped) and write ``metadata.json``."""
+    """Train the kinds in ``config.kinds`` side by side from the same seed on the same batches;
+    save, evaluate (after the float16 round trip, i.e. the weights as shipped) and write
+    ``metadata.json`` and ``dose_response.csv``."""
     from course_utils.science.activations import _cached_stream, _plain_tokenizer_json
 
     start = time.perf_counter()
@@ -267,32 +414,43 @@ def build(config: BilinearLMConfig, out_dir: Path, log=print) -> dict:
         "tokens_trained": config.steps * config.batch_size * config.base["n_ctx"],
         "models": {},
     }
+    models = {}
     for kind in config.kinds:
         torch.manual_seed(config.seed)
-        model = new_model(kind, tokenizer.vocab_size, tokenizer, config.seed, config.base)
-        log(f"{kind}: {n_trainable(model):,} trainable parameters; {config.steps} steps")
-        t0 = time.perf_counter()
-        first, curve = cm.train_model(model, train_stream, config.course_build_config(kind), log)
-        seconds = time.perf_counter() - t0
+        models[kind] = new_model(kind, tokenizer.vocab_size, tokenizer, config.seed, config.base)
+        log(f"{kind}: {n_trainable(models[kind]):,} trainable parameters; {config.steps} steps")
+    first = next(iter(models.values()))
+    heldout = validation_windows(first, config.checkpoint_windows)
+    whole = validation_windows(first, config.validation_windows)
+    metadata["heldout_tokens_scored"] = int(heldout[:, 1:].numel())
+    baselines = {}
+    for add_k in (0.1,):
+        table = cm.bigram_table(train_stream, tokenizer.vocab_size, add_k)
+        baselines[f"bigram add-{add_k}"] = cm.bigram_loss(table, heldout)
+        metadata[f"bigram_add_{add_k}_validation_loss"] = cm.bigram_loss(table, whole)
+    best = cm.best_bigram(train_stream, heldout, tokenizer.vocab_size)
+    baselines[f"bigram best add-k ({best['add_k']})"] = best["loss"]
+    metadata["heldout_baselines"] = baselines
+    log("held-out baselines: " + ", ".join(f"{k} {v:.4f}" for k, v in baselines.items()))
+    trained = train_side_by_side(models, train_stream, config, heldout, log)
+    for kind, model in models.items():
         save_model(model, kind, out_dir)
         shipped = load_bilinear_lm(kind, out_dir)  # measure the float16 weights as shipped
-        windows = validation_windows(shipped, config.validation_windows)
         metadata["models"][kind] = {
             "parameters_trainable": n_trainable(model),
             "mlp_parameters": sum(
                 p.numel() for p in model.blocks[0].mlp.parameters() if p.requires_grad
             ),
-            "first_losses": first,
-            "loss_curve": curve,
-            "train_seconds": round(seconds, 1),
-            "validation_loss": cm.model_loss(shipped, windows),
-            "validation_loss_float32": cm.model_loss(model, windows),
-            "validation_tokens_scored": int(windows[:, 1:].numel()),
+            **trained[kind],
+            "validation_loss": cm.model_loss(shipped, whole),
+            "validation_loss_float32": cm.model_loss(model, whole),
+            "validation_tokens_scored": int(whole[:, 1:].numel()),
         }
         log(f"{kind}: validation loss {metadata['models'][kind]['validation_loss']:.4f}")
     metadata["build_seconds"] = round(time.perf_counter() - start, 1)
     metadata["files_sha256"] = files_sha256(out_dir, config.kinds)
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_dose_response(metadata, out_dir / DOSE_RESPONSE_FILE)
     return metadata
 
 
@@ -364,3 +522,90 @@ def explained_by_top_k(
     full = terms.sum(-1)
     var = full.var(unbiased=False).clamp_min(1e-30)
     return {k: 1 - ((full - terms[:, :k].sum(-1)).pow(2).mean() / var).item() for k in ks}
+
+
+# ----------------------------------------------------------------------------- dictionaries
+
+#: The two SAEs on the bilinear model (issue 26): an OUTPUT dictionary on what the MLP writes
+#: (its encoder rows are output directions u, as Pearce et al. section 3.1 use them) and an INPUT
+#: dictionary on the residual stream the MLP reads (before ln2), to name eigenvectors by features.
+SAE_SITES = {"sae-mlp-out": "blocks.0.hook_mlp_out", "sae-resid-mid": "blocks.0.hook_resid_mid"}
+REBUILD_SAES_COMMAND = "python -m course_utils.assets build-bilinear-lm --saes-only"
+
+
+@dataclass
+class BilinearSAEConfig:
+    """TopK SAEs (SAELens format) on the shipped bilinear model; activations from train windows."""
+
+    d_sae: int = 512
+    k: int = 8  # k / d_model = 1/16, about Pearce et al.'s 30 / 512
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 3e-3
+    windows: int = 512  # train windows of 128 tokens whose activations are sampled
+    seed: int = 0
+    threads: int = 1
+
+
+@torch.no_grad()
+def _site_activations(model: HookedTransformer, windows: Tensor, hook: str) -> Tensor:
+    rows = []
+    for start in range(0, len(windows), 32):
+        _, cache = model.run_with_cache(windows[start : start + 32], names_filter=hook)
+        rows.append(cache[hook][:, 1:].flatten(0, 1))  # skip the BOS position
+    return torch.cat(rows)
+
+
+def build_saes(config: BilinearSAEConfig, out_dir: Path, log=print) -> dict:
+    """Train one TopK SAE per site in ``SAE_SITES`` on the bilinear model in ``out_dir`` and write
+    them as SAELens folders ``out_dir/<name>/``; records go into ``metadata.json["saes"]``."""
+    from course_utils.science import saes as S
+    from course_utils.science.activations import corpus_windows
+    from course_utils.science.sae_eval import train_dictionary
+    from course_utils.science.saelens_io import export_sae
+
+    torch.set_num_threads(config.threads)
+    out_dir = Path(out_dir)
+    model = load_bilinear_lm("bilinear", out_dir)
+    train = corpus_windows(model, "train")
+    g = torch.Generator().manual_seed(config.seed)
+    windows = train[torch.randperm(len(train), generator=g)[: config.windows]]
+    heldout = validation_windows(model, 64)
+    records = {}
+    for name, hook in SAE_SITES.items():
+        t0 = time.perf_counter()
+        acts = _site_activations(model, windows, hook)
+        order = torch.randint(0, len(acts), (config.steps, config.batch_size), generator=g)
+        sae = S.TopKSAE(model.cfg.d_model, config.d_sae, k=config.k, seed=config.seed)
+        stats = train_dictionary(sae, [acts[i] for i in order], lr=config.lr)
+        export_sae(sae, out_dir / name, hook_name=hook, model_name="bilinear-1l", model=model)
+        val = _site_activations(model, heldout, hook)
+        with torch.no_grad():
+            recon = sae(val)[1][:, 0]  # (acts, x_hat), one instance
+        fvu = ((val - recon).pow(2).sum() / (val - val.mean(0)).pow(2).sum()).item()
+        records[name] = {
+            "hook_name": hook,
+            "d_sae": config.d_sae,
+            "k": config.k,
+            "train_positions": int(len(acts)),
+            "heldout_fvu": fvu,
+            "dead": int(stats["dead"].sum()),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        log(f"{name} ({hook}): held-out FVU {fvu:.3f}, dead {records[name]['dead']}")
+    meta_path = out_dir / METADATA_FILE
+    metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    metadata["saes"] = {"build_config": asdict(config), "dictionaries": records}
+    metadata["files_sha256"] = files_sha256(out_dir, tuple(metadata.get("models", KINDS)))
+    meta_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    return records
+
+
+def load_bilinear_sae(name: str = "sae-mlp-out", directory: Path | None = None):
+    """One of the shipped SAELens dictionaries of the bilinear model (``SAE_SITES``)."""
+    from course_utils.science.models import load_sae_folder
+
+    if name not in SAE_SITES:
+        raise ValueError(f"name must be one of {tuple(SAE_SITES)}, got {name!r}.")
+    folder = (asset_dir() if directory is None else Path(directory)) / name
+    return load_sae_folder(folder, rebuild=REBUILD_SAES_COMMAND)

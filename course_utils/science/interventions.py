@@ -426,16 +426,19 @@ def integrated_gradients(
 ) -> Float[Tensor, "batch pos d_sae"]:
     """Reference for exercise 4.2: integrated gradients for zero-ablating the features.
 
-    The features are scaled jointly by ``alpha = k / steps``, k = 0..steps-1 (Marks et al.'s
-    convention; alpha = 1 is the clean run, 0 every feature ablated), the error kept fixed; the
-    estimate is ``-f * mean_k dm/df (alpha_k f)``. ``steps`` forward and backward passes.
+    The path runs from the clean features (t = 0) to every feature ablated (t = 1); the
+    features at step k are ``(1 - t_k) f`` with ``t_k = k / steps``, k = 0..steps-1: the clean
+    end is included and the ablated end left out, as in Marks et al.'s code (``_pe_ig`` in
+    saprmarks/feature-circuits, ``alpha = step / steps``, ``(1 - alpha) * clean + alpha *
+    patch``). The error is kept fixed; the estimate is ``-f * mean_k dm/df ((1 - t_k) f)``.
+    ``steps`` forward and backward passes.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     store: dict[str, Tensor] = {}
     total = None
     for k in range(steps):
-        alpha = k / steps
+        alpha = 1.0 - k / steps  # the fraction of each feature kept: 1 (clean) .. 1/steps
 
         def splice(activation, hook, alpha=alpha):
             f = sae.encode(activation.detach()).detach()
@@ -504,14 +507,22 @@ def single_feature_ig(
     index: Int[Tensor, "n 3"],
     steps: int = 10,
     batch_size: int = 256,
+    grid: str = "left",
 ) -> Float[Tensor, " n"]:
     """Integrated gradients along each feature's OWN path: for every ``(prompt, position,
-    feature)`` row of ``index``, only that feature is scaled from its value to 0 (alpha = k /
-    steps, k = 0..steps-1) while everything else stays clean. Estimates exactly the single
-    ablations :func:`exact_ablation_effects` measures, at ``steps`` times their cost. ``metric``
-    must treat every prompt alike (it sees the rows of ``tokens[index[:, 0]]``)."""
+    feature)`` row of ``index``, only that feature moves from its value (t = 0) to 0 (t = 1),
+    its value ``(1 - t) f``, while everything else stays clean. By the completeness axiom the
+    exact path integral IS the single ablation :func:`exact_ablation_effects` measures; what
+    remains is quadrature error. ``grid`` picks the points: "left" ``t = k / steps`` (Marks et
+    al.'s ``_pe_ig``: clean end in, ablated end out), "right" ``t = (k + 1) / steps`` (the
+    mirror image), "midpoint" ``t = (k + 1/2) / steps``; k = 0..steps-1. ``metric`` must treat
+    every prompt alike (it sees the rows of ``tokens[index[:, 0]]``)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
+    offsets = {"left": 0.0, "right": 1.0, "midpoint": 0.5}
+    if grid not in offsets:
+        raise ValueError(f"grid must be one of {sorted(offsets)}, got {grid!r}.")
+    ts = [(k + offsets[grid]) / steps for k in range(steps)]
     store: dict[str, Tensor] = {}
 
     def grab(activation, hook):
@@ -526,8 +537,8 @@ def single_feature_ig(
         value = f[b, p, i]
         ar = torch.arange(len(b))
         total = torch.zeros(len(b))
-        for k in range(steps):
-            s = (value * k / steps).requires_grad_(True)
+        for t in ts:
+            s = (value * (1.0 - t)).requires_grad_(True)
 
             def move(activation, hook, s=s, b=b, p=p, i=i, value=value, ar=ar):
                 shift = torch.zeros_like(activation)
@@ -540,6 +551,84 @@ def single_feature_ig(
             total += grad
         out.append(-value * total / steps)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def clean_corrupt_attribution(
+    model: HookedTransformer,
+    sae,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "batch pos"],
+    hook_name: str,
+    metric: Callable[[Tensor], Tensor],
+) -> Float[Tensor, "batch pos d_sae"]:
+    """Reference for exercise 4.3: attribution patching in its clean/corrupt form (Nanda 2023's
+    demo): the estimated change of ``metric`` on the CORRUPT run when one feature at one position
+    is patched to its clean value, ``(f_clean - f_corrupt) * dm/df`` with the gradient taken on
+    the corrupt run (SAE spliced there with its error kept as a constant). Detached."""
+    check_splice(model, sae, hook_name)
+    store: dict[str, Tensor] = {}
+
+    def grab(activation, hook):
+        store["clean"] = sae.encode(activation).detach()
+
+    with torch.no_grad():
+        model.run_with_hooks(clean_tokens, fwd_hooks=[(hook_name, grab)])
+
+    def splice(activation, hook):
+        f = sae.encode(activation.detach()).detach().requires_grad_(True)
+        store["corrupt"] = f
+        return sae.decode(f) + (activation - sae.decode(f)).detach()
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(corrupt_tokens, fwd_hooks=[(hook_name, splice)])
+        metric(logits).sum().backward()
+    f = store["corrupt"]
+    return ((store["clean"] - f.detach()) * f.grad).detach()
+
+
+@torch.no_grad()
+def exact_patch_effects(
+    model: HookedTransformer,
+    sae,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "batch pos"],
+    hook_name: str,
+    metric: Callable[[Tensor], Tensor],
+    batch_size: int = 256,
+    min_pos: int = 1,
+) -> tuple[Int[Tensor, "n 3"], Float[Tensor, " n"]]:
+    """Activation patching, one feature at a time: for every ``(prompt, position, feature)``
+    whose value differs between the clean and the corrupt run (positions >= ``min_pos``), the
+    change of ``metric`` on the corrupt run when that one feature is set to its clean value
+    (the corrupt run's error kept). Returns ``(index [n, 3], effect [n])``; rows batched."""
+    check_splice(model, sae, hook_name)
+    store: dict[str, Tensor] = {}
+
+    def grab(activation, hook):
+        store["f"] = sae.encode(activation)
+
+    model.run_with_hooks(clean_tokens, fwd_hooks=[(hook_name, grab)])
+    f_clean = store["f"]
+    base = metric(model.run_with_hooks(corrupt_tokens, fwd_hooks=[(hook_name, grab)]))
+    f_corrupt = store["f"]
+    differ = ((f_clean - f_corrupt).abs() > 0).nonzero()
+    differ = differ[differ[:, 1] >= min_pos]
+    W_dec = sae.W_dec.detach()
+    effects = []
+    for start in range(0, len(differ), batch_size):
+        rows = differ[start : start + batch_size]
+        b, p, i = rows.unbind(1)
+        delta = (f_clean[b, p, i] - f_corrupt[b, p, i])[:, None] * W_dec[i]
+        ar = torch.arange(len(rows))
+
+        def patch(activation, hook, p=p, delta=delta, ar=ar):
+            out = activation.clone()
+            out[ar, p] = out[ar, p] + delta.to(activation.dtype)
+            return out
+
+        m = metric(model.run_with_hooks(corrupt_tokens[b], fwd_hooks=[(hook_name, patch)]))
+        effects.append(m - base[b])
+    return differ, (torch.cat(effects) if effects else torch.zeros(0))
 
 
 def rank(x: Tensor) -> Tensor:
@@ -647,39 +736,48 @@ class FeatureCircuit:
             )
         return self.metric(logits)
 
-    def node_effects(self, method: str = "ig", steps: int = 10) -> dict[str, Tensor]:
+    def node_effects(
+        self, method: str = "ig", steps: int = 10, joint: bool = False
+    ) -> dict[str, Tensor]:
         """Estimated effect on the batch-mean metric of mean-ablating each node, per hook a
         [pos, d_sae + 1] tensor (last column: the error node), summed over the batch then divided
-        by it. ``method``: "atp" (one backward pass) or "ig" (``steps`` passes; every node moves
-        together on the straight line from its actual value to its mean)."""
+        by it. ``method``: "atp" (one backward pass) or "ig" (``steps`` passes per dictionary).
+
+        IG follows Marks et al.'s code (``_pe_ig`` in saprmarks/feature-circuits): ONE dictionary
+        at a time moves on the straight line from its actual values (t = 0) to the batch mean
+        (t = 1) at ``t = k / steps``, k = 0..steps-1 (clean end in, mean end out), while every
+        other dictionary is left clean. ``joint=True`` moves every dictionary together instead
+        (one set of ``steps`` passes), the course's earlier variant."""
         if method not in ("atp", "ig"):
             raise ValueError(f"method must be 'atp' or 'ig', got {method!r}.")
-        alphas = [1.0] if method == "atp" else [k / steps for k in range(steps)]
+        ts = [0.0] if method == "atp" else [k / steps for k in range(steps)]
+        groups = [list(self.hooks)] if (joint or method == "atp") else [[h] for h in self.hooks]
         grads = {h: None for h in self.hooks}
-        for alpha in alphas:
-            leaves: dict[str, tuple[Tensor, Tensor]] = {}
+        for group in groups:
+            for t in ts:
+                leaves: dict[str, tuple[Tensor, Tensor]] = {}
 
-            def splice(activation, hook, alpha=alpha, leaves=leaves):
-                h, sae = hook.name, self.saes[hook.name]
-                f = (self.mean_acts[h] + alpha * (self.acts[h] - self.mean_acts[h])).detach()
-                e = (self.mean_errors[h] + alpha * (self.errors[h] - self.mean_errors[h])).detach()
-                f.requires_grad_(True)
-                e.requires_grad_(True)
-                leaves[h] = (f, e)
-                # the upstream activation only passes its gradient through the identity
-                return sae.decode(f) + e + (activation - activation.detach())
+                def splice(activation, hook, t=t, leaves=leaves):
+                    h, sae = hook.name, self.saes[hook.name]
+                    f = (self.acts[h] + t * (self.mean_acts[h] - self.acts[h])).detach()
+                    e = (self.errors[h] + t * (self.mean_errors[h] - self.errors[h])).detach()
+                    f.requires_grad_(True)
+                    e.requires_grad_(True)
+                    leaves[h] = (f, e)
+                    # the upstream activation only passes its gradient through the identity
+                    return sae.decode(f) + e + (activation - activation.detach())
 
-            with torch.enable_grad():
-                logits = self.model.run_with_hooks(
-                    self.tokens, fwd_hooks=[(h, splice) for h in self.hooks]
-                )
-                self.metric(logits).sum().backward()
-            for h, (f, e) in leaves.items():
-                g_f = f.grad * (self.mean_acts[h] - self.acts[h])
-                g_e = (e.grad * (self.mean_errors[h] - self.errors[h])).sum(-1, keepdim=True)
-                g = torch.cat([g_f, g_e], dim=-1)
-                grads[h] = g if grads[h] is None else grads[h] + g
-        n = self.tokens.shape[0] * len(alphas)
+                with torch.enable_grad():
+                    logits = self.model.run_with_hooks(
+                        self.tokens, fwd_hooks=[(h, splice) for h in group]
+                    )
+                    self.metric(logits).sum().backward()
+                for h, (f, e) in leaves.items():
+                    g_f = f.grad * (self.mean_acts[h] - self.acts[h])
+                    g_e = (e.grad * (self.mean_errors[h] - self.errors[h])).sum(-1, keepdim=True)
+                    g = torch.cat([g_f, g_e], dim=-1)
+                    grads[h] = g if grads[h] is None else grads[h] + g
+        n = self.tokens.shape[0] * len(ts)
         return {h: (g.sum(0) / n).detach() for h, g in grads.items()}
 
     def top_nodes(self, effects: dict[str, Tensor], n: int, errors: bool = True) -> dict:
