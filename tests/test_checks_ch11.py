@@ -72,7 +72,11 @@ CONCEPTS = ("full stop", "for", "open string")
 
 @pytest.fixture(scope="module")
 def hand_in_ns():
-    """A correct hand-in built with the reference functions: 3 concepts on 80 held-out windows."""
+    """A correct hand-in built with the reference functions: 3 concepts on 80 held-out windows.
+
+    It uses the residual variant (``course-2l-res0-seed0``/``seed1``), which the brief allows; the
+    notebook's default is the MLP SAE ``course-2l-mlp0-seed0``.
+    """
     torch.set_num_threads(1)
     model = check._model()
     vocab = FA.vocab_strings(model.tokenizer)
@@ -82,7 +86,8 @@ def hand_in_ns():
     sae = FA.load_analysis_sae(model, "course-2l-res0-seed0", hook)
     other = FA.load_analysis_sae(model, "course-2l-res0-seed1", other_hook)
     proxies = {c: _proxy_fn(vocab, c) for c in CONCEPTS}
-    features = {"full stop": 729, "for": 165, "open string": 375}  # the worked solution's choices
+    # the worked solution's residual-variant choices (Step 2b's rule on course-2l-res0-seed0)
+    features = {"full stop": 729, "for": 165, "open string": 375}
     ns = {
         "SAE_NAME": "course-2l-res0-seed0", "HOOK_NAME": hook, "eval_tokens": tokens,
         "proxies": proxies, "features": features, "NEURON_HOOK": "blocks.0.mlp.hook_post",
@@ -294,6 +299,34 @@ def test_a_window_that_starts_inside_a_docstring_is_read_as_a_string():
     assert "continues the sentence" in inside and "return" not in inside
     assert FA._starts_in_docstring('def f():\n    """Doc."""\n') == ""
     assert FA._starts_in_docstring('x = """\nabc"""') == ""
+
+
+def test_the_for_proxy_needs_loop_syntax():
+    # a window wholly inside a docstring is read as code by the scanner: the loop syntax test
+    # keeps the English preposition out, and keeps loops, comprehensions and multi-line headers
+    assert _matches("for", "\ntext-based utility class for running the tests\n") == []
+    assert _matches("for", "See PEP 484 for more details. By default\n") == []
+    assert _matches("for", "    for each item in the list.\n    Then\n") == []
+    assert _matches("for", "x = 1\n    for a, b in pairs:\n        pass\n") == [" for"]
+    assert _matches("for", "y = [f(p) for p in ps]\n") == [" for"]
+    assert _matches("for", "d = {\n    k: v\n    for k, v in items\n}\n") == [" for"]
+    assert _matches("for", "    for name in ('a',\n                 'b'):\n") == [" for"]
+    assert _matches("for", "x = 1\n    for") == [" for"]  # the window ends: nothing to read
+
+
+def test_residual_decoder_goes_through_w_out_for_an_mlp_sae():
+    model = check._model()
+    mlp = FA.load_analysis_sae(model, "course-2l-mlp0-seed0", "blocks.0.mlp.hook_post")
+    res = FA.load_analysis_sae(model, "course-2l-res0-seed0", "blocks.0.hook_resid_post")
+    got = FA.residual_decoder(model, mlp, "blocks.0.mlp.hook_post")
+    torch.testing.assert_close(got, mlp.W_dec.detach() @ model.W_out[0].detach())
+    assert got.shape == (mlp.cfg.d_sae, model.cfg.d_model)
+    torch.testing.assert_close(FA.residual_decoder(model, res, "blocks.0.hook_resid_post"),
+                               res.W_dec.detach())  # fmt: skip
+    with pytest.raises(ValueError, match="direct path to the logits"):
+        FA.residual_decoder(model, mlp, "blocks.0.hook_resid_post")
+    assert mlp.W_enc.dtype == torch.float32  # stored in float16, loaded as float32
+    assert FA.neuron_hook_for(model, "blocks.0.mlp.hook_post") == "blocks.0.mlp.hook_post"
 
 
 def test_unknown_concept_and_bad_shapes_are_clear():

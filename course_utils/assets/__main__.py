@@ -1,4 +1,4 @@
-"""``python -m course_utils.assets build|evaluate|info|build-saes|build-transcoders|build-transcoder-pareto|build-e2e|build-e2e-plateau|build-clt|build-bilinear-lm|build-sae-pareto|freeze-corpus``: rebuild or inspect the assets."""
+"""``python -m course_utils.assets build|evaluate|info|build-saes|build-mlp-saes|build-transcoders|build-transcoder-pareto|build-e2e|build-e2e-plateau|build-clt|build-bilinear-lm|build-sae-pareto|freeze-corpus``: rebuild or inspect the assets."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     saes.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
     saes.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
     saes.add_argument("--threads", type=int, default=2)
+    mlp_saes = sub.add_parser(
+        "build-mlp-saes",
+        help="retrain the capstone's SAEs on the layer-0 MLP neurons (float16, chapter 11)",
+    )
+    mlp_saes.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
+    mlp_saes.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
+    mlp_saes.add_argument("--threads", type=int, default=2)
     tcs = sub.add_parser(
         "build-transcoders", help="retrain the shipped transcoders and MLP-out SAEs (chapter 05)"
     )
@@ -200,6 +207,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(transcoders.REFERENCE_NAMES.values())} into {out}",
             lambda log: transcoders.build_reference_transcoders(
                 out, recipe, log=log, threads=args.threads
+            ),
+        )
+
+    if args.command == "build-mlp-saes":
+        from course_utils.assets import ASSETS_DIR
+        from course_utils.science import lm_saes
+        from course_utils.science.models import SAE_ASSETS
+
+        out = args.out if args.out is not None else ASSETS_DIR / SAE_ASSETS
+        recipe = {} if args.steps is None else {"steps": args.steps}
+        return _timed(
+            f"{', '.join(lm_saes.MLP_REFERENCE_NAMES)} into {out}",
+            lambda log: lm_saes.build_reference_saes(
+                out,
+                recipe,
+                log=log,
+                threads=args.threads,
+                names=lm_saes.MLP_REFERENCE_NAMES,
+                base=lm_saes.MLP_REFERENCE,
+                weights_dtype=lm_saes.MLP_WEIGHTS_DTYPE,
             ),
         )
 

@@ -55,7 +55,10 @@ RESULT_KEYS: dict[str, tuple[str, str]] = {
     "specificity": ("activation mass on proxy tokens / all mass", "Step 3"),
     "sensitivity": ("fraction of proxy tokens where the feature fires", "Step 3"),
     "ablation": ("mean change in log p(next token) where the feature fires, ablated", "Step 4"),
-    "top_logit_tokens": ("the 10 token ids with the largest logit weight", "Step 4"),
+    "top_logit_tokens": (
+        "the 10 token ids with the largest logit weight (decoder rows through FA.residual_decoder)",
+        "Step 4",
+    ),
     "neuron": ("the most correlated neuron at NEURON_HOOK", "Step 5"),
     "neuron_corr": ("its Pearson correlation with the feature", "Step 5"),
     "neuron_specificity": ("that neuron's own specificity for the proxy", "Step 5"),
@@ -259,6 +262,7 @@ def consistent(ns: dict) -> str:
     (positions 1:, BOS dropped), with the stated SAEs, proxies, features and neurons (the
     ablation for the first :data:`ABLATION_CONCEPTS` concepts)."""
     from course_utils.science import lm_saes as L
+    from course_utils.science.feature_analysis import residual_decoder
 
     ns = _hand_in(ns)
     ss = _learner_fn(ns, "specificity_sensitivity")
@@ -273,7 +277,7 @@ def consistent(ns: dict) -> str:
     other_acts = other_acts.reshape(-1, other_acts.shape[-1])
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=ns["NEURON_HOOK"])
-        weights = lw(sae.W_dec.detach(), model.W_U.detach())
+        weights = lw(residual_decoder(model, sae, ns["HOOK_NAME"]), model.W_U.detach())
     neurons = cache[ns["NEURON_HOOK"]][:, 1:].reshape(-1, model.cfg.d_mlp)
     problems = []
     for k, (concept, row) in enumerate(ns["results"].items()):

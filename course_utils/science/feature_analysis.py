@@ -19,6 +19,7 @@ criteria's references are chapter 03's (:func:`~course_utils.science.lm_saes.spe
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -139,13 +140,59 @@ def _whole_word(tokens: Tensor, vocab: Sequence[str], word: str) -> Tensor:
     return found & (starts | prev_ends)
 
 
+_FOR_TARGET = re.compile(r"^[ \t]+[\w \t,()\[\]*.]+?[ \t]in\b")
+
+
+def _inside_bracket(text: str) -> bool:
+    """Whether the end of ``text`` sits inside a bracket opened in it (scanning backwards, so
+    closers without their opener before the window's start are ignored)."""
+    depth = 0
+    for ch in reversed(text):
+        if ch in ")]}":
+            depth += 1
+        elif ch in "([{":
+            if depth == 0:
+                return True
+            depth -= 1
+    return False
+
+
+def _for_syntax(tokens: Tensor, vocab: Sequence[str]) -> Bool[Tensor, "batch pos"]:
+    """True where a ``for`` token is followed by Python's loop syntax: a target list, then
+    ``in``; and either it opens a statement (only whitespace before it on its line, the line
+    ending in ``:`` or continued by an open bracket, a comma or a backslash) or it sits inside
+    an open bracket (a comprehension). A ``for`` that opens a line at the very end of a window
+    (nothing after it to read) counts. This keeps the English preposition out where the string
+    scanner cannot see prose (a window that starts inside a long docstring)."""
+    out = torch.zeros(tokens.shape, dtype=torch.bool)
+    for b, row in enumerate(tokens.tolist()):
+        texts = [vocab[i] for i in row]
+        for t, text in enumerate(texts):
+            if text.strip() != "for" or t == 0:
+                continue
+            before = "".join(texts[1:t]) + text[: len(text) - len(text.lstrip())]
+            after = "".join(texts[t + 1 : t + 24])
+            line = after.split("\n", 1)
+            opens_line = before.split("\n")[-1].strip() == ""
+            if after.strip() == "":
+                out[b, t] = opens_line
+                continue
+            if not _FOR_TARGET.match(line[0]):
+                continue
+            end = line[0].split("#")[0].rstrip()
+            ends_statement = len(line) == 1 or end.endswith((":", "(", "[", "{", ",", "\\"))
+            out[b, t] = (opens_line and ends_statement) or _inside_bracket(before)
+    return out
+
+
 def concept_proxy(
     tokens: Int[Tensor, "batch pos"], vocab: Sequence[str], concept: str
 ) -> Bool[Tensor, "batch pos"]:
     """The course's proxy for one of :data:`CONCEPTS`: a function of the tokens alone.
 
     - "full stop": a ``.`` token followed by whitespace (not the one of ``from . import``);
-    - "for", "else", "import": the keyword's token, a whole word, in code (not in prose);
+    - "for", "else", "import": the keyword's token, a whole word, in code (not in prose); for
+      "for", also followed by loop syntax (see :func:`_for_syntax`);
     - "open string": every token that starts inside an unclosed string literal;
     - "decorator": the ``@`` token that opens a line (only whitespace before it on the line).
     """
@@ -161,7 +208,9 @@ def concept_proxy(
         after_from = _word(tokens, vocab, ["from"])
         after_from = torch.cat([torch.zeros_like(after_from[:, :1]), after_from[:, :-1]], dim=1)
         return _word(tokens, vocab, ["."]) & space_next & ~after_from
-    if concept in ("for", "else", "import"):
+    if concept == "for":
+        return _whole_word(tokens, vocab, concept) & ~prose & _for_syntax(tokens, vocab)
+    if concept in ("else", "import"):
         return _whole_word(tokens, vocab, concept) & ~prose
     if concept == "open string":
         return state["string"].clone()
@@ -237,6 +286,27 @@ def neuron_hook_for(model: HookedTransformer, hook_name: str) -> str:
     if layer < 0:
         raise ValueError(f"no MLP has run before {hook_name!r}: there are no neurons to compare.")
     return f"blocks.{layer}.mlp.hook_post"
+
+
+def residual_decoder(model: HookedTransformer, sae, hook_name: str) -> Tensor:
+    """The dictionary's decoder directions as the residual stream receives them, [d_sae, d_model].
+
+    A dictionary on ``blocks.L.mlp.hook_post`` (the MLP neurons, as Towards Monosemanticity)
+    writes through the MLP's output matrix: ``W_dec @ W_out[L]``; one on the residual stream or
+    an MLP's output already lives there (``W_dec``). Feed it to ``logit_weights(..., model.W_U)``.
+    """
+    check_hook_name(model, hook_name)
+    W_dec = sae.W_dec.detach()
+    parts = hook_name.split(".")
+    if len(parts) == 4 and parts[2] == "mlp" and parts[3] == "hook_post":
+        return W_dec @ model.W_out[int(parts[1])].detach()
+    if W_dec.shape[-1] != model.cfg.d_model:
+        raise ValueError(
+            f"the dictionary at {hook_name!r} has decoder rows of width {W_dec.shape[-1]}, not "
+            f"d_model={model.cfg.d_model}: only SAEs on the residual stream, an MLP's output or "
+            "blocks.L.mlp.hook_post have a direct path to the logits here."
+        )
+    return W_dec
 
 
 # ----------------------------------------------------------------------------- held-out data

@@ -509,13 +509,31 @@ REFERENCE = {
     "max_grad_norm": 1.0,
 }
 REFERENCE_NAMES = ("course-2l-res0-seed0", "course-2l-res0-seed1")
+#: The capstone's SAEs on the layer-0 MLP neurons (as Towards Monosemanticity trained its
+#: dictionaries): the same recipe at ``blocks.0.mlp.hook_post`` (d_in = d_mlp = 512) with d_sae
+#: 512 (as many features as neurons: 1,024 would cost ~4x the residual build's CPU time), stored
+#: in float16, 1 MB per seed (``python -m course_utils.assets build-mlp-saes``).
+MLP_REFERENCE = {**REFERENCE, "hook_name": "blocks.0.mlp.hook_post", "d_sae": 512}
+MLP_REFERENCE_NAMES = ("course-2l-mlp0-seed0", "course-2l-mlp0-seed1")
+MLP_WEIGHTS_DTYPE = torch.float16
 
 
-def build_reference_saes(out_root, recipe: dict | None = None, log=print, threads: int = 2):
+def build_reference_saes(
+    out_root,
+    recipe: dict | None = None,
+    log=print,
+    threads: int = 2,
+    names: tuple[str, ...] = REFERENCE_NAMES,
+    base: dict | None = None,
+    weights_dtype: torch.dtype | None = None,
+):
     """Train the reference SAEs (one per seed, same activations) and ship them in SAELens format.
 
     Deterministic on CPU. Writes ``<out_root>/<name>/cfg.json + sae_weights.safetensors`` and
-    returns the evaluation numbers of each (also stored in the SAELens metadata).
+    returns the evaluation numbers of each (also stored in the SAELens metadata). ``base`` is the
+    recipe that ``recipe`` overrides (default :data:`REFERENCE`); ``weights_dtype`` (e.g.
+    ``torch.float16``) rounds the trained weights to that type before they are evaluated and
+    saved, so the recorded numbers are those of the shipped file (loading upcasts to float32).
     """
     from pathlib import Path
 
@@ -523,7 +541,9 @@ def build_reference_saes(out_root, recipe: dict | None = None, log=print, thread
     from course_utils.science.models import load_model
     from course_utils.science.saelens_io import export_sae
 
-    recipe = {**REFERENCE, **(recipe or {})}
+    recipe = {**(REFERENCE if base is None else base), **(recipe or {})}
+    if len(names) != len(recipe["seeds"]):
+        raise ValueError(f"{len(names)} names for {len(recipe['seeds'])} seeds: give one per seed.")
     torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load_model("course-2l")
@@ -563,9 +583,13 @@ def build_reference_saes(out_root, recipe: dict | None = None, log=print, thread
         f"trained on {store.tokens_seen} tokens in {train_time:.0f} s "
         f"({history['tokens_per_s']:.0f} SAE tokens/s)"
     )
+    if weights_dtype is not None:
+        with torch.no_grad():
+            for param in stacked.parameters():
+                param.copy_(param.to(weights_dtype).float())
     tokens = corpus_windows(model, "validation")[: recipe["eval_windows"]]
     results = {}
-    for i, (seed, name) in enumerate(zip(recipe["seeds"], REFERENCE_NAMES, strict=True)):
+    for i, (seed, name) in enumerate(zip(recipe["seeds"], names, strict=True)):
         numbers = evaluate_splice(model, single(stacked, i), tokens, hook)
         numbers = {k: round(v, 5) for k, v in numbers.items()}
         log(f"{name}: {numbers}")
@@ -575,7 +599,16 @@ def build_reference_saes(out_root, recipe: dict | None = None, log=print, thread
             "course_train_seconds": round(train_time, 1),
             "course_tokens": store.tokens_seen,
         }
-        export_sae(stacked, Path(out_root) / name, instance=i, hook_name=hook, extra_metadata=extra)
+        if weights_dtype is not None:
+            extra["course_weights_dtype"] = str(weights_dtype).removeprefix("torch.")
+        export_sae(
+            stacked,
+            Path(out_root) / name,
+            instance=i,
+            hook_name=hook,
+            extra_metadata=extra,
+            weights_dtype=weights_dtype,
+        )
         results[name] = numbers
     return results
 

@@ -48,6 +48,8 @@ SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 REBUILT_BY = {
     "course-2l-res0-seed0": "python -m course_utils.assets build-saes",
     "course-2l-res0-seed1": "python -m course_utils.assets build-saes",
+    "course-2l-mlp0-seed0": "python -m course_utils.assets build-mlp-saes",
+    "course-2l-mlp0-seed1": "python -m course_utils.assets build-mlp-saes",
     "course-2l-e2e-local": "python -m course_utils.assets build-e2e",
     "course-2l-e2e-e2e": "python -m course_utils.assets build-e2e",
     "course-2l-e2e-e2eds": "python -m course_utils.assets build-e2e",

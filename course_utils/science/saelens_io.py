@@ -115,16 +115,24 @@ def to_saelens(
     return out
 
 
-def export_sae(sae, folder, instance: int = 0, **kwargs) -> Path:
+def export_sae(
+    sae, folder, instance: int = 0, weights_dtype: torch.dtype | None = None, **kwargs
+) -> Path:
     """Write one instance as a SAELens folder (cfg.json + sae_weights.safetensors); returns it.
 
     ``sae`` may also already be a SAELens SAE (then ``instance`` and ``kwargs`` are ignored).
+    ``weights_dtype`` (e.g. ``torch.float16``) stores the weights in that type to halve the file;
+    the config keeps float32, so ``SAE.load_from_disk`` loads them back as float32.
     """
     from sae_lens import SAE as SaeLensSAE
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lens_sae = sae if isinstance(sae, SaeLensSAE) else to_saelens(sae, instance, **kwargs)
+    if weights_dtype is not None:
+        dtype = lens_sae.cfg.dtype
+        lens_sae = lens_sae.to(weights_dtype)
+        lens_sae.cfg.dtype = dtype  # the dtype it is loaded (and computed) in
     lens_sae.save_model(folder)
     return folder
 
