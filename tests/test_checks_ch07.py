@@ -442,3 +442,18 @@ def test_row_check_names_the_node_and_the_second_prompt():
 
     status, message = outcome(check.attribution_row, errors_pos_major)
     assert status == "failed" and "layer-major" in message and "the error of layer" in message
+
+
+def test_supernode_solve_without_transpose_gets_the_orientation_hint():
+    """solve(I - R, c) solves for a column: with the members' rows of R zeroed it returns c for
+    every member, i.e. the direct edges; the hint must name the orientation (a newcomer's attempt)."""
+
+    def not_transposed(A, a, c, members):
+        A, a, c = A.detach(), a.detach(), c.detach()
+        m = torch.as_tensor(members)
+        R = A / a[:, None]
+        R[m] = 0.0
+        return -torch.linalg.solve(torch.eye(len(a), dtype=R.dtype) - R, c)[m].sum()
+
+    status, message = outcome(check.supernode_effect, not_transposed)
+    assert status == "failed" and "solve((I - R).T, c)" in message

@@ -897,14 +897,14 @@ def graph_scores(learner) -> str:
 # ---------------------------------------------------------------- 7.1 supernode effect
 
 
-def _layered(seed: int, n0: int, n1: int, dtype=torch.float32):
+def _layered(seed: int, n0: int, n1: int, dtype=torch.float32, strength: float = 0.4):
     """A random two-layer feature graph: activations a > 0, the feature block A [target, source]
     (layer-0 features feed layer-1 features; each edge scales with its source's activation) and
     signed direct edges c into the target."""
     g = _g(seed)
     n = n0 + n1
     a = torch.rand(n, generator=g) * 2 + 0.5
-    w = torch.randn(n, n, generator=g) * 0.4
+    w = torch.randn(n, n, generator=g) * strength
     A = torch.zeros(n, n)
     A[n0:, :n0] = w[n0:, :n0] * a[:n0]
     c = torch.randn(n, generator=g) * 0.5
@@ -912,8 +912,8 @@ def _layered(seed: int, n0: int, n1: int, dtype=torch.float32):
 
 
 def _effect_case(name: str, seed: int, n0: int, n1: int, members, dtype=torch.float32,
-                 grad: bool = False) -> Case:  # fmt: skip
-    A, a, c = _layered(seed, n0, n1, dtype)
+                 grad: bool = False, strength: float = 0.4) -> Case:  # fmt: skip
+    A, a, c = _layered(seed, n0, n1, dtype, strength)
     if grad:
         c = c.clone().requires_grad_(True)
     return Case(name, (A, a, c, members))
@@ -927,6 +927,8 @@ def _effect_cases() -> list[Case]:
                      torch.tensor([1, 3, 4, 7]), dtype=torch.float64),
         _effect_case("direct edges that require grad", 3, 4, 4, [0, 2, 5], grad=True),
         _effect_case("layer-1 members only", 4, 3, 4, [3, 5]),
+        # strong edges: a mistake in how paths combine (orientation, signs) shows clearly
+        _effect_case("strong edges, members in both layers", 5, 4, 4, [1, 4, 6], strength=1.5),
     ]  # fmt: skip
 
 
@@ -972,6 +974,11 @@ def _effect_source_activation(A, a, c, members):
     return -_effects_of(A, a, c, divide_by_source=True, clear=m)[m].sum()
 
 
+def _effect_abs_edges(A, a, c, members):
+    m = torch.as_tensor(members)
+    return -_effects_of(A.abs(), a, c, clear=m)[m].sum()
+
+
 def _effect_not_negated(A, a, c, members):
     m = torch.as_tensor(members)
     return _effects_of(A, a, c, clear=m)[m].sum()
@@ -983,7 +990,11 @@ EFFECT_MISTAKES = [
             "the group is counted twice. Set the members' rows of R to zero before solving (an "
             "ablated feature no longer responds to its inputs)."),
     Mistake("direct edges only", _effect_direct_only,
-            "a feature also acts through later features: solve T = c (I - R)^-1, not just c."),
+            "your answer equals the members' direct edges alone. A feature also acts through later "
+            "features: T = c (I - R)^-1. If you did solve, check the orientation: T and c are ROW "
+            "vectors (A is indexed [target, source]), so use solve((I - R).T, c) or "
+            "c @ torch.linalg.inv(I - R); solve(I - R, c) solves for a column and, with the "
+            "members' rows of R zeroed, gives back c for every member."),
     Mistake("unsigned", _effect_unsigned,
             "keep the signs: influence is unsigned, an effect is not. Inhibitory edges and features "
             "(negative A or c) lower the target."),
@@ -993,6 +1004,9 @@ EFFECT_MISTAKES = [
     Mistake("divided by the source's activation", _effect_source_activation,
             "R[t, s] = A[t, s] / a_t: the TARGET's activation, since t's own effect scales with "
             "a_t (divide row t, `A / a[:, None]`)."),
+    Mistake("|A| in place of A", _effect_abs_edges,
+            "keep the edges' signs: an inhibitory edge (A[t, s] < 0) lowers its target, so a path "
+            "through it carries the opposite sign. Influence uses |A|; an effect does not."),
     Mistake("sign of the change", _effect_not_negated,
             "an ablation removes the members' effect: the change is -sum_s T^G_s."),
 ]  # fmt: skip
