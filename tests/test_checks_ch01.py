@@ -684,3 +684,35 @@ def test_statistical_verdicts_hold_under_20_global_seeds(check_fn, right, wrong)
         torch.manual_seed(1000 + seed)
         assert outcome(check_fn, right)[0] == "passed", f"seed {1000 + seed}"
         assert outcome(check_fn, wrong)[0] == FAILED, f"seed {1000 + seed}"
+
+
+def test_sample_statistics_count_draws_that_move_together_once():
+    """A wrong generator's entries can move together (one mask per row, one draw shared by all
+    instances); comparing two of its samples (how a hint is diagnosed) must then use the smaller
+    number of independent draws, or the hint is withheld by chance (a CI run saw 0.301 vs 0.095
+    reported instead of the 'one mask per row' hint)."""
+    torch.manual_seed(0)
+    independent = (torch.rand(10_000, 6) < 0.3).float()
+    shared = (torch.rand(10_000, 1) < 0.3).float().expand(10_000, 6)
+    assert check._row_mean(independent)[1] > 0.9 * 60_000
+    assert check._row_mean(shared)[1] == 10_000
+    values = torch.rand(10_000, 1, 6)
+    mask = torch.rand(10_000, 1, 6) < 0.3
+    one_draw = check._masked_mean(values.expand(10_000, 4, 6), mask.expand(10_000, 4, 6))[1]
+    own_draws = check._masked_mean(torch.rand(10_000, 4, 6), torch.rand(10_000, 4, 6) < 0.3)[1]
+    assert one_draw < 0.3 * own_draws  # four instances repeat one draw: ~1/4 the information
+    wrong = check.GENERATE_BATCH_MISTAKES[1]
+    compare = check._stat_compare(check._independent_stats)
+    misses = sum(
+        compare(wrong.impl(10_000, 0.3, 4, 6), wrong.impl(10_000, 0.3, 4, 6)) is not None
+        for _ in range(40)
+    )
+    assert misses == 0  # was ~6% per comparison before the draws were counted by row
+
+
+def test_a_nearly_constant_column_does_not_read_as_correlated():
+    from course_utils.checks.core import correlation_matrix
+
+    dense = torch.ones(5_000, 2)
+    dense[17] = 0.0  # one exact-zero draw shared by two coordinates
+    assert correlation_matrix(dense).abs().max() == 0.0

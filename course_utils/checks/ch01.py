@@ -74,19 +74,54 @@ def _basic_problem(expected: torch.Tensor, actual: Any, low: float = 0.0) -> str
 Stats = dict[str, tuple[float, int]]  # name -> (value, how many draws it averages)
 
 
+def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> tuple[float, int]:
+    """Mean of ``values`` over the entries ``keep`` marks ([n_batch, ...] each) and how many
+    independent draws it is worth: the kept count divided by the design effect of the rows
+    (ratio-estimator variance against the entries' own variance), between n_batch and the count.
+    Same reason as `_row_mean`: a wrong generator that shares values makes entries move together."""
+    v = values.reshape(len(values), -1).double() * keep.reshape(len(keep), -1)
+    m = keep.reshape(len(keep), -1).double().sum(1)
+    n = int(m.sum().item())
+    mean = (v.sum() / n).item()
+    entry_var = ((values[keep].double() - mean) ** 2).mean().item()
+    rows = int((m > 0).sum().item())
+    if rows < 2 or entry_var == 0:
+        return mean, n
+    residual = v.sum(1) - mean * m  # ratio estimator: var(mean) ~ var(residual) / (N mean(m)^2)
+    var_mean = residual.var().item() * len(m) / n**2
+    n_eff = entry_var / var_mean if var_mean > 0 else n
+    return mean, int(min(max(n_eff, min(rows, n)), n))
+
+
 def _value_stats(x: torch.Tensor) -> Stats:
-    signed = x[x != 0]
-    nonzero = signed.abs()
-    n = nonzero.numel()
-    if n < 200:
+    active = x != 0
+    nonzero = x.abs()
+    if int(active.sum()) < 200:
         return {}
     return {
-        "fraction of non-zero values that are negative": ((signed < 0).float().mean().item(), n),
-        "fraction of non-zero values above 1 in size": ((nonzero > 1).float().mean().item(), n),
-        "mean of the non-zero values": (nonzero.mean().item(), n),
-        "fraction of non-zero values below 0.25": ((nonzero < 0.25).float().mean().item(), n),
-        "fraction of non-zero values equal to 1": ((nonzero == 1).float().mean().item(), n),
+        "fraction of non-zero values that are negative": _masked_mean((x < 0).float(), active),
+        "fraction of non-zero values above 1 in size": _masked_mean((nonzero > 1).float(), active),
+        "mean of the non-zero values": _masked_mean(nonzero, active),
+        "fraction of non-zero values below 0.25": _masked_mean((nonzero < 0.25).float(), active),
+        "fraction of non-zero values equal to 1": _masked_mean((nonzero == 1).float(), active),
     }
+
+
+def _row_mean(indicator: torch.Tensor) -> tuple[float, int]:
+    """Mean of a [n_batch, k] indicator and how many independent draws it is worth.
+
+    Rows are independent; entries within a row are so only for a correct generator. A wrong one
+    (one mask per row, say) makes them move together, and its sample mean then varies as if it
+    averaged n_batch draws, not n_batch * k. The design effect var(row mean) / (p (1 - p) / k),
+    measured on the sample and kept between 1 and k, sets the count, so comparing two samples
+    of the same wrong generator (the diagnosis of a hint) keeps the stated false-alarm rate."""
+    n_batch, k = indicator.shape
+    p = indicator.mean().item()
+    row_var = indicator.mean(1).var().item() if n_batch > 1 else 0.0
+    if k == 1 or p * (1 - p) == 0 or row_var == 0:
+        return p, n_batch * k
+    n_eff = n_batch * p * (1 - p) / row_var
+    return p, int(min(max(n_eff, n_batch), n_batch * k))
 
 
 def _compare_stats(exp: Stats, act: Stats) -> str | None:
@@ -107,10 +142,7 @@ def _independent_stats(x: torch.Tensor) -> Stats:
     active = (x != 0).float()
     n_batch, n_inst, n_feat = x.shape
     stats = {
-        f"fraction of non-zero entries in instance {i}": (
-            active[:, i].mean().item(),
-            n_batch * n_feat,
-        )
+        f"fraction of non-zero entries in instance {i}": _row_mean(active[:, i])
         for i in range(n_inst)
     }
     if n_feat > 1:
@@ -315,16 +347,14 @@ def _pair_stats(x: torch.Tensor) -> Stats:
     active = x != 0
     a, b = active[..., 0::2], active[..., 1::2]
     n_batch, n_inst, n_pairs = a.shape
-    units = n_batch * n_pairs  # the two members of a pair are not independent draws
-    stats = {
-        f"fraction of non-zero entries in instance {i}": (
-            active[:, i].float().mean().item(),
-            units,
-        )
-        for i in range(n_inst)
-    }
-    stats["P(both members of a pair non-zero)"] = ((a & b).float().mean().item(), units)
-    stats["P(exactly one member of a pair non-zero)"] = ((a ^ b).float().mean().item(), units)
+    per_pair = (n_batch, n_inst * n_pairs)  # the two members of a pair are not independent draws
+    stats = {}
+    for i in range(n_inst):
+        p, n_eff = _row_mean(active[:, i].float())
+        # two members per pair: at most n_batch * n_pairs independent draws
+        stats[f"fraction of non-zero entries in instance {i}"] = (p, min(n_eff, n_batch * n_pairs))
+    stats["P(both members of a pair non-zero)"] = _row_mean((a & b).float().reshape(per_pair))
+    stats["P(exactly one member of a pair non-zero)"] = _row_mean((a ^ b).float().reshape(per_pair))
     if n_pairs > 1:
         stats["P(pairs 0 and 1 both have an active member)"] = (
             ((a[..., 0] | b[..., 0]) & (a[..., 1] | b[..., 1])).float().mean().item(),

@@ -721,10 +721,18 @@ def frequency_problem(
 
 
 def correlation_matrix(columns: torch.Tensor) -> torch.Tensor:
-    """Pearson correlations of the columns of [n, k]; a constant column correlates 0 with all."""
-    c = columns.double() - columns.double().mean(0)
+    """Pearson correlations of the columns of [n, k]; a constant column correlates 0 with all.
+
+    So does a nearly constant one (under 10 entries off its median, such as a dense mask with one
+    exact-zero draw of `torch.rand`): with so few events the normal approximation that
+    `dependence_problem` relies on fails, and one shared event would read as correlation 1."""
+    x = columns.double()
+    c = x - x.mean(0)
     norm = c.norm(dim=0)
     corr = (c.T @ c) / (norm[:, None] * norm[None, :])
+    rare = (x != x.median(0).values).sum(0) < 10
+    corr[rare, :] = 0.0
+    corr[:, rare] = 0.0
     return corr.nan_to_num(0.0)
 
 
