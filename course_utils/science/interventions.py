@@ -455,6 +455,36 @@ def integrated_gradients(
     return (-store["f"] * total / steps).detach()
 
 
+def _one_edit_per_row(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    hook_name: str,
+    metric: Callable[[Tensor], Tensor],
+    base: Float[Tensor, " batch"],
+    rows: Int[Tensor, "n 3"],
+    coeff: Float[Tensor, " n"],
+    W_dec: Float[Tensor, "d_sae d_in"],
+    batch_size: int,
+) -> Float[Tensor, " n"]:
+    """For each (prompt, position, feature) row, add ``coeff * d_feature`` to the activation at
+    that one position of that prompt and return the change of ``metric``; rows are batched, one
+    edit per row (a copy of its prompt), the rest of the activation (the error) untouched."""
+    effects = []
+    for start in range(0, len(rows), batch_size):
+        b, p, i = rows[start : start + batch_size].unbind(1)
+        delta = coeff[start : start + batch_size, None] * W_dec[i]  # [n, d_in]
+        ar = torch.arange(len(b))
+
+        def edit(activation, hook, p=p, delta=delta, ar=ar):
+            out = activation.clone()
+            out[ar, p] = out[ar, p] + delta.to(activation.dtype)
+            return out
+
+        m = metric(model.run_with_hooks(tokens[b], fwd_hooks=[(hook_name, edit)]))
+        effects.append(m - base[b])
+    return torch.cat(effects) if effects else torch.zeros(0)
+
+
 @torch.no_grad()
 def exact_ablation_effects(
     model: HookedTransformer,
@@ -479,23 +509,11 @@ def exact_ablation_effects(
     f = store["f"]
     active = (f > 0).nonzero()
     active = active[active[:, 1] >= min_pos]
-    effects = []
+    b, p, i = active.unbind(1)
     W_dec = sae.W_dec.detach()
-    for start in range(0, len(active), batch_size):
-        rows = active[start : start + batch_size]
-        b, p, i = rows.unbind(1)
-        delta = -f[b, p, i][:, None] * W_dec[i]  # [n, d_in]
-        ar = torch.arange(len(rows))
-
-        def ablate(activation, hook, p=p, delta=delta, ar=ar):
-            out = activation.clone()
-            out[ar, p] = out[ar, p] + delta.to(activation.dtype)
-            return out
-
-        m = metric(model.run_with_hooks(tokens[b], fwd_hooks=[(hook_name, ablate)]))
-        effects.append(m - base[b])
-    effect = torch.cat(effects) if effects else torch.zeros(0)
-    return active, effect
+    return active, _one_edit_per_row(
+        model, tokens, hook_name, metric, base, active, -f[b, p, i], W_dec, batch_size
+    )
 
 
 def single_feature_ig(
@@ -613,22 +631,12 @@ def exact_patch_effects(
     f_corrupt = store["f"]
     differ = ((f_clean - f_corrupt).abs() > 0).nonzero()
     differ = differ[differ[:, 1] >= min_pos]
+    b, p, i = differ.unbind(1)
+    coeff = f_clean[b, p, i] - f_corrupt[b, p, i]
     W_dec = sae.W_dec.detach()
-    effects = []
-    for start in range(0, len(differ), batch_size):
-        rows = differ[start : start + batch_size]
-        b, p, i = rows.unbind(1)
-        delta = (f_clean[b, p, i] - f_corrupt[b, p, i])[:, None] * W_dec[i]
-        ar = torch.arange(len(rows))
-
-        def patch(activation, hook, p=p, delta=delta, ar=ar):
-            out = activation.clone()
-            out[ar, p] = out[ar, p] + delta.to(activation.dtype)
-            return out
-
-        m = metric(model.run_with_hooks(corrupt_tokens[b], fwd_hooks=[(hook_name, patch)]))
-        effects.append(m - base[b])
-    return differ, (torch.cat(effects) if effects else torch.zeros(0))
+    return differ, _one_edit_per_row(
+        model, corrupt_tokens, hook_name, metric, base, differ, coeff, W_dec, batch_size
+    )
 
 
 def rank(x: Tensor) -> Tensor:
