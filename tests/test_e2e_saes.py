@@ -176,3 +176,58 @@ def test_max_cosine_within_bad_input():
         E.max_cosine_within(torch.ones(1, 4))
     with pytest.raises(ValueError, match="all-zero row"):
         E.max_cosine_within(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_a_stopped_run_resumes_to_the_same_result(tiny, tmp_path):
+    """A long CPU build (chapter 04's plateau study) is saved every few steps; a run stopped
+    part-way and restarted with the same arguments ends where one uninterrupted run does."""
+    model, _, _ = tiny
+    windows = random_tokens(model, 12, 8, seed=3)
+    cfg = E.TrainConfig("e2e", 1.0, HOOK, DOWNSTREAM, steps=6, log_every=1)
+
+    def run(state_file=None, steps=6):
+        sae = E.E2ESAE(model.cfg.d_model, 40, seed=0)
+        batches = E.token_batches(windows, 4, seed=0)
+        c = dataclasses.replace(cfg, steps=steps)
+        hist = E.train_saes(model, [sae], [c], batches, False, state_file=state_file, save_every=2)
+        return sae, hist[0]
+
+    whole, whole_hist = run()
+    state = tmp_path / "state.pt"
+    batches = E.token_batches(windows, 4, seed=0)
+    first = E.E2ESAE(model.cfg.d_model, 40, seed=0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_four():  # the fifth batch request plays the part of a killed process
+        stop_after_four.n += 1
+        if stop_after_four.n > 4:
+            raise Stop
+        return batches()
+
+    stop_after_four.n = 0
+    with pytest.raises(Stop):
+        E.train_saes(model, [first], [cfg], stop_after_four, False, state_file=state, save_every=2)
+    assert torch.load(state, weights_only=False)["done"] == 4
+    resumed, resumed_hist = run(state)
+    assert torch.equal(resumed.W_enc, whole.W_enc) and torch.equal(resumed.W_dec, whole.W_dec)
+    assert resumed_hist["loss"] == whole_hist["loss"]
+    with pytest.raises(ValueError, match="other settings"):
+        run(state, steps=8)
+
+
+def test_plateau_build_keeps_lengths_measured_with_the_same_recipe(tmp_path):
+    """Adding a longer training length to chapter 04's plateau study retrains only that length;
+    the rows of lengths already in the table (same recipe but for ``steps``) are kept."""
+    table, state = tmp_path / "plateau.json", tmp_path / "state"
+    small = {"lams": {"e2e": [8.0]}, "seeds": [0], "eval_windows": 2, "d_sae": 64}
+    said: list[str] = []
+    first = E.build_plateau(table, {**small, "steps": [2]}, log=said.append, state_dir=state)
+    assert [r["steps"] for r in first["rows"]] == [2]
+    second = E.build_plateau(table, {**small, "steps": [2, 3]}, log=said.append, state_dir=state)
+    assert [r["steps"] for r in second["rows"]] == [2, 3]
+    assert second["rows"][0] == first["rows"][0]
+    assert any("2 steps: rows measured earlier" in s for s in said)
+    assert not any("3 steps: rows measured earlier" in s for s in said)
+    assert not (state / "train_3steps.pt").exists()  # a finished length leaves no state behind

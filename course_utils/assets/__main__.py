@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     plateau.add_argument("--table", type=Path, default=None, help="JSON (default: shipped)")
     plateau.add_argument("--threads", type=int, default=1)
+    plateau.add_argument(
+        "--steps", type=int, nargs="+", default=None, help="training lengths (default 800 3200)"
+    )
+    plateau.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="save progress here; rerun the same command to resume after a stop",
+    )
     freeze = sub.add_parser(
         "freeze-corpus",
         help="re-make the shipped corpus snapshot from a Python 3.11.7 standard library",
@@ -179,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         table = args.table or ASSETS_DIR / "e2e" / e2e_saes.PLATEAU_FILE
         return _timed(
             f"the chapter-04 plateau study into {table}",
-            lambda log: e2e_saes.build_plateau(table, log=log, threads=args.threads),
+            lambda log: e2e_saes.build_plateau(
+                table,
+                {"steps": args.steps} if args.steps else None,
+                log=log,
+                threads=args.threads,
+                state_dir=args.state_dir,
+            ),
         )
 
     if args.command == "build-transcoder-pareto":

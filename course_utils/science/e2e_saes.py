@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
@@ -370,6 +371,8 @@ def train_saes(
     batches: Callable[[], Tensor],
     progress: bool = True,
     desc: str = "SAE",
+    state_file=None,
+    save_every: int = 200,
 ) -> list[dict[str, list]]:
     """Train several SAEs in lockstep on the same token batches (one clean forward per batch).
 
@@ -377,6 +380,11 @@ def train_saes(
     clipping; all must share ``hook_name`` and ``steps``. A non-finite loss stops the run with
     :class:`~course_utils.science.saes.TrainingDiverged` naming the step. Histories hold, every
     ``log_every`` steps, ``loss``, ``l0`` (positions > 0) and ``kl`` (e2e variants).
+
+    ``state_file`` makes a long run resumable (a CPU build that outlasts one sitting): every
+    ``save_every`` steps the SAEs, optimisers and histories are saved there; a later call with the
+    same arguments loads it, draws (and skips) the batches already used, and goes on, so the result
+    equals one uninterrupted run.
     """
     from tqdm.auto import tqdm
 
@@ -406,8 +414,12 @@ def train_saes(
     histories: list[dict[str, list]] = [
         {"step": [], "loss": [], "l0": [], "kl": [], "grad_norm": [], "clipped": 0} for _ in saes
     ]
-    start, tokens_seen = time.perf_counter(), 0
-    bar = tqdm(range(steps), disable=not progress, desc=desc, mininterval=2.0)
+    start, tokens_seen, first = time.perf_counter(), 0, 0
+    if state_file is not None and Path(state_file).is_file():
+        first, tokens_seen = _load_train_state(state_file, saes, opts, histories, cfgs)
+        for _ in range(first):  # the batch supply is seeded: replay it to where the run stopped
+            batches()
+    bar = tqdm(range(first, steps), disable=not progress, desc=desc, mininterval=2.0)
     for step in bar:
         tokens = batches()
         tokens_seen += tokens.numel()
@@ -439,6 +451,8 @@ def train_saes(
         if progress and histories[0]["l0"]:
             h = histories[-1]
             bar.set_postfix(L0=f"{h['l0'][-1]:.1f}", KL=f"{h['kl'][-1]:.3f}", refresh=False)
+        if state_file is not None and ((step + 1) % save_every == 0 or step == steps - 1):
+            _save_train_state(state_file, step + 1, tokens_seen, saes, opts, histories, cfgs)
     seconds = time.perf_counter() - start
     for hist in histories:
         hist["tokens"] = tokens_seen
@@ -455,6 +469,36 @@ def train_sae(
 ) -> dict[str, list]:
     """Train one SAE with ``cfg`` (see :func:`train_saes`)."""
     return train_saes(model, [sae], [cfg], batches, progress, desc=cfg.variant)[0]
+
+
+def _save_train_state(path, done, tokens_seen, saes, opts, histories, cfgs) -> None:
+    state = {
+        "done": done,
+        "tokens_seen": tokens_seen,
+        "cfgs": [repr(c) for c in cfgs],
+        "saes": [sae.state_dict() for sae in saes],
+        "opts": [opt.state_dict() for opt in opts],
+        "histories": histories,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never leave a half-written state behind
+
+
+def _load_train_state(path, saes, opts, histories, cfgs) -> tuple[int, int]:
+    state = torch.load(path, weights_only=False)
+    if state["cfgs"] != [repr(c) for c in cfgs] or len(state["saes"]) != len(saes):
+        raise ValueError(
+            f"{path} was saved by a run with other settings; delete it to start afresh, or "
+            "resume with the settings it was saved with."
+        )
+    for sae, opt, sd, od in zip(saes, opts, state["saes"], state["opts"], strict=True):
+        sae.load_state_dict(sd)
+        opt.load_state_dict(od)
+    for hist, saved in zip(histories, state["histories"], strict=True):
+        hist.update(saved)
+    return state["done"], state["tokens_seen"]
 
 
 def token_batches(windows: Tensor, batch_size: int, seed: int = 0) -> Callable[[], Tensor]:
@@ -748,12 +792,16 @@ def build_e2e(out_root, table_path, recipe: dict | None = None, log=print, threa
     return table
 
 
-def build_plateau(table_path, recipe: dict | None = None, log=print, threads: int = 1) -> dict:
+def build_plateau(
+    table_path, recipe: dict | None = None, log=print, threads: int = 1, state_dir=None
+) -> dict:
     """Train :data:`PLATEAU`'s runs (every lambda x seed, once per training length; the runs of one
     length train in lockstep on the same batches), evaluate each on the validation windows and
-    write the rows to ``table_path`` (JSON). No weights are kept."""
+    write the rows to ``table_path`` (JSON). No weights are kept.
+
+    With ``state_dir`` the build can be stopped and restarted (same command): each length's
+    training state is saved there every 200 steps and each finished length's rows once done."""
     import json
-    from pathlib import Path
 
     from course_utils.science.activations import corpus_windows
     from course_utils.science.models import load_model
@@ -766,7 +814,17 @@ def build_plateau(table_path, recipe: dict | None = None, log=print, threads: in
     val = corpus_windows(model, "validation")[: recipe["eval_windows"]]
     hook, ds = recipe["hook_name"], tuple(recipe["downstream_hooks"])
     rows = []
+    done_file = Path(state_dir) / "rows.json" if state_dir is not None else None
+    for earlier in (Path(table_path), done_file):  # lengths already measured with this recipe
+        if earlier is not None and earlier.is_file():
+            saved = json.loads(earlier.read_text())
+            if _same_but_steps(saved["recipe"], recipe):
+                rows += [r for r in saved["rows"] if r["steps"] in recipe["steps"]
+                         and not any(r["steps"] == d["steps"] for d in rows)]  # fmt: skip
     for steps in recipe["steps"]:
+        if any(r["steps"] == steps for r in rows):
+            log(f"{steps} steps: rows measured earlier with this recipe, kept")
+            continue
         runs = [(v, float(lam), seed) for v in VARIANTS if v in recipe["lams"]
                 for lam in recipe["lams"][v] for seed in recipe["seeds"]]  # fmt: skip
         cfgs = [
@@ -777,7 +835,8 @@ def build_plateau(table_path, recipe: dict | None = None, log=print, threads: in
         ]  # fmt: skip
         saes = [E2ESAE(model.cfg.d_model, recipe["d_sae"], seed=seed) for _, _, seed in runs]
         batches = token_batches(windows, recipe["batch_windows"], seed=recipe["seed"])
-        histories = train_saes(model, saes, cfgs, batches, progress=False)
+        state = Path(state_dir) / f"train_{steps}steps.pt" if state_dir is not None else None
+        histories = train_saes(model, saes, cfgs, batches, progress=False, state_file=state)
         for (variant, lam, seed), sae, hist in zip(runs, saes, histories, strict=True):
             numbers = evaluate_sae(model, sae, val, hook, ds)
             row = {"variant": variant, "lam": lam, "seed": seed, "steps": steps,
@@ -788,11 +847,24 @@ def build_plateau(table_path, recipe: dict | None = None, log=print, threads: in
             log(f"{steps} steps, {variant} lam {lam:g} seed {seed}: L0 {row['l0']:.1f}, "
                 f"CE +{row['ce_increase']:.4f}, clipped {row['clipped_fraction']:.0%}")  # fmt: skip
         log(f"{steps} steps done at {time.perf_counter() - start:.0f} s")
+        if done_file is not None:
+            done_file.write_text(json.dumps({"recipe": recipe, "rows": rows}, indent=1) + "\n")
+            state.unlink(missing_ok=True)
+    rows.sort(key=lambda r: r["steps"])
     table = {"recipe": recipe, "rows": rows, "total_seconds": round(time.perf_counter() - start, 1),
              "torch_threads": threads}  # fmt: skip
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
     Path(table_path).write_text(json.dumps(table, indent=1) + "\n")
     return table
+
+
+def _same_but_steps(a: dict, b: dict) -> bool:
+    import json
+
+    def strip(r: dict) -> dict:
+        return json.loads(json.dumps({k: v for k, v in r.items() if k != "steps"}))
+
+    return strip(a) == strip(b)
 
 
 def _load_committed(path, file_name: str, command: str) -> dict:
