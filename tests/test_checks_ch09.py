@@ -208,6 +208,14 @@ def _purity_loop(labels, clusters):
     return total / len(labels)
 
 
+def _purity_float32(labels, clusters):
+    """A newcomer's float32 fraction (0.6499999761581421 for 0.65) is right; it was refused."""
+    total = torch.zeros((), dtype=torch.float32)
+    for c in clusters.unique():
+        total += labels[clusters == c].bincount().max().float()
+    return float(total / len(labels))
+
+
 def _purity_sklearn(labels, clusters):
     from sklearn.metrics.cluster import contingency_matrix
 
@@ -247,7 +255,7 @@ CORRECT = {
     check.local_affine_map: [_affine_by_jacobian, _affine_by_masked_weights],
     check.code_changes_along_path: [_changes_by_unique, _changes_loop, _changes_raw_layers],
     check.hyperplane_crossings: [_crossings_loop, _crossings_where],
-    check.cluster_purity: [_purity_loop, _purity_sklearn],
+    check.cluster_purity: [_purity_loop, _purity_sklearn, _purity_float32],
     check.arrangement_bound: [_bound_recursive, _bound_pascal_row],
     check.count_regions: [_count_set_of_tuples, _count_sorted_rows],
 }
@@ -437,3 +445,12 @@ def test_affine_check_rejects_an_answer_right_in_float32_only():
 
     status, message = outcome(check.local_affine_map, float32_inside)
     assert status == FAILED and "float64" in message
+
+
+def test_a_tensor_count_is_told_how_to_return_an_int_not_about_math_comb():
+    status, message = outcome(
+        check.count_regions,
+        lambda codes: torch.unique(codes, dim=0).shape[0] * torch.ones((), dtype=torch.int64),
+    )
+    assert status == FAILED and "return a Python int" in message
+    assert "math.comb" not in message and ".item()" in message

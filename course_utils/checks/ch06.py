@@ -759,7 +759,68 @@ def _cc_clean_times_grad(model, sae, clean, corrupt, hook_name, metric):
     return f_clean * _cc_grad_on(model, sae, corrupt, hook_name, metric)
 
 
+def _cc_batch_mean(model, sae, clean, corrupt, hook_name, metric):
+    return I.clean_corrupt_attribution(model, sae, clean, corrupt, hook_name, metric) / len(clean)
+
+
+def _cc_grad_with(model, sae, tokens, hook_name, metric, error: str):
+    store = {}
+
+    def splice(a, hook):
+        f = sae.encode(a.detach()).detach().requires_grad_(True)
+        store["f"] = f
+        if error == "none":
+            return sae.decode(f)
+        return sae.decode(f) + (a - sae.decode(f))  # error left attached
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, splice)])
+        metric(logits).sum().backward()
+    return store["f"].grad
+
+
+def _cc_error_attached(model, sae, clean, corrupt, hook_name, metric):
+    f_clean, f_corrupt = _cc_parts(model, sae, clean, corrupt, hook_name)
+    return (f_clean - f_corrupt) * _cc_grad_with(model, sae, corrupt, hook_name, metric, "attached")
+
+
+def _cc_no_error(model, sae, clean, corrupt, hook_name, metric):
+    f_clean, f_corrupt = _cc_parts(model, sae, clean, corrupt, hook_name)
+    return (f_clean - f_corrupt) * _cc_grad_with(model, sae, corrupt, hook_name, metric, "none")
+
+
+def _cc_global_hook(model, sae, clean, corrupt, hook_name, metric):
+    f_clean, f_corrupt = _cc_parts(model, sae, clean, corrupt, HOOK)
+    return (f_clean - f_corrupt) * _cc_grad_on(model, sae, corrupt, HOOK, metric)
+
+
 CC_MISTAKES = [
+    Mistake(
+        "metric averaged over the batch",
+        _cc_batch_mean,
+        "back-propagate the SUM of the metric over the prompts (`metric(logits).sum()`): each "
+        "prompt's features only affect its own metric, and `.mean()` divides every gradient by "
+        "the batch size.",
+    ),
+    Mistake(
+        "error term not detached",
+        _cc_error_attached,
+        "detach the error term: `sae.decode(f) + (a - sae.decode(f)).detach()`. Left attached, "
+        "the gradient through the error cancels the one through the decoder, and every "
+        "attribution is 0.",
+    ),
+    Mistake(
+        "no error term",
+        _cc_no_error,
+        "keep the error term in the splice (`sae.decode(f) + (a - sae.decode(f)).detach()`), so "
+        "the forward pass is the real model's and the gradient is taken at the real run.",
+    ),
+    Mistake(
+        "the notebook's HOOK, not the hook_name argument",
+        _cc_global_hook,
+        "use the `hook_name` argument, not the notebook's global HOOK: the check also runs an SAE "
+        "that sits at another hook.",
+    ),
     Mistake(
         "gradient on the clean run",
         _cc_grad_on_clean,
