@@ -406,6 +406,13 @@ def window_losses(model: HookedTransformer, windows: Tensor, batch_size: int = 6
     return torch.cat(rows)
 
 
+def _train_split_tokens() -> int:
+    from course_utils.science.activations import _cached_stream, _plain_tokenizer_json
+
+    tokenizer = cm.wrap_tokenizer(cm.asset_dir() / cm.TOKENIZER_FILE)
+    return len(_cached_stream(_plain_tokenizer_json(tokenizer.backend_tokenizer), "train"))
+
+
 def run_record(directory: Path, label: str, note: str = "") -> dict:
     """A compact record of one finished build in ``directory`` (its metadata and weights): the
     settings that differ between runs, held-out checkpoints, whole-split validation losses, and
@@ -424,6 +431,7 @@ def run_record(directory: Path, label: str, note: str = "") -> dict:
             f"{cfg['min_lr_fraction']:.0%} at step {cfg['steps']}, batch {cfg['batch_size']} x "
             f"{cfg['base']['n_ctx']}"
         ),
+        "train_split_tokens": _train_split_tokens(),
         "checkpoint_windows": cfg["checkpoint_windows"],
         "heldout_baselines": meta["heldout_baselines"],
         "bigram_add_0.1_validation_loss": meta["bigram_add_0.1_validation_loss"],
