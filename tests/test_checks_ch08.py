@@ -603,6 +603,38 @@ def test_tiny_build_reproduces_its_own_loss(tmp_path):
     assert {r["model"] for r in rows} >= set(blm.KINDS) and any(
         "bigram" in r["model"] for r in rows
     )
+    # a run recorded without its weights: checkpoints, whole-split loss, per-window losses
+    (tmp_path / "runs").mkdir()
+    blm.record_run(tmp_path / "a", "tiny", "two steps", directory=tmp_path / "runs")
+    blm.record_run(tmp_path / "a", "tiny", "recorded again", directory=tmp_path / "runs")
+    runs = blm.read_runs(tmp_path / "runs")
+    assert list(runs) == ["tiny"] and runs["tiny"]["note"] == "recorded again"
+    for kind in blm.KINDS:
+        rec = runs["tiny"]["models"][kind]
+        assert len(rec["validation_window_losses"]) == 4
+        mean = sum(rec["validation_window_losses"]) / 4
+        assert abs(mean - first["models"][kind]["validation_loss"]) < 1e-3
+    with pytest.raises(blm.BilinearLMFileError, match="build-bilinear-lm"):
+        blm.read_runs(tmp_path / "a")  # no runs.json there
+
+
+def test_shipped_runs_describe_the_shipped_models():
+    runs = blm.read_runs()
+    meta = blm.read_metadata()
+    shipped = [
+        r
+        for r in runs.values()
+        if r["steps"] == meta["build_config"]["steps"] and r["seed"] == meta["build_config"]["seed"]
+    ]
+    assert len(shipped) == 1 and len(runs) >= 3  # the shipped run, a second seed, a shorter budget
+    assert {r["seed"] for r in runs.values()} >= {0, 1}
+    assert len({r["steps"] for r in runs.values()}) >= 2
+    for kind in blm.KINDS:
+        rec = shipped[0]["models"][kind]
+        assert abs(rec["validation_loss"] - meta["models"][kind]["validation_loss"]) < 1e-4
+        assert rec["checkpoints"] == [
+            [s, round(v, 5)] for s, v in meta["models"][kind]["checkpoints"]
+        ]
 
 
 def test_shipped_bilinear_saes_load_and_name_the_rebuild_command(tmp_path):

@@ -95,11 +95,33 @@ def main(argv: list[str] | None = None) -> int:
         help="retrain the one-layer bilinear LM and its GELU twin (chapter 08, section 4)",
     )
     blm.add_argument("--out", type=Path, default=None, help="output folder (default: shipped)")
-    blm.add_argument("--steps", type=int, default=None, help="training steps (default 1600)")
+    blm.add_argument("--steps", type=int, default=None, help="training steps (default 4800)")
+    blm.add_argument(
+        "--checkpoints",
+        type=str,
+        default=None,
+        help="comma-separated steps at which to measure held-out loss (default: the shipped ones "
+        "up to --steps, plus --steps)",
+    )
+    blm.add_argument(
+        "--no-saes",
+        action="store_true",
+        help="train only the twins, not the SAEs (e.g. a second seed whose weights are not shipped)",
+    )
     blm.add_argument("--seed", type=int, default=0, help="seed of both twins (default 0)")
     blm.add_argument(
         "--saes-only", action="store_true", help="only retrain the two SAEs on the shipped model"
     )
+    blm.add_argument(
+        "--record-run",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="add the finished build in FOLDER (e.g. another seed or budget, built with --out) to "
+        "runs.json in --out (default: shipped) under --label, without its weights",
+    )
+    blm.add_argument("--label", type=str, default=None, help="the run's label for --record-run")
+    blm.add_argument("--note", type=str, default="", help="a sentence on the run for --record-run")
     blm.add_argument("--threads", type=int, default=1)
     pareto = sub.add_parser(
         "build-sae-pareto",
@@ -124,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         from course_utils.science import bilinear_lm
 
         out = args.out if args.out is not None else bilinear_lm.asset_dir()
+        if args.record_run is not None:
+            if not args.label:
+                parser.error("--record-run needs --label (e.g. 'seed 1, 4800 steps')")
+            return _timed(
+                f"the record of {args.record_run} in {out / bilinear_lm.RUNS_FILE}",
+                lambda log: bilinear_lm.record_run(args.record_run, args.label, args.note, out),
+            )
         if args.saes_only:
             return _timed(
                 f"the bilinear model's SAEs into {out}",
@@ -134,11 +163,21 @@ def main(argv: list[str] | None = None) -> int:
             config.steps = args.steps
             kept = {c for c in config.checkpoints if c < args.steps} | {args.steps}
             config.checkpoints = tuple(sorted(kept))
+        if args.checkpoints is not None:
+            try:
+                asked = {int(c) for c in args.checkpoints.split(",") if c.strip()}
+            except ValueError:
+                parser.error("--checkpoints takes comma-separated step numbers, e.g. 400,800,1600")
+            if not asked or min(asked) < 1 or max(asked) > config.steps:
+                parser.error(f"--checkpoints must lie between 1 and --steps ({config.steps})")
+            config.checkpoints = tuple(sorted(asked | {config.steps}))
         return _timed(
             f"{bilinear_lm.ASSET_NAME} ({', '.join(config.kinds)}) into {out}",
             lambda log: (
                 bilinear_lm.build(config, out, log=log),
-                bilinear_lm.build_saes(bilinear_lm.BilinearSAEConfig(), out, log=log),
+                None
+                if args.no_saes
+                else bilinear_lm.build_saes(bilinear_lm.BilinearSAEConfig(), out, log=log),
             ),
         )
 

@@ -73,7 +73,7 @@ class BilinearLMConfig:
     """
 
     seed: int = 0
-    steps: int = 1600
+    steps: int = 4800
     batch_size: int = 8
     lr: float = 5e-3
     warmup_steps: int = 50
@@ -83,7 +83,7 @@ class BilinearLMConfig:
     threads: int = 1  # on a shared 2-core machine one thread was 2x faster per step than two
     log_every: int = 50
     record_first_steps: int = 10
-    checkpoints: tuple[int, ...] = (100, 200, 400, 800, 1200, 1600)
+    checkpoints: tuple[int, ...] = (100, 200, 400, 800, 1200, 1600, 2400, 3200, 4000, 4800)
     checkpoint_windows: int = 128  # the first windows of the validation split
     validation_windows: int | None = None  # None: the whole validation split
     kinds: tuple[str, ...] = KINDS
@@ -390,6 +390,80 @@ def read_dose_response(directory: Path | None = None) -> list[dict]:
                 }
             )
     return rows
+
+
+RUNS_FILE = "runs.json"
+
+
+@torch.no_grad()
+def window_losses(model: HookedTransformer, windows: Tensor, batch_size: int = 64) -> Tensor:
+    """Mean next-token loss (nats) of each window. Every window has the same length, so the mean of
+    these is ``course_model.model_loss`` on the same windows."""
+    rows = []
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        rows.append(model(batch, return_type="loss", loss_per_token=True).mean(-1))
+    return torch.cat(rows)
+
+
+def _train_split_tokens() -> int:
+    from course_utils.science.activations import _cached_stream, _plain_tokenizer_json
+
+    tokenizer = cm.wrap_tokenizer(cm.asset_dir() / cm.TOKENIZER_FILE)
+    return len(_cached_stream(_plain_tokenizer_json(tokenizer.backend_tokenizer), "train"))
+
+
+def run_record(directory: Path, label: str, note: str = "") -> dict:
+    """A compact record of one finished build in ``directory`` (its metadata and weights): the
+    settings that differ between runs, held-out checkpoints, whole-split validation losses, and
+    each twin's loss on every validation window (for bootstrap standard errors without shipping
+    the weights). Measured on the weights as saved (float16)."""
+    meta = read_metadata(directory)
+    cfg = meta["build_config"]
+    record = {
+        "label": label,
+        "note": note,
+        "seed": cfg["seed"],
+        "steps": cfg["steps"],
+        "tokens_trained": meta["tokens_trained"],
+        "schedule": (
+            f"AdamW lr {cfg['lr']}, {cfg['warmup_steps']} warm-up steps, cosine to "
+            f"{cfg['min_lr_fraction']:.0%} at step {cfg['steps']}, batch {cfg['batch_size']} x "
+            f"{cfg['base']['n_ctx']}"
+        ),
+        "train_split_tokens": _train_split_tokens(),
+        "checkpoint_windows": cfg["checkpoint_windows"],
+        "heldout_baselines": meta["heldout_baselines"],
+        "bigram_add_0.1_validation_loss": meta["bigram_add_0.1_validation_loss"],
+        "models": {},
+    }
+    for kind, rec in meta["models"].items():
+        model = load_bilinear_lm(kind, directory)
+        losses = window_losses(model, validation_windows(model, cfg["validation_windows"]))
+        record["models"][kind] = {
+            "checkpoints": [[int(s), round(v, 5)] for s, v in rec["checkpoints"]],
+            "validation_loss": round(rec["validation_loss"], 5),
+            "validation_window_losses": [round(v, 4) for v in losses.tolist()],
+        }
+    return record
+
+
+def read_runs(directory: Path | None = None) -> dict[str, dict]:
+    """The runs recorded in ``runs.json`` (label -> record; see :func:`run_record`)."""
+    path = (asset_dir() if directory is None else Path(directory)) / RUNS_FILE
+    if not path.is_file():
+        raise BilinearLMFileError(_missing(path))
+    return {r["label"]: r for r in json.loads(path.read_text())}
+
+
+def record_run(run_dir: Path, label: str, note: str = "", directory: Path | None = None) -> dict:
+    """Add (or replace) the record of the build in ``run_dir`` under ``label`` in ``runs.json``."""
+    path = (asset_dir() if directory is None else Path(directory)) / RUNS_FILE
+    runs = json.loads(path.read_text()) if path.is_file() else []
+    record = run_record(run_dir, label, note)
+    runs = [r for r in runs if r["label"] != label] + [record]
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in runs) + "\n]\n")
+    return record
 
 
 def build(config: BilinearLMConfig, out_dir: Path, log=print) -> dict:
