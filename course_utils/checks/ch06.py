@@ -727,13 +727,18 @@ def _cc_parts(model, sae, clean, corrupt, hook_name):
     return f_clean, store["f"]
 
 
-def _cc_grad_on(model, sae, tokens, hook_name, metric):
+def _cc_grad_on(model, sae, tokens, hook_name, metric, error: str = "detached"):
+    """The gradient of the summed metric with respect to the features on ``tokens``' run; the
+    splice keeps the error term detached (the reference), attached, or drops it ("none")."""
     store = {}
 
     def splice(a, hook):
         f = sae.encode(a.detach()).detach().requires_grad_(True)
         store["f"] = f
-        return sae.decode(f) + (a - sae.decode(f)).detach()
+        if error == "none":
+            return sae.decode(f)
+        err = a - sae.decode(f)
+        return sae.decode(f) + (err.detach() if error == "detached" else err)
 
     with torch.enable_grad():
         logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, splice)])
@@ -763,30 +768,14 @@ def _cc_batch_mean(model, sae, clean, corrupt, hook_name, metric):
     return I.clean_corrupt_attribution(model, sae, clean, corrupt, hook_name, metric) / len(clean)
 
 
-def _cc_grad_with(model, sae, tokens, hook_name, metric, error: str):
-    store = {}
-
-    def splice(a, hook):
-        f = sae.encode(a.detach()).detach().requires_grad_(True)
-        store["f"] = f
-        if error == "none":
-            return sae.decode(f)
-        return sae.decode(f) + (a - sae.decode(f))  # error left attached
-
-    with torch.enable_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, splice)])
-        metric(logits).sum().backward()
-    return store["f"].grad
-
-
 def _cc_error_attached(model, sae, clean, corrupt, hook_name, metric):
     f_clean, f_corrupt = _cc_parts(model, sae, clean, corrupt, hook_name)
-    return (f_clean - f_corrupt) * _cc_grad_with(model, sae, corrupt, hook_name, metric, "attached")
+    return (f_clean - f_corrupt) * _cc_grad_on(model, sae, corrupt, hook_name, metric, "attached")
 
 
 def _cc_no_error(model, sae, clean, corrupt, hook_name, metric):
     f_clean, f_corrupt = _cc_parts(model, sae, clean, corrupt, hook_name)
-    return (f_clean - f_corrupt) * _cc_grad_with(model, sae, corrupt, hook_name, metric, "none")
+    return (f_clean - f_corrupt) * _cc_grad_on(model, sae, corrupt, hook_name, metric, "none")
 
 
 def _cc_global_hook(model, sae, clean, corrupt, hook_name, metric):
