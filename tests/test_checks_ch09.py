@@ -454,3 +454,66 @@ def test_a_tensor_count_is_told_how_to_return_an_int_not_about_math_comb():
     )
     assert status == FAILED and "return a Python int" in message
     assert "math.comb" not in message and ".item()" in message
+
+
+# ------------------------- mistakes a newcomer met without a hint (browser run, issue 26)
+
+
+def _affine_bias_masked_at_the_first_layer_only(model, x):
+    """Masks the propagated bias after hidden layer 1 only: right for one hidden layer."""
+    layers, codes = P.linear_layers(model), P.layer_codes(model, x)
+    A = layers[0].weight.expand(x.shape[0], -1, -1)
+    c = layers[0].bias.expand(x.shape[0], -1)
+    for i, (code, layer) in enumerate(zip(codes, layers[1:], strict=True)):
+        mask = code.to(A.dtype)
+        A = layer.weight @ (mask[:, :, None] * A)
+        c = (mask * c if i == 0 else c) @ layer.weight.T + layer.bias
+    return A.detach(), c.detach()
+
+
+def _affine_bias_added_after_the_mask(model, x):
+    """Builds A and c from the identity; adds each hidden bias after masking, so it leaks."""
+    layers, codes = P.linear_layers(model), P.layer_codes(model, x)
+    A = torch.eye(x.shape[1], dtype=x.dtype).expand(x.shape[0], -1, -1)
+    c = torch.zeros_like(x)
+    for code, layer in zip(codes, layers[:-1], strict=True):
+        mask = code.to(x.dtype)
+        A = mask[:, :, None] * (layer.weight @ A)
+        c = mask * (c @ layer.weight.T) + layer.bias
+    return (layers[-1].weight @ A).detach(), (c @ layers[-1].weight.T + layers[-1].bias).detach()
+
+
+@pytest.mark.parametrize(
+    "wrong", [_affine_bias_masked_at_the_first_layer_only, _affine_bias_added_after_the_mask]
+)
+def test_a_right_A_with_a_wrong_bias_is_pointed_at_c(wrong):
+    status, message = outcome(check.local_affine_map, wrong)
+    assert status == FAILED and "A is right, so the bias term c is the problem" in message
+
+
+def test_a_wrong_A_is_not_told_that_A_is_right():
+    status, message = outcome(check.local_affine_map, check._affine_transposed)
+    assert status == FAILED and "A is right" not in message
+
+
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_an_off_by_one_region_count_is_named(shift):
+    status, message = outcome(
+        check.count_regions, lambda codes: int(torch.unique(codes, dim=0).shape[0]) + shift
+    )
+    assert status == FAILED and "no +1 or -1" in message
+
+
+@pytest.mark.parametrize("closed", [(True, True), (True, False), (False, True)])
+def test_a_closed_or_half_open_interval_is_named(closed):
+    status, message = outcome(check.hyperplane_crossings, check._cross_interval(*closed))
+    assert status == FAILED and "strict inequalities" in message
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [_purity_table_by_raw_ids, check._purity_noise_dropped, check._purity_noise_counted_wrong],
+)
+def test_the_noise_cluster_mistakes_are_named(wrong):
+    status, message = outcome(check.cluster_purity, wrong)
+    assert status == FAILED and "-1 (DBSCAN's name for its noise points)" in message

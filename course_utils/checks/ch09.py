@@ -7,7 +7,14 @@ import math
 import torch
 from torch import nn
 
-from course_utils.checks.core import Case, CheckFailed, Mistake, compare_function, exercise
+from course_utils.checks.core import (
+    Case,
+    CheckFailed,
+    Mistake,
+    compare_function,
+    exercise,
+    mismatch,
+)
 from course_utils.science import polytopes as P
 
 
@@ -268,9 +275,25 @@ def _affine_cases() -> list[Case]:
     ]
 
 
+def _affine_equal(expected, actual) -> str | None:
+    """The default comparison, plus a pointer to c when A is already right: the bias term is where
+    most mistakes hide, and they come in more forms than the list above can name."""
+    problem = mismatch(expected, actual, 1e-5, 1e-4)
+    right_A = isinstance(actual, tuple) and len(actual) == 2 and len(expected) == 2
+    if problem is None or not right_A or mismatch(expected[0], actual[0], 1e-5, 1e-4) is not None:
+        return problem
+    return (
+        f"{problem.rstrip('.')}. A is right, so the bias term c is the problem: each layer's "
+        "bias must pass through the masks of every hidden layer after it, exactly as A's rows do "
+        "(c_l = W_l (D_{l-1} c_{l-1}) + b_l, starting from c_1 = b_1)."
+    )
+
+
 @exercise("1.3", "local_affine_map")
 def local_affine_map(learner) -> str:
-    summary = compare_function(learner, P.local_affine_map, _affine_cases(), AFFINE_MISTAKES)
+    summary = compare_function(
+        learner, P.local_affine_map, _affine_cases(), AFFINE_MISTAKES, compare=_affine_equal
+    )
     # and the property itself, in float64, on a fresh network: A x + c is the network's output
     model = _net([3, 10, 10, 2], 7).double()
     x = _x(30, 3, 8).double()
@@ -419,7 +442,23 @@ def _count_int64_hash(codes):
     return int(torch.unique((codes.long() * powers).sum(-1)).shape[0])
 
 
+def _count_one_less(codes):
+    return P.count_regions(codes) - 1
+
+
+def _count_one_more(codes):
+    return P.count_regions(codes) + 1
+
+
+_OFF_BY_ONE = (
+    "every distinct code is exactly one region, so the count is the number of distinct rows, "
+    "torch.unique(codes, dim=0).shape[0], with no +1 or -1 (that arithmetic belongs to counting "
+    "boundaries crossed along a path, exercise 3.1, not to counting regions)."
+)
+
 COUNT_MISTAKES = [
+    Mistake("one less than the distinct codes", _count_one_less, _OFF_BY_ONE),
+    Mistake("one more than the distinct codes", _count_one_more, _OFF_BY_ONE),
     Mistake(
         "counts how many neurons are on",
         _count_by_active,
@@ -611,7 +650,26 @@ def _cross_sign(W, b, x0, x1):
     return torch.sort(t[(t > 0) & (t < 1)]).values
 
 
+def _cross_interval(closed_at_0: bool, closed_at_1: bool):
+    def crossings(W, b, x0, x1):
+        z0, slope = W @ x0 + b, W @ (x1 - x0)
+        moving = slope != 0
+        t = -z0[moving] / slope[moving]
+        inside = (t >= 0 if closed_at_0 else t > 0) & (t <= 1 if closed_at_1 else t < 1)
+        return torch.sort(t[inside]).values
+
+    return crossings
+
+
+_OPEN_INTERVAL = (
+    "keep 0 < t < 1 with strict inequalities: a hyperplane through an endpoint (t = 0 or t = 1) "
+    "is not crossed inside the segment, the endpoint just lies on it. Test (t > 0) & (t < 1)."
+)
+
 CROSS_MISTAKES = [
+    Mistake("closed interval 0 <= t <= 1", _cross_interval(True, True), _OPEN_INTERVAL),
+    Mistake("half-open interval 0 <= t < 1", _cross_interval(True, False), _OPEN_INTERVAL),
+    Mistake("half-open interval 0 < t <= 1", _cross_interval(False, True), _OPEN_INTERVAL),
     Mistake(
         "kept crossings outside the segment",
         _cross_unclipped,
@@ -705,7 +763,36 @@ def _purity_count(labels, clusters):
     return P.cluster_purity(labels, clusters) * labels.shape[0]
 
 
+def _purity_raw_ids(labels, clusters):
+    """Rows of the table indexed by the raw cluster ids: id -1 wraps round to the LAST row."""
+    table = torch.zeros(int(clusters.max()) + 1, int(labels.max()) + 1, dtype=torch.int64)
+    table.index_put_((clusters, labels), torch.ones_like(labels), accumulate=True)
+    return table.max(dim=1).values.sum().item() / labels.shape[0]
+
+
+def _purity_noise_dropped(labels, clusters):
+    """Leaves the points of cluster -1 out altogether (numerator and denominator)."""
+    kept = clusters >= 0
+    return P.cluster_purity(labels[kept], clusters[kept])
+
+
+def _purity_noise_counted_wrong(labels, clusters):
+    """Counts every point of cluster -1 as impure (left out of the numerator only)."""
+    kept = clusters >= 0
+    return P.cluster_purity(labels[kept], clusters[kept]) * kept.sum().item() / labels.shape[0]
+
+
+_NOISE = (
+    "cluster ids are names, and -1 (DBSCAN's name for its noise points) is one more cluster like "
+    "any other: keep its points and give it its own majority label. Before using ids as indices, "
+    "map them to 0..k-1 with torch.unique(clusters, return_inverse=True); a raw -1 index wraps "
+    "round to the last row."
+)
+
 PURITY_MISTAKES = [
+    Mistake("id -1 used as an index", _purity_raw_ids, _NOISE),
+    Mistake("noise points (-1) left out", _purity_noise_dropped, _NOISE),
+    Mistake("noise points (-1) counted as impure", _purity_noise_counted_wrong, _NOISE),
     Mistake(
         "average over clusters, not points",
         _purity_unweighted,
@@ -748,6 +835,10 @@ def _purity_cases() -> list[Case]:
         Case(
             "a noise cluster with id -1 (as DBSCAN names it)",
             (torch.arange(60) % 4, torch.arange(60) % 4 - 1),
+        ),
+        Case(
+            "a mixed noise cluster -1 beside clean clusters",
+            (torch.arange(60) % 4, torch.where(torch.arange(60) < 20, -1, torch.arange(60) % 4)),
         ),
     ]
 
