@@ -652,3 +652,19 @@ def test_dose_response_table_has_both_models_at_every_checkpoint():
     for kind in blm.KINDS:
         assert {int(r["step"]) for r in rows if r["model"] == kind} == steps
     assert any(r["model"].startswith("bigram") for r in rows)
+
+
+def test_window_sources_follow_file_starts_and_file_bootstrap_is_wider():
+    bos = 0
+    # a stream of three files (each starts with BOS) cut into [BOS, 3-token body] windows
+    windows = torch.tensor(
+        [[bos, bos, 5, 6], [bos, 7, 8, bos], [bos, 9, 9, 9], [bos, 9, bos, 4], [bos, 4, 4, 4]]
+    )
+    assert blm.window_sources(windows, bos).tolist() == [0, 0, 1, 1, 2]
+    # files whose windows agree within a file but differ between files: resampling whole files
+    # must give a larger standard error than treating the 40 windows as independent
+    files = torch.arange(4).repeat_interleave(10)
+    values = torch.tensor([0.0, 1.0, 2.0, 3.0]).repeat_interleave(10) + 0.01 * torch.randn(40)
+    assert torch.allclose(blm.file_means(values, files), torch.tensor([0.0, 1, 2, 3]), atol=0.05)
+    window_se = values.std().item() / math.sqrt(len(values))
+    assert blm.file_bootstrap_se(values, files) > 2 * window_se

@@ -406,6 +406,45 @@ def window_losses(model: HookedTransformer, windows: Tensor, batch_size: int = 6
     return torch.cat(rows)
 
 
+def window_sources(
+    windows: Int[Tensor, "n_windows n_ctx"], bos_token_id: int
+) -> Int[Tensor, " n_windows"]:
+    """The source file (0, 1, ...) each window starts in.
+
+    ``make_windows`` cuts one token stream, in which every file begins with BOS, into consecutive
+    ``[BOS, body]`` windows; a window's file is the number of file starts up to its first body token.
+    Neighbouring windows share a file, so they are not independent samples of the split.
+    """
+    starts = (windows[:, 1:].flatten() == bos_token_id).long().cumsum(0)
+    # the number of files started up to each window's first body token
+    first = starts.view(windows.shape[0], -1)[:, 0]
+    return torch.unique(first, return_inverse=True)[1]  # relabelled 0 .. n_files - 1
+
+
+def file_means(values: Float[Tensor, " n"], files: Int[Tensor, " n"]) -> Float[Tensor, " n_files"]:
+    """The mean of ``values`` within each file (``files`` labels 0 .. n_files - 1)."""
+    n_files = int(files.max()) + 1
+    sums = torch.zeros(n_files, dtype=values.dtype).index_add_(0, files, values)
+    return sums / torch.bincount(files, minlength=n_files).to(values.dtype)
+
+
+def file_bootstrap_se(
+    values: Float[Tensor, " n"], files: Int[Tensor, " n"], n_boot: int = 2000, seed: int = 0
+) -> float:
+    """Standard error of ``values.mean()`` when whole files are resampled with replacement.
+
+    Windows of one file are correlated, so resampling windows would understate the error; resampling
+    files keeps each file's windows together (a cluster bootstrap, ratio of resampled sums).
+    """
+    n_files = int(files.max()) + 1
+    sums = torch.zeros(n_files, dtype=values.dtype).index_add_(0, files, values)
+    counts = torch.bincount(files, minlength=n_files).to(values.dtype)
+    picks = torch.randint(
+        0, n_files, (n_boot, n_files), generator=torch.Generator().manual_seed(seed)
+    )
+    return (sums[picks].sum(-1) / counts[picks].sum(-1)).std().item()
+
+
 def _train_split_tokens() -> int:
     from course_utils.science.activations import _cached_stream, _plain_tokenizer_json
 
