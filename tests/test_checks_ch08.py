@@ -668,3 +668,22 @@ def test_window_sources_follow_file_starts_and_file_bootstrap_is_wider():
     assert torch.allclose(blm.file_means(values, files), torch.tensor([0.0, 1, 2, 3]), atol=0.05)
     window_se = values.std().item() / math.sqrt(len(values))
     assert blm.file_bootstrap_se(values, files) > 2 * window_se
+    # leave-one-file-out jackknife: for a plain mean over equal-sized files it is the usual
+    # standard error of the file means
+    means = blm.file_means(values, files)
+    assert math.isclose(
+        blm.file_jackknife_se(values, files),
+        (means.std() / math.sqrt(len(means))).item(),
+        rel_tol=1e-4,
+    )
+
+
+def test_top_terms_of_sign_keeps_the_largest_eigenvalues_of_that_sign():
+    # sorted by |lambda|, as eigen_decompose returns them
+    values = torch.tensor([[3.0, -2.5, 1.0, -0.5]])
+    vectors = torch.eye(4)[None]
+    z = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 0.0, 1.0]])
+    pos = blm.top_terms_of_sign(values, vectors, z, torch.tensor([1.0]))
+    neg = blm.top_terms_of_sign(values, vectors, z, torch.tensor([-1.0]))
+    assert torch.allclose(pos[:, 0], torch.tensor([4.0, 0.0]))  # 3 + 1
+    assert torch.allclose(neg[:, 0], torch.tensor([-3.0, -10.5]))  # -2.5 - 0.5; -2.5*4 - 0.5

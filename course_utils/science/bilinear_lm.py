@@ -445,6 +445,19 @@ def file_bootstrap_se(
     return (sums[picks].sum(-1) / counts[picks].sum(-1)).std().item()
 
 
+def file_jackknife_se(values: Float[Tensor, " n"], files: Int[Tensor, " n"]) -> float:
+    """Leave-one-file-out jackknife standard error of ``values.mean()``.
+
+    A second file-level estimate next to ``file_bootstrap_se``: drop each file in turn, recompute
+    the mean of the remaining windows, and scale the spread of those means by ``(n_files - 1)``.
+    """
+    n_files = int(files.max()) + 1
+    sums = torch.zeros(n_files, dtype=values.dtype).index_add_(0, files, values)
+    counts = torch.bincount(files, minlength=n_files).to(values.dtype)
+    left_out = (sums.sum() - sums) / (counts.sum() - counts)  # the mean without each file
+    return ((n_files - 1) / n_files * (left_out - left_out.mean()).pow(2).sum()).sqrt().item()
+
+
 def _train_split_tokens() -> int:
     from course_utils.science.activations import _cached_stream, _plain_tokenizer_json
 
@@ -635,6 +648,25 @@ def explained_by_top_k(
     full = terms.sum(-1)
     var = full.var(unbiased=False).clamp_min(1e-30)
     return {k: 1 - ((full - terms[:, :k].sum(-1)).pow(2).mean() / var).item() for k in ks}
+
+
+def top_terms_of_sign(
+    values: Float[Tensor, "n d"],
+    vectors: Float[Tensor, "n d d"],
+    z: Float[Tensor, "p d"],
+    sign: Float[Tensor, " n"],
+    k: int = 2,
+) -> Float[Tensor, "p n"]:
+    """``sum lambda_i (v_i . z)^2`` over the ``k`` largest eigenvalues of sign ``sign[j]``, for each
+    of ``n`` interaction matrices (eigenvectors as columns, as ``eigen_decompose`` returns them).
+
+    The top of a quadratic form's positive tail is driven by its largest positive eigenvalues (of its
+    negative tail, by its most negative ones), so to score a tail, keep the terms of the tail's sign.
+    """
+    which = (sign[:, None] * values).topk(k, dim=-1).indices  # [n, k]
+    lam = values.gather(-1, which)
+    vecs = vectors.gather(-1, which[:, None, :].expand(-1, vectors.shape[1], -1))  # [n, d, k]
+    return (torch.einsum("pd,ndk->pnk", z, vecs).pow(2) * lam[None]).sum(-1)
 
 
 # ----------------------------------------------------------------------------- dictionaries
