@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_argument("--threads", type=int, default=1)
     plateau = sub.add_parser(
         "build-e2e-plateau",
-        help="chapter 04's training-length study: local and e2e at 800 and 3200 steps, 2 seeds",
+        help="chapter 04's training-length study: local and e2e at 800, 3200 and 12800 steps, 2 seeds",
     )
     plateau.add_argument("--table", type=Path, default=None, help="JSON (default: shipped)")
     plateau.add_argument("--threads", type=int, default=1)
     plateau.add_argument(
-        "--steps", type=int, nargs="+", default=None, help="training lengths (default 800 3200)"
+        "--steps", type=int, nargs="+", default=None, help="training lengths (default 800 3200 12800)"
     )
     plateau.add_argument(
         "--state-dir",

@@ -636,7 +636,7 @@ PLATEAU = {
     **{k: v for k, v in SWEEP.items() if k not in ("lams", "stability_seed", "steps")},
     "lams": {"local": [4.0, 8.0], "e2e": [8.0]},
     "seeds": [0, 1],
-    "steps": [800, 3200],
+    "steps": [800, 3200, 12800],
 }
 PLATEAU_FILE = "e2e_plateau.json"
 #: Shipped checkpoints: one per variant, matched on CE-loss increase (see ``select_matched``).
