@@ -421,11 +421,19 @@ def window_sources(
     return torch.unique(first, return_inverse=True)[1]  # relabelled 0 .. n_files - 1
 
 
-def file_means(values: Float[Tensor, " n"], files: Int[Tensor, " n"]) -> Float[Tensor, " n_files"]:
-    """The mean of ``values`` within each file (``files`` labels 0 .. n_files - 1)."""
+def _file_sums(
+    values: Float[Tensor, " n"], files: Int[Tensor, " n"]
+) -> tuple[Float[Tensor, " n_files"], Float[Tensor, " n_files"]]:
+    """Per-file sum of ``values`` and number of windows (``files`` labels 0 .. n_files - 1)."""
     n_files = int(files.max()) + 1
     sums = torch.zeros(n_files, dtype=values.dtype).index_add_(0, files, values)
-    return sums / torch.bincount(files, minlength=n_files).to(values.dtype)
+    return sums, torch.bincount(files, minlength=n_files).to(values.dtype)
+
+
+def file_means(values: Float[Tensor, " n"], files: Int[Tensor, " n"]) -> Float[Tensor, " n_files"]:
+    """The mean of ``values`` within each file (``files`` labels 0 .. n_files - 1)."""
+    sums, counts = _file_sums(values, files)
+    return sums / counts
 
 
 def file_bootstrap_se(
@@ -436,11 +444,9 @@ def file_bootstrap_se(
     Windows of one file are correlated, so resampling windows would understate the error; resampling
     files keeps each file's windows together (a cluster bootstrap, ratio of resampled sums).
     """
-    n_files = int(files.max()) + 1
-    sums = torch.zeros(n_files, dtype=values.dtype).index_add_(0, files, values)
-    counts = torch.bincount(files, minlength=n_files).to(values.dtype)
+    sums, counts = _file_sums(values, files)
     picks = torch.randint(
-        0, n_files, (n_boot, n_files), generator=torch.Generator().manual_seed(seed)
+        0, len(sums), (n_boot, len(sums)), generator=torch.Generator().manual_seed(seed)
     )
     return (sums[picks].sum(-1) / counts[picks].sum(-1)).std().item()
 
@@ -451,9 +457,8 @@ def file_jackknife_se(values: Float[Tensor, " n"], files: Int[Tensor, " n"]) -> 
     A second file-level estimate next to ``file_bootstrap_se``: drop each file in turn, recompute
     the mean of the remaining windows, and scale the spread of those means by ``(n_files - 1)``.
     """
-    n_files = int(files.max()) + 1
-    sums = torch.zeros(n_files, dtype=values.dtype).index_add_(0, files, values)
-    counts = torch.bincount(files, minlength=n_files).to(values.dtype)
+    sums, counts = _file_sums(values, files)
+    n_files = len(sums)
     left_out = (sums.sum() - sums) / (counts.sum() - counts)  # the mean without each file
     return ((n_files - 1) / n_files * (left_out - left_out.mean()).pow(2).sum()).sqrt().item()
 
