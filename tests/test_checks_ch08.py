@@ -5,6 +5,7 @@ wrong answer that is not in its list."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -687,3 +688,40 @@ def test_top_terms_of_sign_keeps_the_largest_eigenvalues_of_that_sign():
     neg = blm.top_terms_of_sign(values, vectors, z, torch.tensor([-1.0]))
     assert torch.allclose(pos[:, 0], torch.tensor([4.0, 0.0]))  # 3 + 1
     assert torch.allclose(neg[:, 0], torch.tensor([-3.0, -10.5]))  # -2.5 - 0.5; -2.5*4 - 0.5
+
+
+def test_twins_trained_apart_equal_twins_trained_side_by_side(tmp_path):
+    """--kinds: each twin's start and batches depend only on the seed, so two processes (one per
+    twin, two cores) give bit-identical weights, and one record of the two folders."""
+    from safetensors.torch import load_file
+
+    config = blm.BilinearLMConfig(
+        steps=3, log_every=1, validation_windows=4, checkpoints=(3,), checkpoint_windows=4
+    )
+    quiet = lambda line: None  # noqa: E731
+    together = blm.build(config, tmp_path / "both", log=quiet)
+    for kind in reversed(blm.KINDS):  # the other order too: nothing depends on which ran first
+        blm.build(replace(config, kinds=(kind,)), tmp_path / kind, log=quiet)
+    for kind in blm.KINDS:
+        a = load_file(tmp_path / "both" / kind / "model.safetensors")
+        b = load_file(tmp_path / kind / kind / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
+    apart = blm.run_record([tmp_path / k for k in blm.KINDS], "apart")
+    assert apart["models"] == blm.run_record(tmp_path / "both", "both")["models"]
+    assert round(together["models"]["gelu"]["validation_loss"], 5) == apart["models"]["gelu"]["validation_loss"]
+    # folders that are not one run are refused, with what to do
+    with pytest.raises(ValueError, match="--kinds gelu"):
+        blm.run_record([tmp_path / "bilinear"], "half")
+    with pytest.raises(ValueError, match="more than one"):
+        blm.run_record([tmp_path / "both", tmp_path / "gelu"], "twice")
+    blm.build(replace(config, kinds=("gelu",), seed=1), tmp_path / "seed1", log=quiet)
+    with pytest.raises(ValueError, match="different settings"):
+        blm.run_record([tmp_path / "bilinear", tmp_path / "seed1"], "mixed")
+
+
+def test_build_bilinear_lm_cli_refuses_unknown_kinds(capsys):
+    from course_utils.assets.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["build-bilinear-lm", "--kinds", "relu", "--out", "unused"])
+    assert "--kinds takes some of bilinear,gelu" in capsys.readouterr().err

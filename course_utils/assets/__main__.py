@@ -110,15 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     blm.add_argument("--seed", type=int, default=0, help="seed of both twins (default 0)")
     blm.add_argument(
+        "--kinds",
+        type=str,
+        default=None,
+        help="comma-separated twins to train (default: bilinear,gelu). Each twin's start and "
+        "batches depend only on --seed, so training them in two processes (two cores) gives the "
+        "same weights as side by side; record both folders with --record-run A B",
+    )
+    blm.add_argument(
         "--saes-only", action="store_true", help="only retrain the two SAEs on the shipped model"
     )
     blm.add_argument(
         "--record-run",
         type=Path,
+        nargs="+",
         default=None,
         metavar="FOLDER",
         help="add the finished build in FOLDER (e.g. another seed or budget, built with --out) to "
-        "runs.json in --out (default: shipped) under --label, without its weights",
+        "runs.json in --out (default: shipped) under --label, without its weights; give one "
+        "folder per twin when the twins were trained in separate processes with --kinds",
     )
     blm.add_argument("--label", type=str, default=None, help="the run's label for --record-run")
     blm.add_argument("--note", type=str, default="", help="a sentence on the run for --record-run")
@@ -159,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                 lambda log: bilinear_lm.build_saes(bilinear_lm.BilinearSAEConfig(), out, log=log),
             )
         config = bilinear_lm.BilinearLMConfig(threads=args.threads, seed=args.seed)
+        if args.kinds is not None:
+            kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+            unknown = sorted(set(kinds) - set(bilinear_lm.KINDS))
+            if not kinds or unknown:
+                parser.error(f"--kinds takes some of {','.join(bilinear_lm.KINDS)}; got {args.kinds}")
+            config.kinds = kinds
         if args.steps is not None:
             config.steps = args.steps
             kept = {c for c in config.checkpoints if c < args.steps} | {args.steps}

@@ -470,12 +470,17 @@ def _train_split_tokens() -> int:
     return len(_cached_stream(_plain_tokenizer_json(tokenizer.backend_tokenizer), "train"))
 
 
-def run_record(directory: Path, label: str, note: str = "") -> dict:
+def run_record(directory: Path | list[Path], label: str, note: str = "") -> dict:
     """A compact record of one finished build in ``directory`` (its metadata and weights): the
     settings that differ between runs, held-out checkpoints, whole-split validation losses, and
     each twin's loss on every validation window (for bootstrap standard errors without shipping
-    the weights). Measured on the weights as saved (float16)."""
-    meta = read_metadata(directory)
+    the weights). Measured on the weights as saved (float16).
+
+    A list of folders records ONE run whose twins were trained in separate processes
+    (``build-bilinear-lm --kinds``): their settings must agree except for the kinds."""
+    directories = [Path(d) for d in ([directory] if isinstance(directory, str | Path) else directory)]
+    metas = [read_metadata(d) for d in directories]
+    meta = _merge_metadata(metas, directories)
     cfg = meta["build_config"]
     record = {
         "label": label,
@@ -494,8 +499,9 @@ def run_record(directory: Path, label: str, note: str = "") -> dict:
         "bigram_add_0.1_validation_loss": meta["bigram_add_0.1_validation_loss"],
         "models": {},
     }
-    for kind, rec in meta["models"].items():
-        model = load_bilinear_lm(kind, directory)
+    for kind in KINDS:
+        rec = meta["models"][kind]
+        model = load_bilinear_lm(kind, meta["folders"][kind])
         losses = window_losses(model, validation_windows(model, cfg["validation_windows"]))
         record["models"][kind] = {
             "checkpoints": [[int(s), round(v, 5)] for s, v in rec["checkpoints"]],
@@ -505,22 +511,50 @@ def run_record(directory: Path, label: str, note: str = "") -> dict:
     return record
 
 
-def read_runs(directory: Path | None = None) -> dict[str, dict]:
-    """The runs recorded in ``runs.json`` (label -> record; see :func:`run_record`)."""
-    path = (asset_dir() if directory is None else Path(directory)) / RUNS_FILE
-    if not path.is_file():
-        raise BilinearLMFileError(_missing(path))
-    return {r["label"]: r for r in json.loads(path.read_text())}
+def _merge_metadata(metas: list[dict], directories: list[Path]) -> dict:
+    """One build's metadata from folders that each trained some of the twins; refuses folders
+    whose settings (other than ``kinds``) differ, a twin trained twice, or a twin missing."""
+    settings = [{k: v for k, v in m["build_config"].items() if k != "kinds"} for m in metas]
+    if any(s != settings[0] for s in settings[1:]):
+        raise ValueError(
+            f"the folders {[str(d) for d in directories]} were built with different settings "
+            "(seed, steps, schedule or checkpoints): they are not one run; record them separately"
+        )
+    merged = dict(metas[0], models={}, folders={})
+    for m, d in zip(metas, directories, strict=True):
+        for kind, rec in m["models"].items():
+            if kind in merged["models"]:
+                raise ValueError(f"{kind} appears in more than one of {[str(x) for x in directories]}")
+            merged["models"][kind] = rec
+            merged["folders"][kind] = d
+    missing = [k for k in KINDS if k not in merged["models"]]
+    if missing:
+        raise ValueError(
+            f"no {', '.join(missing)} in {[str(d) for d in directories]}: a run records both "
+            f"twins; train the missing one with build-bilinear-lm --kinds {','.join(missing)}"
+        )
+    return merged
 
 
-def record_run(run_dir: Path, label: str, note: str = "", directory: Path | None = None) -> dict:
-    """Add (or replace) the record of the build in ``run_dir`` under ``label`` in ``runs.json``."""
+def record_run(
+    run_dir: Path | list[Path], label: str, note: str = "", directory: Path | None = None
+) -> dict:
+    """Add (or replace) the record of the build in ``run_dir`` (one folder, or one per twin when
+    the twins trained in separate processes) under ``label`` in ``runs.json``."""
     path = (asset_dir() if directory is None else Path(directory)) / RUNS_FILE
     runs = json.loads(path.read_text()) if path.is_file() else []
     record = run_record(run_dir, label, note)
     runs = [r for r in runs if r["label"] != label] + [record]
     path.write_text("[\n" + ",\n".join(json.dumps(r) for r in runs) + "\n]\n")
     return record
+
+
+def read_runs(directory: Path | None = None) -> dict[str, dict]:
+    """The runs recorded in ``runs.json`` (label -> record; see :func:`run_record`)."""
+    path = (asset_dir() if directory is None else Path(directory)) / RUNS_FILE
+    if not path.is_file():
+        raise BilinearLMFileError(_missing(path))
+    return {r["label"]: r for r in json.loads(path.read_text())}
 
 
 def build(config: BilinearLMConfig, out_dir: Path, log=print) -> dict:
