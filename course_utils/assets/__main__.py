@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.label:
                 parser.error("--record-run needs --label (e.g. 'seed 1, 4800 steps')")
             return _timed(
-                f"the record of {args.record_run} in {out / bilinear_lm.RUNS_FILE}",
+                f"the record of {' + '.join(map(str, args.record_run))} in {out / bilinear_lm.RUNS_FILE}",
                 lambda log: bilinear_lm.record_run(args.record_run, args.label, args.note, out),
             )
         if args.saes_only:
