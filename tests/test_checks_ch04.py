@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from course_utils.checks import ch04 as check
-from course_utils.checks.core import FAILED, outcome
+from course_utils.checks.core import FAILED, PASSED, outcome
 from course_utils.science import e2e_saes as E
 from tests.check_contract import contract_tests
 
@@ -330,11 +330,143 @@ contract_tests(check, CHECKS, globals(), correct=CORRECT, wrong=WRONG)
     [
         (check._manual_loop(late_lr=True), "one step late"),
         (check._manual_loop(zero_grad_between=True), "between backward() and step()"),
-        (check._manual_loop(clip="by value"), "by VALUE"),
         (check._manual_loop(reuse_batch=True), "reused"),
     ],
-    ids=["lr one step late", "zero_grad between", "clip by value", "batch reused"],
+    ids=["lr one step late", "zero_grad between", "batch reused"],
 )
 def test_training_divergence_names_step_and_cause(wrong, phrase):
     status, message = outcome(check.train_sae, wrong)
     assert status == FAILED and phrase in message and "step " in message, message
+
+
+# ------------- messages a newcomer's browser run found wrong or missing (chapter 04, B and G)
+
+
+@pytest.mark.parametrize("clip", ["none", "after step", "by value"])
+def test_unclipped_gradients_are_not_blamed_on_clipping_by_value(clip):
+    """On the first case every gradient entry is below grad_clip = 1, so no clipping, clipping
+    after step() and clip_grad_value_ all reach step() unclipped: none of them clipped by value
+    in a way that shows, and the message says the norm was not clipped (it used to say "by
+    VALUE" to all three)."""
+    status, message = outcome(check.train_sae, check._manual_loop(clip=clip))
+    assert status == FAILED and "not clipped before the step" in message, message
+    assert "clip_grad_norm_(params, grad_clip) between backward() and step()" in message
+    assert "by VALUE" not in message, message
+    if clip == "by value":
+        assert "by value would change nothing" in message, message
+
+
+def test_clipping_the_norm_before_the_step_passes():
+    assert outcome(check.train_sae, check._manual_loop(clip="before step")) == (PASSED, "")
+
+
+def local_l1_mean_as_written(x, x_hat, c, lam):
+    return torch.nn.functional.mse_loss(x_hat, x) + lam / x.shape[-1] * c.abs().mean()
+
+
+def local_l1_torch_mean(x, x_hat, c, lam):
+    return ((x - x_hat) ** 2).mean() + (lam / x.shape[-1]) * torch.mean(torch.abs(c))
+
+
+def local_mean_times_d_sae(x, x_hat, c, lam):
+    """Right: the mean over the dictionary times its size is the per-token sum."""
+    return (x_hat - x).pow(2).mean() + lam / x.shape[-1] * (c.abs().mean(-1) * c.shape[-1]).mean()
+
+
+def local_vector_norm(x, x_hat, c, lam):
+    l1 = torch.linalg.vector_norm(c, ord=1, dim=-1)
+    return torch.nn.functional.mse_loss(x_hat, x) + lam / x.shape[-1] * l1.mean()
+
+
+@pytest.mark.parametrize("wrong", [local_l1_mean_as_written, local_l1_torch_mean])
+def test_l1_as_a_mean_over_the_dictionary_is_named(wrong):
+    status, message = outcome(check.loss_local, wrong)
+    assert status == FAILED and "c.abs().mean() averages |c| over the dictionary" in message
+
+
+@pytest.mark.parametrize("right", [local_mean_times_d_sae, local_vector_norm])
+def test_l1_written_another_right_way_passes(right):
+    assert outcome(check.loss_local, right) == (PASSED, "")
+
+
+def ds_kl_coeff_on_sparsity(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    n = len(new_downstream)
+    mse = sum((a - b).pow(2).mean() for a, b in zip(new_downstream, orig_downstream, strict=True))
+    kl = kl_einsum(new_logits, orig_logits)
+    return kl_coeff * (kl + lam / d_in * c.abs().sum(-1).mean()) + beta / n * mse
+
+
+def ds_kl_coeff_on_e2e_loss(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    """Scales the chapter's e2e loss (KL + sparsity) by kl_coeff."""
+    pairs = zip(new_downstream, orig_downstream, strict=True)
+    mses = [torch.nn.functional.mse_loss(a, b) for a, b in pairs]
+    return kl_coeff * E.loss_e2e(new_logits, orig_logits, c, lam, d_in) + beta * sum(mses) / len(
+        mses
+    )
+
+
+def ds_kl_coeff_on_everything(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    return kl_coeff * E.loss_e2e_ds(
+        new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, 1.0
+    )
+
+
+def ds_from_e2e_loss(
+    new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
+):
+    """Right: the e2e loss with its KL rescaled, plus the downstream term."""
+    kl = E.kl_spliced_vs_original(new_logits, orig_logits)
+    pairs = zip(new_downstream, orig_downstream, strict=True)
+    mses = torch.stack([(a - b).pow(2).mean() for a, b in pairs])
+    return (
+        E.loss_e2e(new_logits, orig_logits, c, lam, d_in) - (1 - kl_coeff) * kl + beta * mses.mean()
+    )
+
+
+@pytest.mark.parametrize(
+    "wrong", [ds_kl_coeff_on_sparsity, ds_kl_coeff_on_e2e_loss, ds_kl_coeff_on_everything]
+)
+def test_kl_coeff_on_more_than_the_kl_is_named(wrong):
+    status, message = outcome(check.loss_e2e_ds, wrong)
+    assert status == FAILED and "kl_coeff multiplies the KL term only" in message, message
+
+
+@pytest.mark.parametrize("right", [ds_from_e2e_loss, ds_loop])
+def test_kl_coeff_on_the_kl_only_passes(right):
+    assert outcome(check.loss_e2e_ds, right) == (PASSED, "")
+
+
+def cos_diagonal_filled_with_zero(W_dec):
+    unit = torch.nn.functional.normalize(W_dec, dim=-1)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(0)
+    return cos.max(dim=-1).values
+
+
+def cos_minus_identity(W_dec):
+    unit = torch.nn.functional.normalize(W_dec, dim=-1)
+    return (unit @ unit.T - torch.eye(len(W_dec))).max(dim=-1).values  # self: 1 - 1 = 0
+
+
+def cos_minus_three_identity(W_dec):
+    """Right: a cosine is at least -1, so the self-cosine pushed to -2 can never be the max."""
+    unit = torch.nn.functional.normalize(W_dec, dim=-1)
+    return (unit @ unit.T - 3 * torch.eye(len(W_dec))).max(dim=-1).values
+
+
+@pytest.mark.parametrize("wrong", [cos_diagonal_filled_with_zero, cos_minus_identity])
+def test_a_diagonal_of_zeros_is_named(wrong):
+    status, message = outcome(check.max_cosine_within, wrong)
+    assert status == FAILED and "case 'two elements'" in message, message
+    assert "Fill the diagonal with -inf" in message, message
+
+
+@pytest.mark.parametrize("right", [cos_minus_three_identity, cos_masked])
+def test_a_diagonal_below_every_cosine_passes(right):
+    assert outcome(check.max_cosine_within, right) == (PASSED, "")

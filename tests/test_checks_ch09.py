@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from course_utils.checks import ch09 as check
-from course_utils.checks.core import FAILED, outcome
+from course_utils.checks.core import FAILED, PASSED, outcome
 from course_utils.science import polytopes as P
 from tests.check_contract import contract_tests
 
@@ -517,3 +517,39 @@ def test_a_closed_or_half_open_interval_is_named(closed):
 def test_the_noise_cluster_mistakes_are_named(wrong):
     status, message = outcome(check.cluster_purity, wrong)
     assert status == FAILED and "-1 (DBSCAN's name for its noise points)" in message
+
+
+# ------------- a mistake a newcomer met without a hint (chapter-04 browser run, finding G)
+
+
+def _changes_t_one_dropped(model, x0, x1, n_steps):
+    t = torch.linspace(0, 1, n_steps + 1)[:-1]  # drops t = 1
+    points = x0[:, None, :] + t[None, :, None] * (x1 - x0)[:, None, :]
+    codes = P.spline_code(model, points.reshape(-1, x0.shape[1])).view(len(x0), len(t), -1)
+    return (codes[:, 1:] != codes[:, :-1]).any(-1).sum(-1)
+
+
+def _changes_arange_over_n(model, x0, x1, n_steps):
+    t = torch.arange(n_steps, dtype=x0.dtype) / n_steps  # 0 .. (n-1)/n: t = 1 missing too
+    points = x0[:, None, :] + t[None, :, None] * (x1 - x0)[:, None, :]
+    codes = P.spline_code(model, points.reshape(-1, x0.shape[1])).view(len(x0), n_steps, -1)
+    return (codes[:, 1:] != codes[:, :-1]).any(-1).sum(-1)
+
+
+def _changes_arange_inclusive(model, x0, x1, n_steps):
+    """Right: t = k / n_steps for k = 0 .. n_steps, both ends included."""
+    t = torch.arange(n_steps + 1, dtype=x0.dtype) / n_steps
+    points = x0[:, None, :] + t[None, :, None] * (x1 - x0)[:, None, :]
+    codes = P.spline_code(model, points.reshape(-1, x0.shape[1])).view(len(x0), n_steps + 1, -1)
+    return (codes[:, 1:] != codes[:, :-1]).any(-1).sum(-1)
+
+
+@pytest.mark.parametrize("wrong", [_changes_t_one_dropped, _changes_arange_over_n])
+def test_a_path_without_its_last_point_is_named(wrong):
+    status, message = outcome(check.code_changes_along_path, wrong)
+    assert status == FAILED and "the path ends at t = 1" in message, message
+
+
+@pytest.mark.parametrize("right", [_changes_arange_inclusive, _changes_by_unique])
+def test_a_path_with_both_ends_passes(right):
+    assert outcome(check.code_changes_along_path, right) == (PASSED, "")

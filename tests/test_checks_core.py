@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from course_utils.checks.core import (
@@ -259,6 +260,43 @@ def test_step_divergence_names_step_and_cause():
     assert "by VALUE" in step_divergence([clipped[0]] + want[1:], by_value, grad_clip=0.5)
     assert "not clipped" in step_divergence(clipped, want, grad_clip=0.5)
     assert "never called" in step_divergence(want, [])
+
+
+def _recorded_clipping(clip: str, grad_clip: float, scale: float) -> list[dict]:
+    """Three Adam steps on one weight vector, with its gradient clipped as ``clip`` says."""
+    w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+    opt = torch.optim.Adam([w], lr=0.1)
+    recorder = StepRecorder({id(w): "w"})
+    with recorder:
+        for t in range(3):
+            x = recorder.saw(torch.full((8,), float(t + 1)))
+            opt.zero_grad()
+            (scale * (w * x).pow(2)).sum().backward()
+            if clip == "norm":
+                torch.nn.utils.clip_grad_norm_([w], grad_clip)
+            elif clip == "value":
+                torch.nn.utils.clip_grad_value_([w], grad_clip)
+            opt.step()
+            if clip == "after step":
+                torch.nn.utils.clip_grad_norm_([w], grad_clip)
+    return recorder.steps
+
+
+@pytest.mark.parametrize("scale", [0.2, 1.0], ids=["entries below grad_clip", "above"])
+def test_only_a_gradient_clipped_by_value_is_said_to_be(scale):
+    """Clipping by value is named only when it left its mark (entries at exactly grad_clip); an
+    unclipped gradient, or one clipped after the step, is "not clipped" even when every entry is
+    small (a newcomer's browser run of chapter 04: all three were told "by VALUE")."""
+    grad_clip = 0.5
+    want = _recorded_clipping("norm", grad_clip, scale)
+    assert step_divergence(want, _recorded_clipping("norm", grad_clip, scale), grad_clip) is None
+    for wrong in ("none", "after step", "value"):
+        got = _recorded_clipping(wrong, grad_clip, scale)
+        message = step_divergence(want, got, grad_clip)
+        bit = wrong == "value" and scale == 1.0  # entries above grad_clip: clip_grad_value_ bites
+        assert message is not None and message.startswith("at step 0"), (wrong, message)
+        assert ("by VALUE" in message) == bit, (wrong, message)
+        assert ("not clipped before the step" in message) == (not bit), (wrong, message)
 
 
 def test_step_recorder_sees_every_optimizer_step():

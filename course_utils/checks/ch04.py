@@ -341,6 +341,10 @@ def _l1_summed_over_tokens(x, x_hat, c, lam):
     return (x_hat - x).pow(2).mean() + lam / x.shape[-1] * c.abs().sum()
 
 
+def _l1_as_mean(x, x_hat, c, lam):
+    return (x_hat - x).pow(2).mean() + lam / x.shape[-1] * c.abs().mean()
+
+
 LOCAL_MISTAKES = [
     Mistake(
         "L1 divided by the dictionary size",
@@ -362,6 +366,13 @@ LOCAL_MISTAKES = [
         "L1 summed over tokens",
         _l1_summed_over_tokens,
         "sum |c| over the dictionary for each token, then *average* over tokens.",
+    ),
+    Mistake(
+        "L1 as c.abs().mean()",
+        _l1_as_mean,
+        "c.abs().mean() averages |c| over the dictionary as well as the tokens, so it divides "
+        "each token's L1 norm by d_sae: the L1 norm of a token's code is the *sum* over the "
+        "dictionary, c.abs().sum(-1), and that is what you average over tokens.",
     ),
 ]
 
@@ -446,7 +457,9 @@ def loss_e2e(learner) -> str:
 # ---------------------------------------------------------------- 2.5 e2e + downstream loss
 
 
-def _ds_variant(spread=True, summed=False, kl_coeff_used=True, extra_count=0):
+def _ds_variant(spread=True, summed=False, kl_coeff_used=True, extra_count=0, kl_coeff_on="kl"):
+    """``kl_coeff_on``: which terms kl_coeff multiplies ("kl", "kl+sparsity" or "all")."""
+
     def loss(
         new_logits, orig_logits, c, lam, d_in, new_downstream, orig_downstream, beta, kl_coeff=0.5
     ):
@@ -462,14 +475,20 @@ def _ds_variant(spread=True, summed=False, kl_coeff_used=True, extra_count=0):
             )
         weight = beta / (n + extra_count) if spread else beta
         kl = E.kl_spliced_vs_original(new_logits, orig_logits)
-        return (
-            (kl_coeff if kl_coeff_used else 1.0) * kl
-            + E.sparsity_penalty(c, lam, d_in)
-            + (weight * mse)
-        )
+        sparsity = E.sparsity_penalty(c, lam, d_in)
+        if kl_coeff_on == "kl+sparsity":
+            return kl_coeff * (kl + sparsity) + weight * mse
+        if kl_coeff_on == "all":
+            return kl_coeff * (kl + sparsity + weight * mse)
+        return (kl_coeff if kl_coeff_used else 1.0) * kl + sparsity + (weight * mse)
 
     return loss
 
+
+_KL_COEFF_ONLY_ON_KL = (
+    "kl_coeff multiplies the KL term only: kl_coeff * KL + (lambda / d_in) * L1 + (beta / n) * "
+    "sum of the MSEs. The sparsity term and the downstream MSEs keep their own coefficients."
+)
 
 DS_MISTAKES = [
     Mistake(
@@ -492,6 +511,12 @@ DS_MISTAKES = [
         _ds_variant(extra_count=1),
         "n counts the downstream hooks only: divide beta by len(new_downstream).",
     ),
+    Mistake(
+        "kl_coeff on the sparsity term too",
+        _ds_variant(kl_coeff_on="kl+sparsity"),
+        _KL_COEFF_ONLY_ON_KL,
+    ),
+    Mistake("kl_coeff on the whole loss", _ds_variant(kl_coeff_on="all"), _KL_COEFF_ONLY_ON_KL),
 ]
 
 
@@ -812,6 +837,13 @@ def _abs_cos(W_dec):
     return cos.max(-1).values
 
 
+def _diagonal_zero(W_dec):
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(0.0)
+    return cos.max(-1).values
+
+
 def _dots(W_dec):
     cos = W_dec @ W_dec.T
     cos.fill_diagonal_(-float("inf"))
@@ -834,6 +866,13 @@ COS_MISTAKES = [
         "not normalised",
         _dots,
         "normalise the rows to unit length first: cosine, not dot product.",
+    ),
+    Mistake(
+        "diagonal set to 0",
+        _diagonal_zero,
+        "the diagonal was set to 0, and an element whose cosines with all the others are "
+        "negative then reports that 0 as its max. Fill the diagonal with -inf "
+        "(cos.fill_diagonal_(-float('inf'))) so an element's own slot can never win.",
     ),
 ]
 

@@ -553,6 +553,13 @@ def _n_points(model, x0, x1, n_steps):
     return (codes[:, 1:] != codes[:, :-1]).any(-1).sum(-1)
 
 
+def _last_point_dropped(model, x0, x1, n_steps):
+    t = torch.linspace(0, 1, n_steps + 1, dtype=x0.dtype)[:-1]
+    pts = x0[:, None] + t[None, :, None] * (x1 - x0)[:, None]
+    codes = P.spline_code(model, pts.reshape(-1, x0.shape[1])).view(x0.shape[0], n_steps, -1)
+    return (codes[:, 1:] != codes[:, :-1]).any(-1).sum(-1)
+
+
 def _endpoints_only(model, x0, x1, n_steps):
     return (P.spline_code(model, x0) != P.spline_code(model, x1)).any(-1).long()
 
@@ -581,6 +588,13 @@ PATH_MISTAKES = [
         "n_steps points instead of n_steps + 1",
         _n_points,
         "n_steps steps need n_steps + 1 points: t = torch.linspace(0, 1, n_steps + 1).",
+    ),
+    Mistake(
+        "last point dropped (t = 1 missing)",
+        _last_point_dropped,
+        "the path ends at t = 1 (x1 itself): keep all n_steps + 1 points of "
+        "torch.linspace(0, 1, n_steps + 1). Dropping the last one ([:-1]) leaves out the final "
+        "step, and a boundary crossed there is not counted.",
     ),
     Mistake(
         "compares the endpoints only",

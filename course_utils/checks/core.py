@@ -960,17 +960,27 @@ def step_divergence(
                 f"{got['grad norm']:.4g}, the reference's is {want['grad norm']:.4g}"
             )
             if grad_clip is not None and want["grad norm"] <= grad_clip * (1 + 1e-4):
-                if got["max |grad|"] <= grad_clip * (1 + 1e-4) < got["grad norm"]:
+                # Clipping by value leaves its mark: the largest entries sit at exactly
+                # ±grad_clip. Any gradient whose entries are all small (unclipped, or clipped
+                # after the step) is merely "within ±grad_clip", which says nothing.
+                at_clip = abs(got["max |grad|"] - grad_clip) <= 1e-4 * grad_clip
+                if at_clip and got["grad norm"] > grad_clip * (1 + 1e-4):
                     return message + (
-                        ": every entry is within ±grad_clip but the norm is not, so you clipped "
-                        "by VALUE. Clip the total norm: "
+                        ": its largest entries sit at exactly ±grad_clip but the norm is above "
+                        "grad_clip, so you clipped by VALUE. Clip the total norm: "
                         "torch.nn.utils.clip_grad_norm_(params, grad_clip)"
                     )
-                return message + (
+                message += (
                     ": the gradients were not clipped before the step. Call "
                     "torch.nn.utils.clip_grad_norm_(params, grad_clip) between backward() and "
                     "step()"
                 )
+                if got["max |grad|"] <= grad_clip:
+                    message += (
+                        " (every entry is already within ±grad_clip here, so clipping each entry "
+                        "by value would change nothing: it is the total norm that must be clipped)"
+                    )
+                return message
             previous_ok = t > 0 and _close(
                 actual[t - 1]["grad norm"], scale * expected[t - 1]["grad norm"], grad_rtol, 1e-9
             )
