@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import einops
 import pytest
 import torch
 
 from course_utils.checks import ch08 as check
-from course_utils.checks.core import FAILED, outcome
+from course_utils.checks.core import FAILED, PASSED, outcome
 from course_utils.science import bilinear as ref
 from course_utils.science import bilinear_lm as blm
 from tests.check_contract import contract_tests
@@ -78,9 +79,8 @@ CHECKS = [
         check.mlp_interaction_matrix,
         blm.mlp_interaction_matrix,
         check.MLP_INTERACTION_MISTAKES,
-        lambda W_gate, W_in, W_out, u: blm.mlp_interaction_matrix(
-            W_gate, W_in, W_out, u / u.norm()
-        ),
+        # u / u.norm() is a listed mistake now: |u| instead of u is not
+        lambda W_gate, W_in, W_out, u: blm.mlp_interaction_matrix(W_gate, W_in, W_out, u.abs()),
     ),
 ]
 
@@ -405,6 +405,160 @@ def test_complex_eigenvectors_named():
 
     status, message = outcome(check.eigen_decompose, with_eig)
     assert status == FAILED and "complex" in message
+
+
+# ------------------------------------------ hints a newcomer's browser run found missing
+
+
+# the learner's own section-1 functions, written as the notebook's solution writes them
+def _nb_bilinear_tensor(W1, W2, P):
+    return einops.einsum(P, W1, W2, "o a, a i, a j -> o i j")
+
+
+def _nb_interaction_matrix(B, u):
+    M = einops.einsum(u, B, "o, o i j -> i j")
+    return (M + M.T) / 2
+
+
+def _hint_of(check_fn, name):
+    return next(m.hint for m in check_fn_mistakes(check_fn) if m.name == name)
+
+
+def check_fn_mistakes(check_fn):
+    return {row[0]: row[2] for row in CHECKS}[check_fn]
+
+
+def test_85_eigenvectors_as_rows_gets_the_columns_hint():
+    def rows(eigenvalues, eigenvectors, x, k):  # the browser run's answer
+        proj = einops.einsum(x, eigenvectors[:, :k, :], "b i, c k i -> b c k")
+        return einops.einsum(proj.pow(2), eigenvalues[..., :k], "b c k, c k -> b c")
+
+    def rows_of_the_transpose(eigenvalues, eigenvectors, x, k):  # correct: rows of V^T
+        proj = einops.einsum(x, eigenvectors.transpose(-1, -2)[:, :k, :], "b i, c k i -> b c k")
+        return einops.einsum(proj.pow(2), eigenvalues[..., :k], "b c k, c k -> b c")
+
+    status, message = outcome(check.truncated_logits, rows)
+    hint = _hint_of(check.truncated_logits, "eigenvectors as rows")
+    assert status == FAILED and hint in message and "COLUMNS" in message
+    assert outcome(check.truncated_logits, rows_of_the_transpose) == (PASSED, "")
+
+
+def test_87_untransposed_weights_get_the_transpose_hint():
+    def untransposed(W_gate, W_in, W_out, u):  # the browser run's answer: an einsum crash
+        return _nb_interaction_matrix(_nb_bilinear_tensor(W_gate, W_in, W_out), u)
+
+    def transposed(W_gate, W_in, W_out, u):  # notebook Hint 1: correct
+        return _nb_interaction_matrix(_nb_bilinear_tensor(W_gate.T, W_in.T, W_out.T), u)
+
+    def untransposed_reference(W_gate, W_in, W_out, u):  # crashes with a ValueError instead
+        return ref.interaction_matrix(ref.bilinear_tensor(W_gate, W_in, W_out), u)
+
+    for wrong in (untransposed, untransposed_reference):
+        status, message = outcome(check.mlp_interaction_matrix, wrong)
+        assert status == FAILED and check.TL_TRANSPOSED_HINT in message, message
+        assert "W_gate.T, W_in.T, W_out.T" in message
+    assert outcome(check.mlp_interaction_matrix, transposed) == (PASSED, "")
+    assert outcome(check.mlp_interaction_matrix, _mlp_interaction_via_chapter_tensor) == (
+        PASSED,
+        "",
+    )
+
+
+def test_87_transpose_hint_is_not_given_to_other_wrong_answers():
+    # wrong even with transposed weights: the probe must not claim a layout mix-up
+    def untransposed_and_halved(W_gate, W_in, W_out, u):
+        return _nb_interaction_matrix(_nb_bilinear_tensor(W_gate, W_in, W_out), u) / 2
+
+    def crashes(W_gate, W_in, W_out, u):
+        return W_gate @ W_gate  # [4, 6] @ [4, 6]
+
+    for wrong in (untransposed_and_halved, crashes):
+        status, message = outcome(check.mlp_interaction_matrix, wrong)
+        assert status == FAILED and check.TL_TRANSPOSED_HINT not in message, message
+
+
+def test_87_u_rescaled_gets_the_u_hint():
+    def by_norm_squared(W_gate, W_in, W_out, u):  # the browser run's answer
+        h = W_out @ u
+        M = (W_gate * h) @ W_in.T
+        return (M + M.T) / 2 / u.norm() ** 2
+
+    def unit_u(W_gate, W_in, W_out, u):
+        h = W_out @ (u / u.norm())
+        M = (W_gate * h) @ W_in.T
+        return (M + M.T) / 2
+
+    def unit_u_scaled_back(W_gate, W_in, W_out, u):  # correct: Q is linear in u
+        return unit_u(W_gate, W_in, W_out, u) * u.norm()
+
+    hint = _hint_of(check.mlp_interaction_matrix, "u normalised")
+    for wrong in (by_norm_squared, unit_u):
+        status, message = outcome(check.mlp_interaction_matrix, wrong)
+        assert status == FAILED and hint in message, message
+    assert outcome(check.mlp_interaction_matrix, unit_u_scaled_back) == (PASSED, "")
+
+
+def test_83_single_matrix_answer_is_told_the_case_is_a_batch():
+    def single(Q):  # the browser run's answer: IndexError on the batch case
+        values, vectors = torch.linalg.eigh(Q)
+        order = values.abs().argsort(descending=True)
+        return values[order], vectors[:, order]
+
+    def single_vectors_first(Q):  # same mistake, the other order of lines
+        values, vectors = torch.linalg.eigh(Q)
+        order = torch.argsort(values.abs(), descending=True)
+        vectors = vectors[:, order]
+        return values[order], vectors
+
+    def single_flattened(Q):  # correct: the one-matrix code, looped over a flattened batch
+        flat = Q.reshape(-1, *Q.shape[-2:])
+        pairs = [single(q) for q in flat]
+        values = torch.stack([p[0] for p in pairs]).reshape(Q.shape[:-1])
+        return values, torch.stack([p[1] for p in pairs]).reshape(Q.shape)
+
+    hint = _hint_of(
+        check.eigen_decompose, "a single-matrix answer (values[order], vectors[:, order])"
+    )
+    for wrong in (single, single_vectors_first):
+        status, message = outcome(check.eigen_decompose, wrong)
+        assert status == FAILED and hint in message, message
+        assert "'a batch of 3 matrices, 5x5'" in message and "take_along_dim" in message
+    assert outcome(check.eigen_decompose, single_flattened) == (PASSED, "")
+    assert outcome(check.eigen_decompose, _eig_via_svd_sign) == (PASSED, "")
+
+
+# shape mix-ups that crash on a non-square first case on purpose: their hint fires only on a
+# byte-identical crash or on a later square case (see the report of branch h08hints)
+CRASH_ON_FIRST_CASE = {
+    "weights read as [d_in, d_hidden] (TransformerLens's layout)",
+    "P transposed",
+    "contracted an input axis",
+    "transpose of the whole tensor",
+    "W_out transposed",
+    "the d_mlp x d_mlp matrix (weights transposed)",
+}
+
+
+def test_every_mistake_runs_on_its_first_case():
+    """A mistake that crashes matches only a byte-identical crash (8.5's 'eigenvectors as rows'
+    crashed on a broadcast, so the learner's einops version got no hint): every listed mistake
+    but the shape mix-ups above must give an output on its check's first case."""
+    rows = [
+        (check.BILINEAR_TENSOR_MISTAKES, check._tensor_cases()),
+        (check.INTERACTION_MISTAKES, check._interaction_cases()),
+        (check.EIGEN_MISTAKES, check._eig_cases()),
+        (check.TRUNCATED_MISTAKES, check._trunc_cases()),
+        (check.EFFECTIVE_RANK_MISTAKES, check._rank_cases()),
+        (
+            check.lifted_mistakes(check.HESSIAN_MISTAKES, check._run_hessian),
+            check._hessian_cases(),
+        ),
+        (check.MLP_INTERACTION_MISTAKES, check._mlp_interaction_cases()),
+    ]
+    for mistakes, cases in rows:
+        for mistake in mistakes:
+            if mistake.name not in CRASH_ON_FIRST_CASE:
+                mistake.impl(*cases[0].args)  # raises if it cannot run
 
 
 def test_stub_signature_change_is_named():

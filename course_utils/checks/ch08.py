@@ -10,6 +10,7 @@ model, and on ReLU/GELU models.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from course_utils.checks.core import (
     Mistake,
     compare_differentiable,
     compare_function,
+    describe_crash,
     exercise,
     lifted_mistakes,
     mismatch,
@@ -250,6 +252,13 @@ def _eig_abs_values(Q):
     return values.abs(), vectors
 
 
+def _eig_single_matrix(Q):
+    # right for one [d, d] matrix; on a batch, values[order] indexes the BATCH axis (IndexError)
+    values, vectors = torch.linalg.eigh(Q)
+    order = values.abs().argsort(descending=True)
+    return values[order], vectors[:, order]
+
+
 def _eig_sorted_rows(Q):
     values, vectors = torch.linalg.eigh(Q)
     order = values.abs().argsort(dim=-1, descending=True)
@@ -293,6 +302,15 @@ EIGEN_MISTAKES = [
         _eig_sorted_rows,
         "you applied the sort to the ROWS of the eigenvector matrix. Eigenvectors are columns: "
         "permute the last axis (`vectors[..., order]` for one matrix).",
+    ),
+    Mistake(
+        "a single-matrix answer (values[order], vectors[:, order])",
+        _eig_single_matrix,
+        "this case is a BATCH of matrices, Q of shape [..., d, d] (here [3, 5, 5]; later cells "
+        "decompose all ten classes at once), and `values[order]` / `vectors[:, order]` index "
+        "the batch axis. Sort along the LAST axis (`order = values.abs().argsort(dim=-1, "
+        "descending=True)`) and reorder with `values.gather(-1, order)` and "
+        "`torch.take_along_dim(vectors, order.unsqueeze(-2), dim=-1)` (or gather).",
     ),
 ]
 
@@ -352,10 +370,11 @@ TRUNCATED_MISTAKES = [
     Mistake(
         "eigenvectors as rows",
         lambda lam, V, x, k: (
-            torch.einsum("bd,cid->bci", x, V[:, :k, :]).pow(2).mul(lam[:, None, :k]).sum(-1)
+            torch.einsum("bd,cid->bci", x, V[:, :k, :]).pow(2).mul(lam[..., :k]).sum(-1)
         ),
-        "the eigenvectors are the COLUMNS V[c, :, i]; you projected onto rows V[c, i, :]. Take "
-        "`V[..., :k]` (shape [classes, d, k]).",
+        "the eigenvectors are the COLUMNS V[c, :, i] (as eigen_decompose returns them, see "
+        "exercise 8.3); you projected onto rows V[c, i, :]. Take `V[..., :k]` (shape "
+        "[classes, d, k]) and contract its middle axis with x: 'b i, c i k -> b c k'.",
     ),
     Mistake(
         "the last k instead of the first k",
@@ -569,6 +588,26 @@ def _tl_sym(M: torch.Tensor) -> torch.Tensor:
     return (M + M.T) / 2
 
 
+def _blm_mlp_interaction(W_gate, W_in, W_out, u):
+    from course_utils.science import bilinear_lm
+
+    return bilinear_lm.mlp_interaction_matrix(W_gate, W_in, W_out, u)
+
+
+_U_RESCALED_HINT = (
+    "you rescaled u (normalised it, or divided by |u|^2). Use it as given, as in exercise 8.2: "
+    "Q_u must give u . (mlp_out(z) - b_out) = z^T Q_u z exactly, and Q_u is linear in u (a "
+    "logit direction or a difference of two has its own length, and that is part of it)."
+)
+
+TL_TRANSPOSED_HINT = (
+    "your function gives the right Q when it is handed W_gate.T, W_in.T and W_out.T: it reads "
+    "the weights in section 1's layout (W1, W2 as [d_hidden, d_in], P as [d_out, d_hidden]). "
+    "TransformerLens stores the transposes (W_gate and W_in are [d_model, d_mlp], W_out is "
+    "[d_mlp, d_model]), so transpose them first: "
+    "`interaction_matrix(bilinear_tensor(W_gate.T, W_in.T, W_out.T), u)`."
+)
+
 MLP_INTERACTION_MISTAKES = [
     Mistake(
         "not symmetrised",
@@ -613,6 +652,16 @@ MLP_INTERACTION_MISTAKES = [
         lambda W_gate, W_in, W_out, u: (lambda M: M + M.T)((W_gate * (W_out @ u)) @ W_in.T),
         "your Q is twice the reference: the symmetric part is (M + M^T) / 2.",
     ),
+    Mistake(
+        "u normalised",
+        lambda W_gate, W_in, W_out, u: _blm_mlp_interaction(W_gate, W_in, W_out, u / u.norm()),
+        _U_RESCALED_HINT,
+    ),
+    Mistake(
+        "divided by |u|^2",
+        lambda W_gate, W_in, W_out, u: _blm_mlp_interaction(W_gate, W_in, W_out, u) / u.norm() ** 2,
+        _U_RESCALED_HINT,
+    ),
 ]
 
 
@@ -640,14 +689,47 @@ def _mlp_interaction_cases() -> list[Case]:
     ]
 
 
+_MLP_ATOL, _MLP_RTOL = 1e-4, 1e-4  # compare_function's tolerances for 8.7, used by the probe too
+
+
 @exercise("8.7", "mlp_interaction_matrix")
 def mlp_interaction_matrix(learner) -> str:
     from course_utils.science import bilinear_lm
 
-    return compare_function(
-        learner,
-        bilinear_lm.mlp_interaction_matrix,
-        _mlp_interaction_cases(),
-        MLP_INTERACTION_MISTAKES,
-        atol=1e-4,
-    )
+    cases = _mlp_interaction_cases()
+    try:
+        return compare_function(
+            learner,
+            bilinear_lm.mlp_interaction_matrix,
+            cases,
+            MLP_INTERACTION_MISTAKES,
+            atol=_MLP_ATOL,
+            rtol=_MLP_RTOL,
+        )
+    except NotImplementedError:
+        raise
+    except CheckFailed as failure:
+        if "Hint:" in str(failure) or not _right_on_transposed_weights(learner, cases):
+            raise
+        raise CheckFailed(f"{failure} Hint: {TL_TRANSPOSED_HINT}") from None
+    except Exception as error:  # e.g. an einsum shape error from the untransposed weights
+        if not _right_on_transposed_weights(learner, cases):
+            raise
+        raise CheckFailed(f"{describe_crash(error)}. Hint: {TL_TRANSPOSED_HINT}") from None
+
+
+def _right_on_transposed_weights(learner: Callable, cases: list[Case]) -> bool:
+    """True when the learner's function, handed W_gate.T, W_in.T, W_out.T, matches the reference
+    on every case: it is written for section 1's [d_hidden, d_in] layout, not TransformerLens's."""
+    from course_utils.science import bilinear_lm
+
+    for case in cases:
+        W_gate, W_in, W_out, u = copy.deepcopy(case.args)
+        try:
+            actual = learner(W_gate.T, W_in.T, W_out.T, u)
+        except Exception:
+            return False
+        expected = bilinear_lm.mlp_interaction_matrix(*copy.deepcopy(case.args))
+        if mismatch(expected, actual, _MLP_ATOL, _MLP_RTOL) is not None:
+            return False
+    return True
